@@ -1,0 +1,180 @@
+"""The ``celery-supervise`` command line: a thin typer shell over the core.
+
+Each command parses its options, calls one function of
+:mod:`celery_supervise.operations`, and renders the result with
+:mod:`celery_supervise.report`. Errors become exit codes in :func:`main`,
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from typing_extensions import Annotated
+
+from . import operations, report
+from .control import load_app
+from .errors import EXIT_ERROR, EXIT_USAGE, SuperviseError
+from .plan import Policy
+
+# Newer typer vendors its own click, older typer re-exports click's; both
+# keep click's class names, so find them from the public BadParameter.
+_CLICK = {c.__name__: c for c in typer.BadParameter.__mro__}
+ClickUsageError = _CLICK["UsageError"]
+ClickException = _CLICK["ClickException"]
+
+PROG = "celery-supervise"
+
+app = typer.Typer(
+    name=PROG,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make supervisord stop Celery workers properly: record each worker's process tree, "
+    "then kill the whole Celery tree and spare what tasks deliberately detached.",
+)
+
+# Options shared by several commands, defined once.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be signalled; signal nothing.")]
+SpareOpt = Annotated[
+    Optional[str],
+    typer.Option("--spare", metavar="RULES",
+                 help="Comma list of setsid, nohup, pgroup, or none. [default: setsid,nohup; "
+                 "kill: the policy recorded by savepid]"),
+]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", min=0.05, help="Seconds to wait for each broker reply.")
+]
+SupervisorUrlOpt = Annotated[
+    Optional[str],
+    typer.Option("--supervisor-url", metavar="URL", envvar="SUPERVISOR_SERVER_URL",
+                 help="supervisord's XML-RPC URL, e.g. unix:///run/supervisor.sock or http://127.0.0.1:9001."),
+]
+ProgramOpt = Annotated[
+    Optional[List[str]],
+    typer.Option("--program", metavar="GLOB", help="supervisord program(s) running the workers (repeatable)."),
+]
+
+
+class State:
+    def __init__(self, app_spec: str | None):
+        self.app_spec = app_spec
+        self._app = None
+
+    def celery_app(self):
+        if self.app_spec and self._app is None:
+            self._app = load_app(self.app_spec)
+        return self._app
+
+
+def consoles() -> tuple[Console, Console]:
+    return Console(), Console(stderr=True)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    app_spec: Annotated[
+        Optional[str],
+        typer.Option("-A", "--app", metavar="APP", envvar="CELERY_APP",
+                     help="Your Celery app, as for `celery -A` (module or module:attribute)."),
+    ] = None,
+):
+    ctx.obj = State(app_spec)
+
+
+@app.command()
+def savepid(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="State file to write (atomically, mode 0600).")],
+    supervisor_url: SupervisorUrlOpt = None,
+    program: ProgramOpt = None,
+    spare: SpareOpt = None,
+    timeout: TimeoutOpt = 2.0,
+    as_json: JsonOpt = False,
+) -> int:
+    """Record this host's worker trees and active tasks (run before the stop)."""
+    state: State = ctx.obj
+    policy = Policy.parse(spare)
+    result = operations.savepid(
+        file, app=state.celery_app(), app_spec=state.app_spec, supervisor_url=supervisor_url,
+        programs=program or [], policy=policy, timeout=timeout,
+    )
+    out, err = consoles()
+    return report.render_save(out, err, result, as_json)
+
+
+@app.command()
+def kill(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="State file written by savepid (or the old bare PID list).")],
+    grace: Annotated[float, typer.Option("--grace", min=0, help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
+    spare: SpareOpt = None,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Kill the recorded Celery trees, sparing detached descendants (run after the stop)."""
+    state: State = ctx.obj
+    policy = Policy.parse(spare) if spare is not None else None
+    out, err = consoles()
+    progress = report.WaitProgress(err)
+    try:
+        result = operations.kill(file, policy=policy, grace=grace, dry_run=dry_run,
+                                 app_spec=state.app_spec, on_wait=progress)
+    finally:
+        progress.close()
+    return report.render_kill(out, err, result, as_json)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    supervisor_url: SupervisorUrlOpt = None,
+    program: ProgramOpt = None,
+    spare: SpareOpt = None,
+    timeout: TimeoutOpt = 2.0,
+    as_json: JsonOpt = False,
+) -> int:
+    """Draw the live worker trees with each verdict; change nothing."""
+    state: State = ctx.obj
+    result = operations.status(
+        app=state.celery_app(), app_spec=state.app_spec, supervisor_url=supervisor_url,
+        programs=program or [], policy=Policy.parse(spare), timeout=timeout,
+    )
+    out, err = consoles()
+    return report.render_status(out, err, result, as_json)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; every error becomes one line on stderr."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except ClickUsageError as exc:
+        message = " ".join(exc.format_message().split())
+        if message:  # empty when no_args_is_help has already shown the help
+            print(f"{PROG}: usage: {message} (see --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except ClickException as exc:
+        print(f"{PROG}: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except (typer.Abort, KeyboardInterrupt):
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except SuperviseError as exc:
+        label = "usage" if exc.exit_code == EXIT_USAGE else "error"
+        print(f"{PROG}: {label}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return rv if isinstance(rv, int) else 0
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"{PROG}: %(message)s")
+    sys.exit(run())

@@ -1,0 +1,87 @@
+"""Celery's remote control, bounded and retried.
+
+Two facts shape this module:
+
+* ``inspect()``'s timeout is per reply, not a total deadline: without
+  ``limit`` every call lasts at least the timeout. We always pass the number
+  of replies we expect, so a call returns as soon as they are all in.
+* kombu's filesystem transport creates a message file and only then writes
+  it (kombu #1551), so a reader can parse an empty file and raise a
+  ``JSONDecodeError``. A call that hits it is retried.
+
+Never run two inspect calls at once on one app: they share one reply queue
+and ``limit`` counts messages, so one call can swallow the other's reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+from .errors import AppError, BrokerError
+
+log = logging.getLogger(__name__)
+
+DECODE_RETRIES = 3
+CONNECT_TIMEOUT = 2.0
+
+
+def load_app(spec: str):
+    """Load a Celery app from ``module``, ``module:attr`` or ``module.attr``.
+
+    Uses Celery's own ``find_app``, so ``-A`` means what it means to
+    ``celery -A``. The current directory is importable, as for ``celery``.
+    """
+    from celery.app.utils import find_app
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return find_app(spec)
+    except Exception as exc:  # an import can fail in any way at all
+        raise AppError(f"cannot load Celery app {spec!r}: {type(exc).__name__}: {exc}") from None
+
+
+def connect(app, timeout: float = CONNECT_TIMEOUT):
+    """A broker connection that has answered once, or :class:`BrokerError`.
+
+    Celery's own control calls retry a dead broker for a long time; a deploy
+    step must not hang on that, so we connect first with one bounded try.
+    """
+    conn = app.connection_for_write()
+    try:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout)
+    except Exception as exc:
+        conn.release()
+        raise BrokerError(f"broker {conn.as_uri()} did not answer: {exc}") from None
+    return conn
+
+
+def _retry_decode(what: str, call: Callable[[], Any]) -> Any:
+    for attempt in range(1, DECODE_RETRIES + 1):
+        try:
+            return call()
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            # kombu #1551: a half-written message file on the filesystem
+            # transport. The message is lost to us; asking again is safe.
+            log.warning("%s: unreadable reply (%s), retrying (%d/%d)", what, exc, attempt, DECODE_RETRIES)
+            last = exc
+        except Exception as exc:
+            raise BrokerError(f"{what} failed: {type(exc).__name__}: {exc}") from None
+    raise BrokerError(f"{what}: replies kept arriving unreadable ({last}); see kombu issue #1551")
+
+
+def inspect(app, conn, command: str, *, nodes: list[str] | None, expected: int, timeout: float) -> dict:
+    """Run one inspect *command*; return ``{node: reply}``.
+
+    Returns as soon as *expected* replies are in, or after *timeout* with
+    what came. *nodes* restricts who answers; ``None`` asks everyone.
+    """
+    insp = app.control.inspect(
+        destination=nodes or None, limit=expected or None, timeout=timeout, connection=conn
+    )
+    result = _retry_decode(f"inspect {command}", getattr(insp, command))
+    return result or {}
+

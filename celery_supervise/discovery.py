@@ -1,0 +1,300 @@
+"""Finding this host's Celery workers, and only ours.
+
+Three sources, tried in this order of authority:
+
+1. supervisord's XML-RPC (``--supervisor-url``/``--program``): the PIDs of
+   the programs it runs;
+2. a scan of local processes for ``celery ... worker`` command lines that
+   name our app (``-A``/``--app`` or ``CELERY_APP``);
+3. Celery's remote control (``-A`` and a broker that answers): ``stats()``
+   confirms each worker and names its pool processes, ``active()`` gives
+   its tasks.
+
+A broker reply is never trusted on its own: its PID must be a live local
+worker of our app whose node name matches and whose start time agrees with
+the reply's ``uptime``. Replies from other hosts or containers name PIDs
+that mean something else here (PID 1 included) and are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import psutil
+
+from . import control, procs, rpc
+from .errors import BrokerError, SupervisorError
+from .snapshot import Task
+
+# A worker's uptime counts from WorkController.__init__, after imports and
+# Django set-up; allow that much start-up delay, plus rounding.
+UPTIME_EARLY = 2.0
+UPTIME_LATE = 300.0
+
+
+@dataclass(frozen=True)
+class WorkerCommand:
+    """What a ``celery ... worker`` command line says about its worker."""
+
+    app: str | None
+    node: str
+    queues: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Found:
+    pid: int
+    command: WorkerCommand
+    program: str | None = None
+    supervisor_pid: int | None = None
+    pool_pids: tuple[int, ...] = ()
+    tasks: tuple[Task, ...] = ()
+    confirmed: bool = False  # the broker answered for it
+
+
+@dataclass
+class Discovery:
+    workers: list[Found]
+    source: str
+    warnings: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------- command lines
+
+
+def _option(args: list[str], short: str | None, long: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == long or (short and a == short):
+            return args[i + 1] if i + 1 < len(args) else None
+        if a.startswith(long + "="):
+            return a.split("=", 1)[1]
+        if short and a.startswith(short) and len(a) > len(short) and not a.startswith("--"):
+            return a[len(short):]
+    return None
+
+
+def parse_worker_cmdline(cmdline: Iterable[str], environ: dict | None = None) -> WorkerCommand | None:
+    """Parse ``[python] celery [-A app] worker [opts]``; ``None`` if not a worker."""
+    from celery.utils.nodenames import default_nodename, host_format
+
+    args = list(cmdline)
+    start = None
+    for i, a in enumerate(args):
+        if os.path.basename(a) == "celery" or (a == "celery" and i > 0 and args[i - 1] == "-m"):
+            start = i + 1
+            break
+    if start is None or "worker" not in args[start:]:
+        return None
+    args = args[start:]
+    app = _option(args, "-A", "--app") or (environ or {}).get("CELERY_APP")
+    node = _option(args, "-n", "--hostname")
+    queues = _option(args, "-Q", "--queues")
+    return WorkerCommand(
+        app=app,
+        node=host_format(default_nodename(node)),
+        queues=tuple(q for q in (queues or "").split(",") if q),
+    )
+
+
+def app_module(spec: str) -> str:
+    """``demo.celery:app`` -> ``demo.celery``; ``demo.celery.app`` stays (a prefix test copes)."""
+    return spec.split(":", 1)[0]
+
+
+def app_names_match(worker_app: str | None, wanted: str) -> bool:
+    """Whether a worker's ``-A`` names the app we want (same module tree).
+
+    ``-A demo`` and ``demo.celery:app`` are one app (Celery looks up
+    ``demo.celery``); ``demo`` and ``demo2`` are not.
+    """
+    if not worker_app:
+        return False
+    a, b = app_module(worker_app), app_module(wanted)
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def app_root(spec: str) -> str | None:
+    """The folder our app's top-level package was imported from, if loaded."""
+    top = app_module(spec).split(".")[0]
+    mod = sys.modules.get(top)
+    path = getattr(mod, "__file__", None)
+    if not path:
+        return None
+    path = os.path.dirname(os.path.realpath(path))
+    return os.path.dirname(path) if os.path.basename(path) == top else path
+
+
+def same_project(proc: psutil.Process, command: WorkerCommand, wanted: str, root: str | None) -> bool:
+    """Name match, and where the worker's app sits in its cwd, the same folder.
+
+    Two projects on one host may both call their app ``proj``; the one
+    whose package lives in another folder is not ours.
+    """
+    if not app_names_match(command.app, wanted):
+        return False
+    if root is None:
+        return True
+    top = app_module(command.app or "").split(".")[0]
+    try:
+        cwd = proc.cwd()
+    except (psutil.Error, OSError):
+        return True  # nothing to compare; the name matched
+    here = [p for p in (os.path.join(cwd, top), os.path.join(cwd, top + ".py")) if os.path.exists(p)]
+    if not here:
+        return True  # imported from site-packages or PYTHONPATH
+    return os.path.realpath(cwd) == root
+
+
+# ------------------------------------------------------------------ the scan
+
+
+def scan(wanted_app: str | None = None, root: str | None = None) -> dict[int, WorkerCommand]:
+    """Local worker *main* processes, by PID, optionally only our app's.
+
+    Pool processes are forks with the very same command line; a worker
+    process whose parent runs the same command line is a pool process.
+    """
+    workers: dict[int, tuple[int, tuple[str, ...], WorkerCommand]] = {}
+    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        cmdline = p.info["cmdline"] or ()
+        if "worker" not in cmdline:
+            continue
+        env = None
+        if "-A" not in " ".join(cmdline) and "--app" not in " ".join(cmdline):
+            try:
+                env = p.environ()
+            except psutil.Error:
+                env = None
+        command = parse_worker_cmdline(cmdline, env)
+        if command is None:
+            continue
+        workers[p.info["pid"]] = (p.info["ppid"] or 0, tuple(cmdline), command)
+    mains = {}
+    for pid, (ppid, cmdline, command) in workers.items():
+        parent = workers.get(ppid)
+        if parent is not None and parent[1] == cmdline:
+            continue  # a pool process
+        if wanted_app is not None:
+            try:
+                if not same_project(psutil.Process(pid), command, wanted_app, root):
+                    continue
+            except psutil.NoSuchProcess:
+                continue
+        mains[pid] = command
+    return mains
+
+
+# ---------------------------------------------------------------- supervisor
+
+
+def from_supervisor(url: str, programs: list[str], local: dict[int, WorkerCommand]) -> tuple[list[Found], list[str]]:
+    """Workers run by supervisord's matching programs."""
+    sup_pid, running = rpc.program_processes(url, programs)
+    found, warnings = [], []
+    for pp in running:
+        mains = [pp.pid] if pp.pid in local else []
+        if not mains:
+            # A program may run a shell or wrapper that starts the worker.
+            root = procs.read_proc(pp.pid)
+            if root is not None:
+                mains = [p.pid for p in procs.walk(root) if p.pid in local]
+        if not mains:
+            warnings.append(f"program {pp.name} (PID {pp.pid}) runs no Celery worker of this app; skipped")
+        for pid in mains:
+            found.append(Found(pid, local[pid], program=pp.name, supervisor_pid=sup_pid))
+    return found, warnings
+
+
+# ----------------------------------------------------------------- confirm
+
+
+def start_time_agrees(create_time: float, uptime: float, now: float) -> bool:
+    started = now - uptime
+    return -UPTIME_EARLY <= started - create_time <= UPTIME_LATE
+
+
+def confirm_with_broker(app, found: list[Found], timeout: float, want_tasks: bool = True) -> tuple[list[Found], list[str]]:
+    """Ask the broker about *found*; attach pool PIDs and tasks to confirmed workers."""
+    nodes = [f.command.node for f in found]
+    unique_nodes = nodes if len(set(nodes)) == len(nodes) else None
+    warnings: list[str] = []
+    conn = control.connect(app)
+    try:
+        stats = control.inspect(app, conn, "stats", nodes=unique_nodes, expected=len(found), timeout=timeout)
+        by_pid = {f.pid: f for f in found}
+        now = time.time()
+        confirmed: dict[int, Found] = {}
+        for node, reply in stats.items():
+            pid = reply.get("pid") if isinstance(reply, dict) else None
+            f = by_pid.get(pid) if isinstance(pid, int) else None
+            ok = f is not None and f.command.node == node
+            if ok:
+                try:
+                    ok = start_time_agrees(psutil.Process(pid).create_time(), float(reply.get("uptime", -1e9)), now)
+                except (psutil.NoSuchProcess, TypeError, ValueError):
+                    ok = False
+            if not ok:
+                warnings.append(f"ignored reply from {node}: PID {pid} is not that worker on this host")
+                continue
+            pool = (reply.get("pool") or {}).get("processes") or ()
+            confirmed[pid] = replace(f, pool_pids=tuple(p for p in pool if isinstance(p, int)), confirmed=True)
+        if want_tasks and confirmed:
+            cnodes = [confirmed[p].command.node for p in confirmed]
+            active = control.inspect(app, conn, "active", nodes=cnodes, expected=len(cnodes), timeout=timeout)
+            for pid, f in list(confirmed.items()):
+                tasks = active.get(f.command.node)
+                if tasks is None:
+                    warnings.append(f"worker {f.command.node} (PID {pid}) did not report its active tasks")
+                    continue
+                confirmed[pid] = replace(f, tasks=tuple(Task.from_reply(t) for t in tasks if isinstance(t, dict)))
+    finally:
+        conn.release()
+    out = []
+    for f in found:
+        if f.pid in confirmed:
+            out.append(confirmed[f.pid])
+        else:
+            warnings.append(f"worker {f.command.node} (PID {f.pid}) did not answer the broker; its tasks are not recorded")
+            out.append(f)
+    return out, warnings
+
+
+def discover(
+    *,
+    app=None,
+    app_spec: str | None = None,
+    supervisor_url: str | None = None,
+    programs: list[str] = (),
+    timeout: float = 2.0,
+    want_tasks: bool = True,
+) -> Discovery:
+    """Find this host's workers of *app_spec* (all workers when ``None``)."""
+    root = app_root(app_spec) if app_spec else None
+    local = scan(app_spec, root)
+    warnings: list[str] = []
+    found: list[Found] | None = None
+    source = "scan"
+    if supervisor_url:
+        try:
+            found, w = from_supervisor(supervisor_url, list(programs), local)
+            warnings += w
+            source = "supervisor"
+        except SupervisorError as exc:
+            warnings.append(f"{exc}; finding workers by scanning processes instead")
+    if found is None:
+        found = [Found(pid, cmd) for pid, cmd in sorted(local.items())]
+    if app is not None and found:
+        try:
+            found, w = confirm_with_broker(app, found, timeout, want_tasks)
+            warnings += w
+            if all(f.confirmed for f in found):
+                source = "control" if source == "scan" else f"{source}+control"
+        except BrokerError as exc:
+            warnings.append(f"{exc}; recorded the local process trees, but active tasks are missing")
+    if source == "scan" and found:
+        warnings.append("found the workers by scanning local processes (no broker or supervisord answered)")
+    return Discovery(found, source, warnings)

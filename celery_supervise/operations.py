@@ -1,0 +1,281 @@
+"""The one core behind every shell: savepid, kill and status.
+
+The typer CLI, the Django management command and the eventlistener parse
+their own input, call these functions, and render the results. Nothing in
+here prints or exits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from . import discovery, procs, statefile
+from .discovery import Discovery
+from .errors import StateFileError, UsageError
+from .kill import GONE, REFUSED, KillReport, Outcome, execute
+from .plan import Policy, Verdict, plan
+from .procs import MAIN, POOL, TASK, Proc
+from .snapshot import Snapshot, Worker, hostname, read_worker, take
+
+
+@dataclass
+class SaveResult:
+    path: str
+    snapshot: Snapshot
+    policy: Policy
+    verdicts: list[Verdict]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StatusResult:
+    snapshot: Snapshot
+    policy: Policy
+    verdicts: list[Verdict]
+    warnings: list[str] = field(default_factory=list)
+
+
+def protected_pids(extra: Iterable[int] = ()) -> dict[int, str]:
+    """PIDs never to signal, with the reason: PID 1, us, our ancestors, supervisord.
+
+    Any process whose command is supervisord counts, not only the recorded
+    one: killing a supervisord would take every program it runs with it.
+    """
+    me = os.getpid()
+    out = {1: "PID 1", me: "this tool itself"}
+    for pid in procs.ancestors(me):
+        out.setdefault(pid, "an ancestor of this tool")
+    for pid in extra:
+        out.setdefault(pid, "supervisord")
+    for pid, _ppid, cmdline in procs.iter_cmdlines():
+        if any(os.path.basename(a) == "supervisord" for a in cmdline[:2]):
+            out.setdefault(pid, "supervisord")
+    return out
+
+
+# ------------------------------------------------------------------ snapshot
+
+
+def live_snapshot(
+    *,
+    app=None,
+    app_spec: str | None = None,
+    supervisor_url: str | None = None,
+    programs: Iterable[str] = (),
+    timeout: float = 2.0,
+) -> tuple[Snapshot, list[str]]:
+    """Discover this host's workers and read their trees."""
+    found: Discovery = discovery.discover(
+        app=app, app_spec=app_spec, supervisor_url=supervisor_url, programs=list(programs), timeout=timeout
+    )
+    workers = []
+    for f in found.workers:
+        w = read_worker(
+            f.pid,
+            pool_pids=f.pool_pids,
+            node=f.command.node,
+            app=f.command.app,
+            program=f.program,
+            supervisor_pid=f.supervisor_pid,
+            tasks=f.tasks,
+        )
+        if w is not None:  # it exited while we asked the broker
+            workers.append(w)
+    return take(workers, found.source, found.warnings), found.warnings
+
+
+def savepid(
+    path: str,
+    *,
+    app=None,
+    app_spec: str | None = None,
+    supervisor_url: str | None = None,
+    programs: Iterable[str] = (),
+    policy: Policy = Policy(),
+    timeout: float = 2.0,
+) -> SaveResult:
+    """Record this host's worker trees, verdicts and active tasks in *path*."""
+    programs = list(programs)
+    if app_spec is None and not supervisor_url:
+        raise UsageError("savepid needs -A APP or --supervisor-url to know which workers are yours")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise StateFileError(path, "its folder does not exist")
+    snapshot, warnings = live_snapshot(
+        app=app, app_spec=app_spec, supervisor_url=supervisor_url, programs=programs, timeout=timeout
+    )
+    verdicts = plan(snapshot.workers, policy)
+    statefile.write(path, statefile.to_document(snapshot, policy, verdicts))
+    if not snapshot.workers:
+        warnings = warnings + ["no Celery worker is running on this host; wrote an empty record"]
+    return SaveResult(path, snapshot, policy, verdicts, warnings)
+
+
+def status(
+    *,
+    app=None,
+    app_spec: str | None = None,
+    supervisor_url: str | None = None,
+    programs: Iterable[str] = (),
+    policy: Policy = Policy(),
+    timeout: float = 2.0,
+) -> StatusResult:
+    snapshot, warnings = live_snapshot(
+        app=app, app_spec=app_spec, supervisor_url=supervisor_url, programs=programs, timeout=timeout
+    )
+    protected = protected_pids(w.supervisor_pid for w in snapshot.workers if w.supervisor_pid)
+    return StatusResult(snapshot, policy, plan(snapshot.workers, policy, protected), warnings)
+
+
+# ---------------------------------------------------------------------- kill
+
+
+def _orphans_in_group(main: Proc, known: set[int]) -> list[Proc]:
+    """Processes born into the worker's process group that we have not seen.
+
+    These are what appears at shutdown: task children re-parented to PID 1
+    that keep the old worker's PID as their pgid. Only a worker that leads
+    its own group (supervisord makes every program a group leader) is
+    scanned, since otherwise the group is shared with strangers. Linux never
+    hands out a PID that is still some live process's pgid, so while any
+    member lives the number cannot have been recycled; if a *different*
+    process now holds the number, the old group died out and this one is
+    somebody else's.
+    """
+    if main.pgid != main.pid:
+        return []
+    current = procs.live_identity(main.pid)
+    if current is not None and not main.same_process(current):
+        return []
+    found = []
+    for pid in procs.pids_in_group(main.pgid):
+        if pid in known:
+            continue
+        p = procs.read_proc(pid)
+        # Joining a process group is only possible inside one session, and
+        # a process born before the worker cannot be its child.
+        if p is None or p.sid != main.sid or p.create_time < main.create_time:
+            continue
+        found.append(p)
+    return found
+
+
+def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
+    """Today's view of a recorded worker, plus what is already settled.
+
+    Recorded processes are re-verified by PID and creation time; those that
+    died are GONE, those whose PID now names another process are REFUSED
+    and never looked at again. New descendants of the survivors, and
+    orphans in the worker's process group, join the tree.
+    """
+    settled: list[Outcome] = []
+    live: dict[int, Proc] = {}
+    for rec in worker.procs:
+        cur = procs.read_proc(rec.pid)
+        if cur is None:
+            settled.append(Outcome(rec, worker.main.pid, GONE, "already gone"))
+        elif not rec.same_process(cur):
+            settled.append(
+                Outcome(rec, worker.main.pid, REFUSED, "PID now held by another process (creation time differs)")
+            )
+        else:
+            live[rec.pid] = cur.with_role(rec.role)
+    for p in list(live.values()):
+        for kid in procs.walk(p):
+            live.setdefault(kid.pid, kid)
+    for orphan in _orphans_in_group(worker.main, set(live)):
+        if orphan.pid in live:
+            continue
+        live[orphan.pid] = orphan
+        for kid in procs.walk(orphan):
+            live.setdefault(kid.pid, kid)
+    main = live.get(worker.main.pid, worker.main)
+    main_alive = main.pid in live
+    rest = []
+    for p in live.values():
+        if p.pid == main.pid:
+            continue
+        # A pool process forked since the snapshot (maxtasksperchild, a pool
+        # restart) runs the main's own command line, like any pool process.
+        if main_alive and p.role == TASK and p.ppid == main.pid and p.cmdline == main.cmdline:
+            p = p.with_role(POOL)
+        rest.append(p)
+    # Parents are always created before their children, so creation order
+    # puts every parent ahead of its children, as the plan expects.
+    tree = sorted(rest, key=lambda p: p.create_time)
+    if main_alive:
+        tree.insert(0, main)
+    return Worker(main=main, procs=tuple(tree), node=worker.node, app=worker.app,
+                  program=worker.program, supervisor_pid=worker.supervisor_pid, tasks=worker.tasks), settled
+
+
+def legacy_workers(pids: Iterable[int], app_spec: str | None) -> tuple[list[Worker], list[Outcome]]:
+    """Trees rooted at the old script's PIDs, when they are live Celery workers.
+
+    The old file has no creation times, so the only guard against a
+    recycled PID is that the process is a Celery worker (of our app, when
+    we know it). Its live descendants get the usual verdicts.
+    """
+    workers, settled = [], []
+    for pid in dict.fromkeys(pids):
+        p = procs.read_proc(pid)
+        if p is None:
+            settled.append(Outcome(_unknown(pid), pid, GONE, "already gone"))
+            continue
+        command = discovery.parse_worker_cmdline(p.cmdline)
+        if command is None:
+            settled.append(Outcome(p, pid, REFUSED, "not a Celery worker (PID recycled?)"))
+            continue
+        if app_spec and not discovery.app_names_match(command.app, app_spec):
+            settled.append(Outcome(p, pid, REFUSED, f"a worker of another app ({command.app})"))
+            continue
+        parent = procs.read_proc(p.ppid)
+        role = POOL if parent is not None and parent.cmdline == p.cmdline else MAIN
+        root = p.with_role(role)
+        workers.append(Worker(main=root, procs=(root, *procs.walk(root))))
+    return workers, settled
+
+
+def _unknown(pid: int) -> Proc:
+    return Proc(pid=pid, ppid=0, create_time=0.0, pgid=0, sid=0, uid=-1, cmdline=(), sighup_ignored=False)
+
+
+def kill(
+    path: str,
+    *,
+    policy: Policy | None = None,
+    grace: float = 10.0,
+    dry_run: bool = False,
+    app_spec: str | None = None,
+    on_wait: Callable[[int, float, float], None] | None = None,
+) -> KillReport:
+    """Kill what *path* recorded (and its late-born orphans) by the verdicts."""
+    if grace < 0:
+        raise UsageError("--grace must not be negative")
+    record = statefile.read(path, host=hostname(), boot_time=procs.boot_time())
+    warnings: list[str] = []
+    if isinstance(record, statefile.LegacyRecord):
+        warnings.append(
+            f"{path} is a bare PID list (the old savepid format): no creation times, so only PIDs "
+            "that are live Celery workers are acted on"
+        )
+        workers, settled = legacy_workers(record.pids, app_spec)
+        policy = policy or Policy()
+        sup = []
+    else:
+        policy = policy or record.policy
+        workers, settled = [], []
+        for w in record.snapshot.workers:
+            live, done = revisit(w)
+            workers.append(live)
+            settled += done
+        sup = [w.supervisor_pid for w in record.snapshot.workers if w.supervisor_pid]
+    verdicts = plan(workers, policy, protected_pids(sup))
+    report = execute(verdicts, grace=grace, dry_run=dry_run, on_wait=on_wait)
+    report.outcomes[:0] = settled
+    report.warnings[:0] = warnings
+    return report
+
+
+__all__ = ["savepid", "kill", "status", "SaveResult", "StatusResult", "protected_pids"]

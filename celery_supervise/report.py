@@ -1,0 +1,201 @@
+"""Rendering results for people (rich) and for automation (JSON).
+
+Shared by the CLI and the Django command, so both print the same thing.
+Results go to the *out* console; warnings go to *err* as ``warning:`` lines.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from .errors import EXIT_OK, EXIT_PARTIAL
+from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
+from .operations import SaveResult, StatusResult
+from .plan import KILL, REFUSE, Verdict
+from .statefile import proc_to_dict, to_document
+
+STATUS_ORDER = (KILLED, WOULD_KILL, SPARED, GONE, REFUSED, FAILED)
+STYLE = {KILLED: "red", WOULD_KILL: "yellow", SPARED: "green", GONE: "dim", REFUSED: "magenta", FAILED: "bold red",
+         KILL: "red", "spare": "green", REFUSE: "magenta"}
+
+
+def kill_exit_code(report: KillReport) -> int:
+    return EXIT_PARTIAL if report.partial else EXIT_OK
+
+
+def short(command: str, width: int = 60) -> str:
+    return command if len(command) <= width else command[: width - 1] + "…"
+
+
+def warnings(err: Console, lines: Iterable[str]) -> None:
+    for line in lines:
+        err.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+def emit_json(out: Console, doc: dict) -> None:
+    # Plain print: rich would re-wrap and colour the JSON.
+    out.file.write(json.dumps(doc, indent=2, sort_keys=True, default=repr) + "\n")
+    out.file.flush()
+
+
+# ---------------------------------------------------------------------- kill
+
+
+def kill_document(report: KillReport) -> dict:
+    return {
+        "dry_run": report.dry_run,
+        "exit_code": kill_exit_code(report),
+        "summary": {s: len(report.by_status(s)) for s in STATUS_ORDER},
+        "processes": [
+            {
+                **proc_to_dict(o.proc),
+                "worker": o.worker_pid,
+                "status": o.status,
+                "reason": o.reason,
+                "signal": o.signal,
+            }
+            for o in _ordered(report)
+        ],
+        "warnings": report.warnings,
+    }
+
+
+def _ordered(report: KillReport):
+    return sorted(report.outcomes, key=lambda o: (STATUS_ORDER.index(o.status), o.worker_pid, o.proc.pid))
+
+
+def summary_line(report: KillReport) -> str:
+    counts = {s: len(report.by_status(s)) for s in STATUS_ORDER}
+    first = f"would kill {counts[WOULD_KILL]}" if report.dry_run else f"killed {counts[KILLED]}"
+    return (f"{first}, spared {counts[SPARED]}, already gone {counts[GONE]}, "
+            f"refused {counts[REFUSED]}, failed {counts[FAILED]}")
+
+
+def render_kill(out: Console, err: Console, report: KillReport, as_json: bool) -> int:
+    warnings(err, report.warnings)
+    if as_json:
+        emit_json(out, kill_document(report))
+        return kill_exit_code(report)
+    title = "celery-supervise kill (dry run: nothing signalled)" if report.dry_run else "celery-supervise kill"
+    table = Table(title=title, title_justify="left")
+    for col in ("outcome", "pid", "role", "worker", "command", "reason"):
+        table.add_column(col, overflow="fold")
+    for o in _ordered(report):
+        detail = o.reason if o.signal is None else f"{o.reason} ({o.signal})"
+        table.add_row(f"[{STYLE[o.status]}]{o.status}[/]", str(o.proc.pid), o.proc.role, str(o.worker_pid),
+                      short(o.proc.command), detail)
+    if report.outcomes:
+        out.print(table)
+    out.print(summary_line(report), highlight=False)
+    return kill_exit_code(report)
+
+
+# ------------------------------------------------------------------- savepid
+
+
+def save_document(result: SaveResult) -> dict:
+    doc = to_document(result.snapshot, result.policy, result.verdicts)
+    doc["path"] = result.path
+    return doc
+
+
+def render_save(out: Console, err: Console, result: SaveResult, as_json: bool) -> int:
+    warnings(err, result.warnings)
+    if as_json:
+        emit_json(out, save_document(result))
+        return EXIT_OK
+    snap = result.snapshot
+    nprocs = sum(len(w.procs) for w in snap.workers)
+    ntasks = sum(len(w.tasks) for w in snap.workers)
+    out.print(
+        f"recorded {len(snap.workers)} worker(s), {nprocs} process(es), {ntasks} active task(s) "
+        f"in {result.path} (found by {snap.source}, spare {result.policy})",
+        highlight=False,
+    )
+    if snap.workers:
+        out.print(verdict_tree(snap.workers, result.verdicts))
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------- status
+
+
+def status_document(result: StatusResult) -> dict:
+    return to_document(result.snapshot, result.policy, result.verdicts)
+
+
+def verdict_tree(workers, verdicts: list[Verdict]):
+    by_key = {(v.worker_pid, v.proc.pid): v for v in verdicts}
+    trees = []
+    for w in workers:
+        label = f"[bold]{w.node or 'worker'}[/] main {w.main.pid}"
+        if w.program:
+            label += f", program {w.program}"
+        label += f", {len(w.tasks)} active task(s)"
+        root = Tree(label)
+        nodes = {}
+        for p in w.procs:
+            v = by_key.get((w.main.pid, p.pid))
+            verdict = f"[{STYLE.get(v.action, '')}]{v.action}[/] {v.reason}" if v else ""
+            text = f"{p.pid} {p.role:<4} {short(p.command, 50)}  {verdict}"
+            parent = nodes.get(p.ppid, root) if p.pid != w.main.pid else root
+            nodes[p.pid] = parent.add(text, highlight=False)
+        for t in w.tasks:
+            root.add(f"task {t.id} {t.name} on pool {t.worker_pid}", style="dim")
+        trees.append(root)
+    if len(trees) == 1:
+        return trees[0]
+    top = Tree("workers")
+    for t in trees:
+        top.children.append(t)
+    return top
+
+
+def render_status(out: Console, err: Console, result: StatusResult, as_json: bool) -> int:
+    warnings(err, result.warnings)
+    if as_json:
+        emit_json(out, status_document(result))
+        return EXIT_OK
+    if not result.snapshot.workers:
+        out.print("no Celery worker is running on this host")
+        return EXIT_OK
+    out.print(verdict_tree(result.snapshot.workers, result.verdicts))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ progress
+
+
+class WaitProgress:
+    """``on_wait`` callback: a live status line on a TTY, plain lines otherwise.
+
+    Plain lines come at most once a second so a log is not flooded.
+    """
+
+    def __init__(self, err: Console, what: str = "to exit after SIGTERM"):
+        self.err = err
+        self.what = what
+        self.status = None
+        self.last_line = None
+
+    def __call__(self, left: int, elapsed: float, timeout: float) -> None:
+        text = f"waiting for {left} process(es) {self.what}: {elapsed:.1f}s of {timeout:g}s"
+        if self.err.is_terminal:
+            if self.status is None:
+                self.status = self.err.status(text)
+                self.status.start()
+            else:
+                self.status.update(text)
+        elif self.last_line is None or elapsed - self.last_line >= 1.0:
+            self.last_line = elapsed
+            self.err.print(text, highlight=False)
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None

@@ -1,0 +1,278 @@
+"""State files: what savepid records and kill trusts.
+
+A state file is the only input that makes this tool signal processes, so it
+is read defensively: it is refused unless it is a regular file (not a
+symlink), owned by us (by root when we run as root), not group- or
+world-writable, of a known schema, written on this host since the last boot,
+and every PID in it is a positive number other than 1. Any refusal is a
+:class:`StateFileError` before anything is signalled.
+
+Writing is atomic (temp file in the same folder, fsync, rename) with mode
+0600, so a crash mid-write leaves the old file or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+from .errors import StateFileError, UnsafeStateError
+from .plan import Policy, Verdict
+from .procs import ROLES, Proc
+from .snapshot import Snapshot, Task, Worker
+
+SCHEMA = 1
+KIND = "celery-supervise/state"
+# Two readings of the boot time agree to well under this; a reboot moves it
+# by at least the previous uptime.
+BOOT_TIME_TOLERANCE = 2.0
+
+LEGACY_PIDS = re.compile(rb"\A\s*[0-9]+(?:\s+[0-9]+)*\s*\Z")
+
+
+@dataclass(frozen=True)
+class Record:
+    """A parsed, validated state file."""
+
+    snapshot: Snapshot
+    policy: Policy
+    verdicts: tuple[dict, ...] = ()
+
+
+@dataclass(frozen=True)
+class LegacyRecord:
+    """The old deploy script's file: bare PIDs, no identities."""
+
+    pids: tuple[int, ...]
+
+
+# --------------------------------------------------------------------- write
+
+
+def proc_to_dict(p: Proc) -> dict:
+    d = asdict(p)
+    d["cmdline"] = list(p.cmdline)
+    return d
+
+
+def to_document(snapshot: Snapshot, policy: Policy, verdicts: Iterable[Verdict]) -> dict:
+    return {
+        "schema": SCHEMA,
+        "kind": KIND,
+        "host": snapshot.host,
+        "boot_time": snapshot.boot_time,
+        "taken_at": snapshot.taken_at,
+        "source": snapshot.source,
+        "policy": str(policy),
+        "warnings": list(snapshot.warnings),
+        "workers": [
+            {
+                "node": w.node,
+                "app": w.app,
+                "program": w.program,
+                "supervisor_pid": w.supervisor_pid,
+                "main": w.main.pid,
+                "procs": [proc_to_dict(p) for p in w.procs],
+                "tasks": [asdict(t) for t in w.tasks],
+            }
+            for w in snapshot.workers
+        ],
+        "verdicts": [
+            {"pid": v.proc.pid, "create_time": v.proc.create_time, "action": v.action, "reason": v.reason}
+            for v in verdicts
+        ],
+    }
+
+
+def write(path: str, document: dict) -> None:
+    """Write *document* to *path* atomically with mode 0600."""
+    folder = os.path.dirname(os.path.abspath(path))
+    data = json.dumps(document, indent=1, sort_keys=True, default=repr).encode()
+    try:
+        # mkstemp creates the file 0600 in the target folder, so the rename
+        # below stays on one filesystem and is atomic.
+        fd, tmp = tempfile.mkstemp(prefix=".celery-supervise-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise StateFileError(path, f"cannot write: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise StateFileError(path, f"cannot write: {exc.strerror or exc}") from exc
+
+
+# ---------------------------------------------------------------------- read
+
+
+def read_bytes(path: str) -> bytes:
+    """Open *path* safely and return its bytes, after the ownership checks.
+
+    The checks run on the open descriptor, not the name, so the file cannot
+    be swapped between check and read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise StateFileError(path, "no such file") from None
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: O_NOFOLLOW met a symlink
+            raise UnsafeStateError(path, "is a symbolic link; refusing to follow it") from None
+        raise StateFileError(path, f"cannot open: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StateFileError(path, "is not a regular file")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeStateError(
+                path, f"is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o}); refusing to trust it"
+            )
+        euid = os.geteuid()
+        if st.st_uid != euid:
+            who = "root" if euid == 0 else f"uid {euid}"
+            raise UnsafeStateError(path, f"is owned by uid {st.st_uid}, not {who}; refusing to trust it")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read(path: str, *, host: str, boot_time: float) -> Record | LegacyRecord:
+    """Read and validate a state file written on *host* since *boot_time*."""
+    data = read_bytes(path)
+    if not data.strip():
+        raise StateFileError(path, "is empty")
+    if LEGACY_PIDS.match(data):
+        return LegacyRecord(tuple(_pid(path, "PID list", int(x)) for x in data.split()))
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise StateFileError(
+            path, "is neither a celery-supervise state file (not valid JSON; truncated?) nor a list of PIDs"
+        ) from None
+    return parse(path, doc, host=host, boot_time=boot_time)
+
+
+def parse(path: str, doc: Any, *, host: str, boot_time: float) -> Record:
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        raise StateFileError(path, "is not a celery-supervise state file")
+    if doc.get("schema") != SCHEMA:
+        raise StateFileError(path, f"has unknown schema version {doc.get('schema')!r} (this tool reads {SCHEMA})")
+    if doc.get("host") != host:
+        raise UnsafeStateError(path, f"was written on host {doc.get('host')!r}, this is {host!r}")
+    recorded_boot = _number(path, "boot_time", doc.get("boot_time"))
+    if abs(recorded_boot - boot_time) > BOOT_TIME_TOLERANCE:
+        raise UnsafeStateError(path, "was written before the last boot; its PIDs mean nothing now")
+    try:
+        policy = Policy.parse(doc.get("policy"))
+    except Exception:
+        raise StateFileError(path, f"has an invalid policy {doc.get('policy')!r}") from None
+    workers = doc.get("workers")
+    if not isinstance(workers, list):
+        raise StateFileError(path, "has no workers list")
+    verdicts = doc.get("verdicts", [])
+    if not isinstance(verdicts, list):
+        raise StateFileError(path, "verdicts is not a list")
+    warnings = doc.get("warnings", [])
+    snapshot = Snapshot(
+        host=host,
+        boot_time=recorded_boot,
+        taken_at=_number(path, "taken_at", doc.get("taken_at")),
+        workers=tuple(_worker(path, i, w) for i, w in enumerate(workers)),
+        source=str(doc.get("source", "?")),
+        warnings=tuple(str(w) for w in warnings) if isinstance(warnings, list) else (),
+    )
+    return Record(snapshot, policy, tuple(v for v in verdicts if isinstance(v, dict)))
+
+
+def _pid(path: str, where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StateFileError(path, f"{where}: PID {value!r} is not a number")
+    if value <= 0:
+        raise UnsafeStateError(path, f"{where}: PID {value} is not positive")
+    if value == 1:
+        raise UnsafeStateError(path, f"{where}: names PID 1; refusing")
+    return value
+
+
+def _number(path: str, where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise StateFileError(path, f"{where}: {value!r} is not a number")
+    return float(value)
+
+
+def _int(path: str, where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StateFileError(path, f"{where}: {value!r} is not an integer")
+    return value
+
+
+def _proc(path: str, where: str, d: Any) -> Proc:
+    if not isinstance(d, dict):
+        raise StateFileError(path, f"{where}: not an object")
+    role = d.get("role")
+    if role not in ROLES:
+        raise StateFileError(path, f"{where}: unknown role {role!r}")
+    cmdline = d.get("cmdline", [])
+    if not isinstance(cmdline, list) or not all(isinstance(a, str) for a in cmdline):
+        raise StateFileError(path, f"{where}: cmdline is not a list of strings")
+    return Proc(
+        pid=_pid(path, where, d.get("pid")),
+        ppid=_int(path, f"{where}.ppid", d.get("ppid")),
+        create_time=_number(path, f"{where}.create_time", d.get("create_time")),
+        pgid=_pid(path, f"{where}.pgid", d.get("pgid")),
+        sid=_int(path, f"{where}.sid", d.get("sid")),
+        uid=_int(path, f"{where}.uid", d.get("uid")),
+        cmdline=tuple(cmdline),
+        sighup_ignored=bool(d.get("sighup_ignored")),
+        role=role,
+    )
+
+
+def _worker(path: str, i: int, d: Any) -> Worker:
+    where = f"workers[{i}]"
+    if not isinstance(d, dict):
+        raise StateFileError(path, f"{where}: not an object")
+    raw = d.get("procs")
+    if not isinstance(raw, list) or not raw:
+        raise StateFileError(path, f"{where}: has no processes")
+    plist = tuple(_proc(path, f"{where}.procs[{j}]", p) for j, p in enumerate(raw))
+    main = plist[0]
+    if main.role != "main" or d.get("main") != main.pid:
+        raise StateFileError(path, f"{where}: the first process is not the worker's main process")
+    tasks = d.get("tasks", [])
+    if not isinstance(tasks, list):
+        raise StateFileError(path, f"{where}: tasks is not a list")
+    sup = d.get("supervisor_pid")
+    return Worker(
+        main=main,
+        procs=plist,
+        node=_opt_str(d.get("node")),
+        app=_opt_str(d.get("app")),
+        program=_opt_str(d.get("program")),
+        supervisor_pid=_pid(path, f"{where}.supervisor_pid", sup) if sup is not None else None,
+        tasks=tuple(Task.from_reply(t) for t in tasks if isinstance(t, dict)),
+    )
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
