@@ -95,7 +95,7 @@ def savepid(
     supervisor_url: SupervisorUrlOpt = None,
     program: ProgramOpt = None,
     spare: SpareOpt = None,
-    timeout: TimeoutOpt = 2.0,
+    timeout: TimeoutOpt = operations.DEFAULT_TIMEOUT,
     as_json: JsonOpt = False,
 ) -> int:
     """Record this host's worker trees and active tasks (run before the stop)."""
@@ -113,7 +113,7 @@ def savepid(
 def kill(
     ctx: typer.Context,
     file: Annotated[str, typer.Argument(help="State file written by savepid (or the old bare PID list).")],
-    grace: Annotated[float, typer.Option("--grace", min=0, help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
+    grace: Annotated[float, typer.Option("--grace", min=0, help="Seconds between SIGTERM and SIGKILL.")] = operations.DEFAULT_GRACE,
     spare: SpareOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
@@ -137,7 +137,7 @@ def status(
     supervisor_url: SupervisorUrlOpt = None,
     program: ProgramOpt = None,
     spare: SpareOpt = None,
-    timeout: TimeoutOpt = 2.0,
+    timeout: TimeoutOpt = operations.DEFAULT_TIMEOUT,
     as_json: JsonOpt = False,
 ) -> int:
     """Draw the live worker trees with each verdict; change nothing."""

@@ -169,7 +169,9 @@ def _send_all(targets: list[Verdict], sig: int, signaller, report: KillReport) -
         if result == SENT:
             sent.append(v)
         elif result == NO_PROCESS:
-            report.outcomes.append(Outcome(v.proc, v.worker_pid, GONE, "already gone"))
+            # It was alive when the kill began: typically a shell whose child
+            # we signalled a moment ago, and which exited with it.
+            report.outcomes.append(Outcome(v.proc, v.worker_pid, KILLED, f"{v.reason} (exited during the kill)"))
         elif result == REUSED:
             report.outcomes.append(
                 Outcome(v.proc, v.worker_pid, REFUSED, "PID now held by another process (creation time differs)")

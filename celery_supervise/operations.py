@@ -20,6 +20,11 @@ from .procs import MAIN, POOL, TASK, Proc
 from .snapshot import Snapshot, Worker, hostname, read_worker, take
 
 
+# Defaults shared by every shell (CLI, Django command, listener).
+DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+DEFAULT_TIMEOUT = 2.0  # seconds to wait for each broker reply
+
+
 @dataclass
 class SaveResult:
     path: str
@@ -64,7 +69,7 @@ def live_snapshot(
     app_spec: str | None = None,
     supervisor_url: str | None = None,
     programs: Iterable[str] = (),
-    timeout: float = 2.0,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[Snapshot, list[str]]:
     """Discover this host's workers and read their trees."""
     found: Discovery = discovery.discover(
@@ -94,7 +99,7 @@ def savepid(
     supervisor_url: str | None = None,
     programs: Iterable[str] = (),
     policy: Policy = Policy(),
-    timeout: float = 2.0,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> SaveResult:
     """Record this host's worker trees, verdicts and active tasks in *path*."""
     programs = list(programs)
@@ -119,7 +124,7 @@ def status(
     supervisor_url: str | None = None,
     programs: Iterable[str] = (),
     policy: Policy = Policy(),
-    timeout: float = 2.0,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> StatusResult:
     snapshot, warnings = live_snapshot(
         app=app, app_spec=app_spec, supervisor_url=supervisor_url, programs=programs, timeout=timeout
@@ -245,7 +250,7 @@ def kill(
     path: str,
     *,
     policy: Policy | None = None,
-    grace: float = 10.0,
+    grace: float = DEFAULT_GRACE,
     dry_run: bool = False,
     app_spec: str | None = None,
     on_wait: Callable[[int, float, float], None] | None = None,

@@ -1,0 +1,105 @@
+"""``python manage.py celery savepid|kill|status``: the Django shell over the core.
+
+Same options and output as the ``celery-supervise`` CLI. The Celery app is
+``settings.CELERY_SUPERVISE_APP`` ("module:attribute"); without it, the
+package of ``DJANGO_SETTINGS_MODULE`` (``proj.settings`` -> ``proj``), which
+Celery resolves to ``proj.celery:app`` just as ``celery -A proj`` does.
+Errors become ``CommandError`` with the CLI's exit code.
+"""
+
+from __future__ import annotations
+
+import os
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from rich.console import Console
+
+from celery_supervise import operations, report
+from celery_supervise.control import load_app
+from celery_supervise.errors import EXIT_PARTIAL, SuperviseError
+from celery_supervise.plan import Policy
+
+
+def default_app_spec() -> str | None:
+    spec = getattr(settings, "CELERY_SUPERVISE_APP", None)
+    if spec:
+        return spec
+    module = os.environ.get("DJANGO_SETTINGS_MODULE", "")
+    return module.rsplit(".", 1)[0] if "." in module else None
+
+
+class Command(BaseCommand):
+    help = "Record, show and kill this host's Celery worker trees (celery-supervise)."
+
+    def add_arguments(self, parser):
+        sub = parser.add_subparsers(dest="action", metavar="{savepid,kill,status}", required=True)
+
+        def common(p, *, supervisor=False, timeout=False):
+            p.add_argument("--spare", metavar="RULES", default=None,
+                           help="Comma list of setsid, nohup, pgroup, or none (default: setsid,nohup).")
+            p.add_argument("--json", dest="as_json", action="store_true", help="Print one JSON document.")
+            if supervisor:
+                p.add_argument("--supervisor-url", default=os.environ.get("SUPERVISOR_SERVER_URL"),
+                               help="supervisord's XML-RPC URL.")
+                p.add_argument("--program", action="append", default=[], metavar="GLOB",
+                               help="supervisord program(s) running the workers (repeatable).")
+            if timeout:
+                p.add_argument("--timeout", type=float, default=operations.DEFAULT_TIMEOUT,
+                               help="Seconds to wait for each broker reply.")
+
+        p = sub.add_parser("savepid", help="Record worker trees and active tasks (before the stop).")
+        p.add_argument("file")
+        common(p, supervisor=True, timeout=True)
+
+        p = sub.add_parser("kill", help="Kill the recorded trees, sparing detached descendants (after the stop).")
+        p.add_argument("file")
+        p.add_argument("--grace", type=float, default=operations.DEFAULT_GRACE,
+                       help="Seconds between SIGTERM and SIGKILL.")
+        p.add_argument("--dry-run", action="store_true", help="Show what would be signalled; signal nothing.")
+        common(p)
+
+        p = sub.add_parser("status", help="Draw the live worker trees with verdicts; change nothing.")
+        common(p, supervisor=True, timeout=True)
+
+    def handle(self, *args, action, **options):
+        # rich writes whole chunks; Django's OutputWrapper would append a
+        # newline to each, so rich gets the underlying streams.
+        out = Console(file=self.stdout._out)
+        err = Console(file=self.stderr._out, stderr=True)
+        try:
+            code = getattr(self, f"do_{action}")(out, err, **options)
+        except SuperviseError as exc:
+            raise CommandError(str(exc), returncode=exc.exit_code) from None
+        if code == EXIT_PARTIAL:
+            raise CommandError("some processes could not be killed (see the table)", returncode=code)
+
+    def _app(self):
+        spec = default_app_spec()
+        if spec is None:
+            raise CommandError("set CELERY_SUPERVISE_APP = 'module:attribute' in your settings")
+        return spec, load_app(spec)
+
+    def do_savepid(self, out, err, *, file, spare, as_json, supervisor_url, program, timeout, **_):
+        spec, app = self._app()
+        result = operations.savepid(file, app=app, app_spec=spec, supervisor_url=supervisor_url,
+                                    programs=program, policy=Policy.parse(spare), timeout=timeout)
+        return report.render_save(out, err, result, as_json)
+
+    def do_kill(self, out, err, *, file, grace, dry_run, spare, as_json, **_):
+        if grace < 0:
+            raise CommandError("--grace must not be negative", returncode=2)
+        policy = Policy.parse(spare) if spare is not None else None
+        progress = report.WaitProgress(err)
+        try:
+            result = operations.kill(file, policy=policy, grace=grace, dry_run=dry_run,
+                                     app_spec=default_app_spec(), on_wait=progress)
+        finally:
+            progress.close()
+        return report.render_kill(out, err, result, as_json)
+
+    def do_status(self, out, err, *, spare, as_json, supervisor_url, program, timeout, **_):
+        spec, app = self._app()
+        result = operations.status(app=app, app_spec=spec, supervisor_url=supervisor_url, programs=program,
+                                   policy=Policy.parse(spare), timeout=timeout)
+        return report.render_status(out, err, result, as_json)
