@@ -7,6 +7,7 @@ here prints or exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -14,6 +15,7 @@ from typing import Callable, Iterable
 from . import discovery, procs, statefile
 from .discovery import Discovery
 from .errors import StateFileError, UsageError
+from .lock import reaper_lock
 from .kill import GONE, REFUSED, KillReport, Outcome, execute
 from .plan import Policy, Verdict, plan
 from .procs import MAIN, POOL, TASK, Proc
@@ -258,6 +260,14 @@ def kill(
     """Kill what *path* recorded (and its late-born orphans) by the verdicts."""
     if grace < 0:
         raise UsageError("--grace must not be negative")
+    # A dry run changes nothing, so it need not wait for a running reaper.
+    with contextlib.nullcontext() if dry_run else reaper_lock():
+        return _kill_locked(path, policy=policy, grace=grace, dry_run=dry_run, app_spec=app_spec, on_wait=on_wait)
+
+
+def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillReport:
+    # Read under the lock: a reaper that waited sees the world as the
+    # previous one left it, and its re-verification reports those as gone.
     record = statefile.read(path, host=hostname(), boot_time=procs.boot_time())
     warnings: list[str] = []
     if isinstance(record, statefile.LegacyRecord):
