@@ -9,6 +9,7 @@ and nowhere else.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -148,6 +149,28 @@ def status(
     )
     out, err = consoles()
     return report.render_status(out, err, result, as_json)
+
+
+@app.command()
+def listener(
+    ctx: typer.Context,
+    state_dir: Annotated[str, typer.Option("--state-dir", metavar="DIR",
+                                           help="Where worker records and kill reports are kept (mode 0700).")],
+    program: ProgramOpt = None,
+    grace: Annotated[float, typer.Option("--grace", min=0, help="Seconds between SIGTERM and SIGKILL.")] = operations.DEFAULT_GRACE,
+    spare: SpareOpt = None,
+) -> int:
+    """Run as a supervisord eventlistener: snapshot on start/stop, reap after every stop."""
+    from . import listener as listening
+
+    state: State = ctx.obj
+    policy = Policy.parse(spare)
+    supervisor, rpc = listening.from_environment(dict(os.environ))
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    return listening.Listener(
+        state_dir=state_dir, programs=program or [], grace=grace, policy=policy,
+        app=state.celery_app(), app_spec=state.app_spec, supervisor=supervisor, rpc=rpc,
+    ).run()
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -188,6 +188,22 @@ def scan(wanted_app: str | None = None, root: str | None = None) -> dict[int, Wo
     return mains
 
 
+def worker_main_under(pid: int, wanted_app: str | None = None) -> int | None:
+    """*pid* if it is a worker main (of *wanted_app*), else the first such below it.
+
+    A supervisord program may run the worker directly or through a shell or
+    wrapper script.
+    """
+    root = procs.read_proc(pid)
+    if root is None:
+        return None
+    for p in (root, *procs.walk(root)):
+        command = parse_worker_cmdline(p.cmdline)
+        if command is not None and (wanted_app is None or app_names_match(command.app, wanted_app)):
+            return p.pid
+    return None
+
+
 # ---------------------------------------------------------------- supervisor
 
 
