@@ -74,7 +74,7 @@ class State:
 
 
 def consoles() -> tuple[Console, Console]:
-    return Console(), Console(stderr=True)
+    return report.consoles()
 
 
 @app.callback()
@@ -199,5 +199,8 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"{PROG}: %(message)s")
+    # Our own warnings, but not kombu's and Celery's chatter ("No hostname
+    # was supplied") on every broker connection.
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr, format=f"{PROG}: %(message)s")
+    logging.getLogger("celery_supervise").setLevel(logging.WARNING)
     sys.exit(run())

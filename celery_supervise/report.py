@@ -7,6 +7,7 @@ Results go to the *out* console; warnings go to *err* as ``warning:`` lines.
 from __future__ import annotations
 
 import json
+import os
 from typing import Iterable
 
 from rich.console import Console
@@ -22,6 +23,29 @@ from .statefile import proc_to_dict, to_document
 STATUS_ORDER = (KILLED, WOULD_KILL, SPARED, GONE, REFUSED, FAILED)
 STYLE = {KILLED: "red", WOULD_KILL: "yellow", SPARED: "green", GONE: "dim", REFUSED: "magenta", FAILED: "bold red",
          KILL: "red", "spare": "green", REFUSE: "magenta"}
+
+
+def consoles(out_file=None, err_file=None) -> tuple[Console, Console]:
+    """Consoles for results and for warnings/progress.
+
+    Off a terminal (a deploy log) rich would wrap at 80 columns; a wider
+    page keeps one process on one line.
+    """
+    def make(file, stderr):
+        probe = Console(file=file, stderr=stderr)
+        return probe if probe.is_terminal else Console(file=file, stderr=stderr, width=160)
+
+    return make(out_file, False), make(err_file, True)
+
+
+def display_command(cmdline, width: int = 48) -> str:
+    """A short command: ``celery -A demo worker …`` rather than interpreter paths."""
+    args = list(cmdline)
+    if len(args) > 1 and os.path.basename(args[0]).startswith("python") and not args[1].startswith("-"):
+        args = args[1:]
+    if args:
+        args[0] = os.path.basename(args[0])
+    return short(" ".join(args) or "?", width)
 
 
 def kill_exit_code(report: KillReport) -> int:
@@ -88,7 +112,7 @@ def render_kill(out: Console, err: Console, report: KillReport, as_json: bool) -
     for o in _ordered(report):
         detail = o.reason if o.signal is None else f"{o.reason} ({o.signal})"
         table.add_row(f"[{STYLE[o.status]}]{o.status}[/]", str(o.proc.pid), o.proc.role, str(o.worker_pid),
-                      short(o.proc.command), detail)
+                      display_command(o.proc.cmdline), detail)
     if report.outcomes:
         out.print(table)
     out.print(summary_line(report), highlight=False)
@@ -142,7 +166,7 @@ def verdict_tree(workers, verdicts: list[Verdict]):
         for p in w.procs:
             v = by_key.get((w.main.pid, p.pid))
             verdict = f"[{STYLE.get(v.action, '')}]{v.action}[/] {v.reason}" if v else ""
-            text = f"{p.pid} {p.role:<4} {short(p.command, 50)}  {verdict}"
+            text = f"{p.pid} {p.role:<4} {display_command(p.cmdline)}  {verdict}"
             parent = nodes.get(p.ppid, root) if p.pid != w.main.pid else root
             nodes[p.pid] = parent.add(text, highlight=False)
         for t in w.tasks:

@@ -13,7 +13,6 @@ import os
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
-from rich.console import Console
 
 from celery_supervise import operations, report
 from celery_supervise.control import load_app
@@ -65,8 +64,7 @@ class Command(BaseCommand):
     def handle(self, *args, action, **options):
         # rich writes whole chunks; Django's OutputWrapper would append a
         # newline to each, so rich gets the underlying streams.
-        out = Console(file=self.stdout._out)
-        err = Console(file=self.stderr._out, stderr=True)
+        out, err = report.consoles(self.stdout._out, self.stderr._out)
         try:
             code = getattr(self, f"do_{action}")(out, err, **options)
         except SuperviseError as exc:

@@ -1,0 +1,142 @@
+"""Demo tasks, among them one that leaves a family of processes behind.
+
+``spawn_family`` is what celery-supervise is about: a task starts
+subprocesses and does not wait for them.  Some stay attached to the worker
+(they should die with it), some are detached on purpose with ``nohup`` or
+``setsid`` (they should survive it).
+"""
+
+import json
+import os
+import subprocess
+import time
+
+from celery import shared_task
+
+#: How long to wait for a started process to report in.
+HANDSHAKE_TIMEOUT = 10.0
+
+# A shell that starts a grandchild in the background, reports its PID
+# atomically (write, then rename) and waits for it.
+_GRANDPARENT_SCRIPT = 'sleep "$1" & echo $! > "$2.tmp" && mv "$2.tmp" "$2"; wait'
+
+
+@shared_task
+def add(x, y):
+    return x + y
+
+
+@shared_task
+def sleep_task(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@shared_task(bind=True)
+def spawn_family(self, marker_dir, hold=60, lifetime=120):
+    """Start a family of subprocesses, write a marker file, then hold.
+
+    Started, each living at most `lifetime` seconds so that none outlives a
+    failed test for long::
+
+        pool process
+        ├── sleep                 plain        attached
+        ├── sh                    plain_grandparent
+        │   └── sleep             plain_grandchild
+        ├── sleep (nohup)         nohup        ignores SIGHUP
+        └── sh (own session)      setsid
+            └── sleep             setsid_grandchild
+
+    Then ``<marker_dir>/<task id>.json`` appears, atomically, with the PIDs,
+    and the task sleeps `hold` seconds.  It never waits for its children nor
+    kills them.
+    """
+    task_id = self.request.id
+    prefix = os.path.join(marker_dir, task_id)
+    lifetime = str(lifetime)
+    quiet = dict(
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=marker_dir,
+    )
+
+    plain = subprocess.Popen(["sleep", lifetime], **quiet)
+    plain_grandparent = subprocess.Popen(
+        ["sh", "-c", _GRANDPARENT_SCRIPT, "sh", lifetime, prefix + ".plain_grandchild"],
+        **quiet,
+    )
+    # The real nohup binary: it sets SIGHUP to SIG_IGN, then execs sleep, so
+    # the PID stays the same.  Its output is not a terminal, so it writes no
+    # nohup.out.
+    nohup = subprocess.Popen(["nohup", "sleep", lifetime], **quiet)
+    # start_new_session=True is setsid() between fork and exec: the PID is
+    # the one Popen returns.  (The setsid binary forks first whenever it is a
+    # process group leader, which would hide the PID.)
+    setsid = subprocess.Popen(
+        ["sh", "-c", _GRANDPARENT_SCRIPT, "sh", lifetime, prefix + ".setsid_grandchild"],
+        start_new_session=True,
+        **quiet,
+    )
+
+    children = {
+        "plain": plain.pid,
+        "plain_grandparent": plain_grandparent.pid,
+        "plain_grandchild": _read_pid_file(prefix + ".plain_grandchild", plain_grandparent),
+        "nohup": nohup.pid,
+        "setsid": setsid.pid,
+        "setsid_grandchild": _read_pid_file(prefix + ".setsid_grandchild", setsid),
+    }
+    # Until nohup has exec'd sleep, SIGHUP is not ignored yet.
+    _wait_for_exec(nohup, "sleep")
+    marker = {
+        "task_id": task_id,
+        "pool_pid": os.getpid(),
+        "pool_pgid": os.getpgrp(),
+        "pool_sid": os.getsid(0),
+        "children": children,
+    }
+    _write_atomically(prefix + ".json", json.dumps(marker))
+
+    deadline = time.monotonic() + hold
+    while (remaining := deadline - time.monotonic()) > 0:
+        time.sleep(min(remaining, 0.5))
+    return marker
+
+
+def _read_pid_file(path, parent):
+    """Return the PID `parent` wrote to `path`, waiting for it with a deadline."""
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    while True:
+        try:
+            with open(path) as f:
+                return int(f.read())
+        except FileNotFoundError:
+            pass
+        if parent.poll() is not None:
+            raise RuntimeError(f"{parent.args!r} exited with {parent.returncode} before writing {path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{parent.args!r} wrote no {path} within {HANDSHAKE_TIMEOUT} s")
+        time.sleep(0.01)
+
+
+def _wait_for_exec(proc, program):
+    """Wait until `proc` runs `program`, i.e. its wrapper has exec'd it."""
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    while True:
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0", 1)[0]
+        if os.path.basename(argv0) == program.encode():
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before running {program}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{proc.args!r} did not exec {program} within {HANDSHAKE_TIMEOUT} s")
+        time.sleep(0.01)
+
+
+def _write_atomically(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,90 @@
+"""Fixtures shared by the whole suite, among them the process leak guard.
+
+pytest's environment gets ``CELERY_SUPERVISE_TEST_RUN=<uuid>`` for the whole
+session, so everything a test starts, down to the children of Celery tasks,
+is marked with it.  After each test, any marked process still alive is
+killed, by PID, and the test fails with the list.
+"""
+
+import os
+import sys
+import uuid
+
+import pytest
+
+from realprocs import RUN_ENV_VAR, RealProcs, reap_leaks
+from realsupervisor import Supervisord
+
+
+def pytest_configure(config):
+    os.environ[RUN_ENV_VAR] = uuid.uuid4().hex
+    # Celery reads CELERY_BROKER_URL before its own configuration: keep a
+    # broker from the surroundings out of the tests' Celery apps and workers.
+    os.environ.pop("CELERY_BROKER_URL", None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Last resort: reap whatever a test or fixture let slip through."""
+    message = reap_leaks(os.environ[RUN_ENV_VAR], exclude={os.getpid()})
+    if message is None:
+        return
+    sys.stderr.write(f"\ncelery-supervise tests, at session end: {message}\n")
+    if session.exitstatus == 0:
+        session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def test_run_id():
+    """The marker value every process started by this pytest run carries."""
+    return os.environ[RUN_ENV_VAR]
+
+
+@pytest.fixture(autouse=True)
+def process_leak_guard(test_run_id):
+    """Fail the test if it leaves a marked process alive; kill those processes.
+
+    Autouse, so it is set up before, and torn down after, every fixture the
+    test requests: supervisord and helper processes are gone by then.
+    """
+    yield
+    message = reap_leaks(test_run_id, exclude={os.getpid()})
+    if message is not None:
+        pytest.fail(f"test left {message}", pytrace=False)
+
+
+@pytest.fixture
+def real_procs(tmp_path):
+    """A :class:`realprocs.RealProcs` working in ``tmp_path/procs``; reaps at teardown."""
+    workdir = tmp_path / "procs"
+    workdir.mkdir()
+    procs = RealProcs(str(workdir))
+    yield procs
+    procs.reap()
+
+
+@pytest.fixture
+def supervisor(tmp_path):
+    """Factory: ``supervisor(stopsignal="TERM", stopwaitsecs=30, numprocs=1,
+    concurrency=2, extra="", broker_url=None)``.
+
+    Starts a real supervisord running the demo worker (program
+    ``celery-worker``, processes ``celery-worker_<N>``), by default on the
+    guarded filesystem broker, all under ``tmp_path/supervisor<N>``; `extra`
+    is appended to the config (``%(here)s`` is that folder).  Waits until it
+    answers XML-RPC and returns the :class:`realsupervisor.Supervisord`.  It
+    does not wait for the worker: call ``.wait_ready()``.  Every supervisord
+    started is shut down at teardown.
+    """
+    started = []
+
+    def start(**options):
+        directory = tmp_path / f"supervisor{len(started)}"
+        directory.mkdir()
+        run = Supervisord(directory, **options)
+        started.append(run)
+        return run.start()
+
+    yield start
+    for run in reversed(started):
+        run.stop()
+

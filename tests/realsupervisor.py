@@ -1,0 +1,279 @@
+"""A real supervisord running the demo's Celery worker, for end-to-end tests.
+
+:class:`Supervisord` writes a config into a temporary folder, starts
+``supervisord -n`` as pytest's own child, talks to it over XML-RPC on its
+unix socket, and always shuts it down.  :class:`DemoClient` sends the demo
+project's tasks through the same guarded filesystem broker the worker uses.
+"""
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import xmlrpc.client
+from pathlib import Path
+
+from celery import Celery
+from supervisor.xmlrpc import SupervisorTransport
+
+from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
+from realprocs import wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+DJANGO_APP = REPO / "django_app"
+BIN = Path(sys.executable).parent
+
+#: Name of the worker program in the generated config.
+PROGRAM = "celery-worker"
+
+#: supervisord has to answer XML-RPC this soon after it starts.
+START_TIMEOUT = 20.0
+#: Every worker has to answer a ping this soon after supervisord answers.
+READY_TIMEOUT = 45.0
+
+CONFIG_TEMPLATE = """\
+[unix_http_server]
+file={socket}
+
+[supervisord]
+logfile=%(here)s/supervisord.log
+pidfile=%(here)s/supervisord.pid
+childlogdir=%(here)s
+loglevel=info
+nodaemon=true
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{socket}
+
+[program:{program}]
+command={celery} -A demo worker -l info -c {concurrency} -n demo%(process_num)d@%%h
+directory={directory}
+process_name=%(program_name)s_%(process_num)d
+numprocs={numprocs}
+autostart=true
+autorestart=false
+startsecs=1
+startretries=0
+stopsignal={stopsignal}
+stopwaitsecs={stopwaitsecs}
+stopasgroup=false
+killasgroup=false
+redirect_stderr=true
+stdout_logfile=%(here)s/%(program_name)s_%(process_num)d.log
+
+{extra}
+"""
+
+
+class SupervisordFailed(AssertionError):
+    """supervisord or a worker under it died or did not come up."""
+
+
+def _find_executable(name):
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is neither in {BIN} nor on PATH")
+    return found
+
+
+def _tail(path, lines=40):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except FileNotFoundError:
+        return "(no such file)\n"
+
+
+class Supervisord:
+    """One supervisord, started with :meth:`start` and ended with :meth:`stop`.
+
+    Attributes: ``dir`` (its folder: config, logs, broker, task markers),
+    ``conf_path``, ``pid``, ``rpc`` (an XML-RPC proxy), ``celery`` (a
+    :class:`DemoClient`), ``marker_dir`` and ``numprocs``.
+    """
+
+    def __init__(self, directory, *, stopsignal="TERM", stopwaitsecs=30, numprocs=1,
+                 concurrency=2, extra="", broker_url=None):
+        self.dir = Path(directory)
+        self.stopsignal = stopsignal
+        self.stopwaitsecs = stopwaitsecs
+        self.numprocs = numprocs
+        self.broker_dir = self.dir / "broker"
+        self.marker_dir = self.dir / "markers"
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        # AF_UNIX paths are limited to 107 bytes, which pytest's tmp_path for
+        # a long test name can exceed: keep the socket in a short folder.
+        self._socket_dir = tempfile.mkdtemp(prefix="csup-")
+        self.socket = os.path.join(self._socket_dir, "supervisor.sock")
+        self.conf_path = self.dir / "supervisord.conf"
+        self.conf_path.write_text(CONFIG_TEMPLATE.format(
+            socket=self.socket,
+            program=PROGRAM,
+            celery=_find_executable("celery"),
+            concurrency=concurrency,
+            directory=DJANGO_APP,
+            numprocs=numprocs,
+            stopsignal=stopsignal,
+            stopwaitsecs=stopwaitsecs,
+            extra=textwrap.dedent(extra),
+        ))
+        self.env = dict(os.environ, CELERY_SUPERVISE_BROKER_DIR=str(self.broker_dir))
+        if broker_url:
+            self.env["CELERY_BROKER_URL"] = broker_url
+        self.celery = DemoClient(self.broker_dir, self.marker_dir, broker_url=broker_url)
+        self.proc = None
+        self.rpc = None
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def start(self):
+        """Start supervisord and wait until it answers XML-RPC."""
+        output = open(self.dir / "supervisord.output", "wb")
+        with output:
+            self.proc = subprocess.Popen(
+                [_find_executable("supervisord"), "-n", "-c", str(self.conf_path)],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                cwd=self.dir, env=self.env,
+            )
+        transport = SupervisorTransport(serverurl="unix://" + self.socket)
+        self.rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+        def answers():
+            self._check_alive()
+            try:
+                return self.rpc.supervisor.getState()["statename"] == "RUNNING"
+            except (OSError, http.client.HTTPException):
+                # No socket yet, or nobody listening yet.  The transport
+                # keeps its connection, which is unusable after a failure.
+                transport.close()
+                return False
+
+        wait_for(answers, START_TIMEOUT, f"supervisord (pid {self.pid}) to answer XML-RPC")
+        return self
+
+    def wait_ready(self, timeout=READY_TIMEOUT):
+        """Wait until every worker process is RUNNING and answers a ping."""
+
+        def ready():
+            self._check_alive()
+            for info in self.rpc.supervisor.getAllProcessInfo():
+                if info["statename"] in ("BACKOFF", "EXITED", "FATAL"):
+                    raise SupervisordFailed(
+                        f"{info['name']} is {info['statename']} ({info['description']})\n"
+                        + self.diagnostics()
+                    )
+            return len(self.celery.ping()) >= self.numprocs
+
+        wait_for(ready, timeout, f"{self.numprocs} Celery worker(s) to answer a ping", interval=0.1)
+
+    def worker_pids(self):
+        """PIDs of the worker main processes, as supervisord reports them."""
+        return [info["pid"] for info in self.rpc.supervisor.getAllProcessInfo() if info["pid"]]
+
+    def ctl(self, *args, timeout=60):
+        """Run ``supervisorctl -c <conf> *args`` and return the CompletedProcess."""
+        return subprocess.run(
+            [_find_executable("supervisorctl"), "-c", str(self.conf_path), *args],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+            env=self.env,
+        )
+
+    def log(self, name="supervisord"):
+        """Text of the log ``name``: ``supervisord`` or a process name."""
+        return (self.dir / f"{name}.log").read_text(errors="replace")
+
+    def wait_exit(self, timeout):
+        """Wait for supervisord to exit; return its exit code."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SupervisordFailed(
+                f"supervisord (pid {self.pid}) still running after {timeout} s\n" + self.diagnostics()
+            ) from None
+
+    def stop(self):
+        """Shut supervisord down through XML-RPC; kill it if that fails.
+
+        Whatever it leaves behind is the leak guard's business.
+        """
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    self.rpc.supervisor.shutdown()
+                except (OSError, xmlrpc.client.Error):
+                    pass  # dying already, or not answering: killed below
+                try:
+                    # stops the processes in parallel, each within stopwaitsecs
+                    self.proc.wait(timeout=self.stopwaitsecs + 20)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=10)
+        finally:
+            self.celery.close()
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def diagnostics(self):
+        """supervisord's exit code and the tails of its and the workers' logs."""
+        parts = []
+        if self.proc is not None and self.proc.poll() is not None:
+            parts.append(f"supervisord exited with {self.proc.returncode}")
+        parts.append("--- supervisord output ---\n" + _tail(self.dir / "supervisord.output"))
+        parts.append("--- supervisord.log ---\n" + _tail(self.dir / "supervisord.log"))
+        for path in sorted(self.dir.glob(f"{PROGRAM}_*.log")):
+            parts.append(f"--- {path.name} ---\n" + _tail(path))
+        return "\n".join(parts)
+
+    def _check_alive(self):
+        if self.proc.poll() is not None:
+            raise SupervisordFailed(f"supervisord (pid {self.pid}) died early\n" + self.diagnostics())
+
+
+class DemoClient:
+    """Sends the demo project's tasks to the worker(s) and awaits their markers."""
+
+    def __init__(self, broker_dir, marker_dir, broker_url=None):
+        self.marker_dir = Path(marker_dir)
+        self.app = Celery("celery-supervise-tests", set_as_current=False)
+        if broker_url:
+            self.app.conf.broker_url = broker_url
+        else:
+            self.app.conf.update(
+                broker_url="filesystem://",
+                broker_transport=TRANSPORT_PATH,
+                broker_transport_options=filesystem_broker_options(broker_dir),
+            )
+        self.app.conf.task_ignore_result = True
+
+    def ping(self, timeout=0.5):
+        """Names of the workers that answered a ping within `timeout`."""
+        replies = self.app.control.ping(timeout=timeout)
+        return sorted(name for reply in replies for name in reply)
+
+    def spawn_family(self, hold=60, lifetime=120):
+        """Send ``demo.tasks.spawn_family``; return the task id."""
+        result = self.app.send_task(
+            "demo.tasks.spawn_family",
+            kwargs={"marker_dir": str(self.marker_dir), "hold": hold, "lifetime": lifetime},
+        )
+        return result.id
+
+    def wait_for_marker(self, task_id, timeout=30.0):
+        """Wait for the marker file of `task_id` and return its content."""
+        path = self.marker_dir / f"{task_id}.json"
+        wait_for(path.exists, timeout, f"marker {path} of spawn_family")
+        return json.loads(path.read_text())
+
+    def close(self):
+        self.app.close()
