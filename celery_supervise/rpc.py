@@ -11,8 +11,6 @@ import socket
 import xmlrpc.client
 from dataclasses import dataclass
 
-from supervisor.xmlrpc import SupervisorTransport
-
 from .errors import SupervisorError
 
 RUNNING_STATES = {"STARTING", "RUNNING", "BACKOFF", "STOPPING"}
@@ -26,6 +24,10 @@ class ProgramProcess:
 
 
 def connect(url: str, username: str | None = None, password: str | None = None):
+    # Imported here: supervisor's XML-RPC stack costs ~60 ms to import, and
+    # most runs (kill, savepid with -A) never talk to supervisord.
+    from supervisor.xmlrpc import SupervisorTransport
+
     transport = SupervisorTransport(username, password, url)
     # The host part is ignored by SupervisorTransport for unix:// URLs.
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
