@@ -77,19 +77,37 @@ def _option(args: list[str], short: str | None, long: str) -> str | None:
     return None
 
 
+def celery_arguments(argv: list[str]) -> list[str] | None:
+    """The arguments after ``celery`` when *argv* runs Celery itself, else ``None``.
+
+    Only ``celery …``, ``python [opts] /path/celery …`` and ``python -m celery …``
+    count. A wrapper such as ``timeout 90 celery … worker`` or ``sudo -u x
+    celery …`` merely mentions celery: it forks the real worker, which is
+    found on its own.
+    """
+    if not argv:
+        return None
+    if os.path.basename(argv[0]) == "celery":
+        return argv[1:]
+    if not os.path.basename(argv[0]).startswith("python"):
+        return None
+    i = 1
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-m":
+        i += 1
+    if i + 1 < len(argv) and argv[i] == "-m" and argv[i + 1] == "celery":
+        return argv[i + 2:]
+    if i < len(argv) and os.path.basename(argv[i]) == "celery":
+        return argv[i + 1:]
+    return None
+
+
 def parse_worker_cmdline(cmdline: Iterable[str], environ: dict | None = None) -> WorkerCommand | None:
     """Parse ``[python] celery [-A app] worker [opts]``; ``None`` if not a worker."""
     from celery.utils.nodenames import default_nodename, host_format
 
-    args = list(cmdline)
-    start = None
-    for i, a in enumerate(args):
-        if os.path.basename(a) == "celery" or (a == "celery" and i > 0 and args[i - 1] == "-m"):
-            start = i + 1
-            break
-    if start is None or "worker" not in args[start:]:
+    args = celery_arguments(list(cmdline))
+    if args is None or "worker" not in args:
         return None
-    args = args[start:]
     app = _option(args, "-A", "--app") or (environ or {}).get("CELERY_APP")
     node = _option(args, "-n", "--hostname")
     queues = _option(args, "-Q", "--queues")
@@ -307,7 +325,7 @@ def discover(
         try:
             found, w = confirm_with_broker(app, found, timeout, want_tasks)
             warnings += w
-            if all(f.confirmed for f in found):
+            if any(f.confirmed for f in found):
                 source = "control" if source == "scan" else f"{source}+control"
         except BrokerError as exc:
             warnings.append(f"{exc}; recorded the local process trees, but active tasks are missing")

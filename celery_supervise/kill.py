@@ -148,14 +148,15 @@ def execute(
 
     termed = _send_all(bottom_up(targets), signal.SIGTERM, signaller, report)
     left = _wait(termed, grace, is_alive, clock, sleep, on_wait)
+    left_pids = {v.proc.pid for v in left}
     for v in termed:
-        if v not in left:
+        if v.proc.pid not in left_pids:
             report.outcomes.append(Outcome(v.proc, v.worker_pid, KILLED, v.reason, "SIGTERM"))
     if left:
         killed = _send_all(left, signal.SIGKILL, signaller, report)
-        survivors = _wait(killed, KILL_WAIT, is_alive, clock, sleep, None)
+        survivors = {v.proc.pid for v in _wait(killed, KILL_WAIT, is_alive, clock, sleep, None)}
         for v in killed:
-            if v in survivors:
+            if v.proc.pid in survivors:
                 report.outcomes.append(Outcome(v.proc, v.worker_pid, FAILED, "survived SIGKILL"))
             else:
                 report.outcomes.append(Outcome(v.proc, v.worker_pid, KILLED, v.reason, "SIGKILL"))

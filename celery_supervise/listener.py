@@ -22,6 +22,12 @@ What it does on each event:
   happens; give the listener a *lower* priority than the workers.
 * end of input (supervisord was SIGKILLed): exit at once, touch nothing; the
   next supervisord's listener sweeps.
+
+Between events the listener also holds a pidfd of every worker it recorded.
+supervisord notices a child's death only when its poll loop next wakes (up
+to a second later) and dispatches the event one loop after that, so the
+pidfd is what starts the reap within milliseconds of the worker's exit; the
+STOPPED/EXITED event then finds nothing left to do.
 """
 
 from __future__ import annotations
@@ -30,28 +36,37 @@ import fnmatch
 import json
 import os
 import re
+import select
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, TextIO
+from typing import Callable, Iterable, TextIO
 
 import psutil
 from supervisor import childutils
 
 from . import control, discovery, kill as killing, operations, procs, report, snapshot, statefile
-from .errors import EXIT_USAGE, SuperviseError
+from .errors import EXIT_USAGE, SuperviseError, UsageError
 from .plan import Policy, plan
 from .snapshot import Task
 
 STOP_EVENTS = {"PROCESS_STATE_STOPPED", "PROCESS_STATE_EXITED", "PROCESS_STATE_BACKOFF", "PROCESS_STATE_FATAL"}
 STOPPING_TASKS_TIMEOUT = 0.5  # a STOPPING event must not hold the listener up for long
+# Between events, re-read the recorded trees this often and rewrite a record
+# whose tree changed: a worker that crashes (no STOPPING event) is then
+# reaped by a tree at most this old, not one from its start or the last tick.
+REFRESH_INTERVAL = 2.0
 RECORD_SUFFIX = ".json"
 REPORT_SUFFIX = ".report.json"
 
 
-class Stop(Exception):
-    """Raised from the SIGTERM handler to leave the blocking read."""
+class Stop(BaseException):
+    """Raised from the SIGTERM handler to leave a blocking wait.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception``
+    on the way (Celery's, kombu's, our own edges') can swallow it.
+    """
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,14 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
+def _identities(worker: snapshot.Worker) -> set[tuple[int, float]]:
+    return {(p.pid, p.create_time) for p in worker.procs}
+
+
+def _text(data: bytes | str) -> str:
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+
+
 class Listener:
     """Handles supervisord events; streams, clock and RPC are passed in for tests."""
 
@@ -89,7 +112,7 @@ class Listener:
         self,
         *,
         state_dir: str,
-        programs: list[str] = (),
+        programs: Iterable[str] = (),
         grace: float = operations.DEFAULT_GRACE,
         policy: Policy = Policy(),
         app=None,
@@ -100,6 +123,7 @@ class Listener:
         stdout: TextIO = sys.stdout,
         stderr: TextIO = sys.stderr,
         clock: Callable[[], float] = time.time,
+        refresh_interval: float = REFRESH_INTERVAL,
     ):
         self.state_dir = state_dir
         self.programs = list(programs)
@@ -110,14 +134,26 @@ class Listener:
         self.supervisor = supervisor
         self.rpc = rpc
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        # Read bytes when we can: the header's len counts bytes, not characters.
+        self._input = getattr(stdin, "buffer", stdin)
         self.clock = clock
+        self.refresh_interval = refresh_interval
+        self.stop_requested = False
+        self._waiting = False  # blocked on input: SIGTERM may interrupt
+        self._watches: dict[str, int] = {}  # record path -> pidfd of its worker main
+        self._last: dict[str, snapshot.Worker] = {}  # record path -> what it holds now
 
     # ------------------------------------------------------------ plumbing
 
     def log(self, action: str, **fields) -> None:
         line = {"ts": round(self.clock(), 3), "action": action, **fields}
-        self.stderr.write(json.dumps(line, sort_keys=True, default=str) + "\n")
-        self.stderr.flush()
+        try:
+            self.stderr.write(json.dumps(line, sort_keys=True, default=str) + "\n")
+            self.stderr.flush()
+        except OSError:
+            # Our stderr is a pipe to supervisord: once it is gone (SIGKILLed)
+            # nobody can read the line, and the action must not fail for it.
+            pass
 
     def record_path(self, program: str, pid: int) -> str:
         return os.path.join(self.state_dir, f"{safe_name(program)}@{pid}{RECORD_SUFFIX}")
@@ -153,8 +189,7 @@ class Listener:
         event = headers.get("eventname", "")
         try:
             if event.startswith("TICK_"):
-                self.refresh()
-                self.sweep("tick")
+                self.tick()
             elif event == "SUPERVISOR_STATE_CHANGE_RUNNING":
                 self.sweep("supervisord started")
             elif event.startswith("PROCESS_STATE_"):
@@ -164,59 +199,80 @@ class Listener:
             else:
                 self.log("malformed", error="no eventname", headers=headers)
         except (ValueError, KeyError, TypeError) as exc:
-            self.log("malformed", event=event, error=str(exc))
+            self.log("malformed", event=event, error=f"{type(exc).__name__}: {exc}")
         except (SuperviseError, OSError, psutil.Error) as exc:
             self.log("error", event=event, error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # the edge: a bug must cost one event, never the listener
+            self.log("error", event=event, error=f"unexpected {type(exc).__name__}: {exc}")
 
-    def on_process_state(self, event: str, fields: dict) -> None:
+    def on_process_state(self, event: str, fields: dict, why: str | None = None) -> None:
         program = f"{fields['groupname']}:{fields['processname']}"
         if fields["groupname"] == fields["processname"]:
             program = fields["processname"]
-        pid = int(fields["pid"]) if fields.get("pid", "0").isdigit() else 0
+        # STARTING, BACKOFF and FATAL carry no pid at all.
+        raw_pid = fields.get("pid", "")
+        pid = int(raw_pid) if raw_pid.isdigit() else 0
         if event == "PROCESS_STATE_RUNNING":
             main = self.watched(program, pid)
             if main is not None:
-                for old in self.records(program):
-                    if not old.endswith(f"@{main}{RECORD_SUFFIX}"):
-                        self.reap(old, "replaced by a new start")
-                self.record(program, main, "running")
+                stale = [p for p in self.records(program) if not p.endswith(f"@{main}{RECORD_SUFFIX}")]
+                self.settle(stale, "replaced by a new start", replaced=True)
+                self.record(program, main, why or event)
         elif event == "PROCESS_STATE_STOPPING":
             main = self.watched(program, pid)
             if main is not None:
-                self.record(program, main, "stopping", tasks=True)
+                self.record(program, main, why or event, tasks=True)
         elif event in STOP_EVENTS:
-            paths = self.records(program)
-            if pid:
-                paths = [p for p in paths if p.endswith(f"@{pid}{RECORD_SUFFIX}")] or [
-                    p for p in paths if self._main_dead(p)
-                ]
-            else:
-                paths = [p for p in paths if self._main_dead(p)]
-            for path in paths:
-                self.reap(path, event)
+            # Whatever pid the event names (a wrapper's, or none), every
+            # record of this program whose worker is dead has leftovers to reap.
+            for path in self.records(program):
+                if self._main_dead(path):
+                    self.reap(path, event)
 
     # ------------------------------------------------------------- records
 
-    def record(self, program: str, main_pid: int, why: str, tasks: bool = False) -> None:
-        found_tasks: tuple[Task, ...] = ()
+    def record(self, program: str, main_pid: int, why: str, tasks: bool = False, if_changed: bool = False) -> None:
+        """Write the record of one worker: its tree now, our supervisord, and tasks.
+
+        With *tasks*, ask the worker for its active tasks; otherwise keep
+        those an earlier record of this very worker holds (the STOPPING
+        snapshot's). With *if_changed*, write only if the set of processes
+        differs from the last record's.
+        """
         worker = snapshot.read_worker(main_pid, program=program,
                                       supervisor_pid=self.supervisor.pid if self.supervisor else None)
         if worker is None:
             return
+        path = self.record_path(program, main_pid)
+        last = self._last.get(path)
+        if last is not None and not last.main.same_process(worker.main):
+            last = None  # the PID now names another worker
+        if if_changed and last is not None and _identities(last) == _identities(worker):
+            return
         command = discovery.parse_worker_cmdline(worker.main.cmdline)
         node = command.node if command else None
+        found_tasks = last.tasks if last is not None else ()
         if tasks and self.app is not None and command is not None:
-            found_tasks = self._active_tasks(main_pid, command)
+            found_tasks = self._active_tasks(main_pid, command) or found_tasks
         worker = snapshot.Worker(main=worker.main, procs=worker.procs, node=node, app=command.app if command else None,
                                  program=program, supervisor_pid=worker.supervisor_pid, tasks=found_tasks)
         snap = snapshot.take([worker], "listener")
         doc = statefile.to_document(snap, self.policy, plan([worker], self.policy))
         if self.supervisor:
             doc["supervisor"] = {"pid": self.supervisor.pid, "create_time": self.supervisor.create_time}
-        path = self.record_path(program, main_pid)
         statefile.write(path, doc)
+        self._last[path] = worker
+        self._watch(path, worker.main)
         self.log("recorded", program=program, pid=main_pid, why=why, processes=len(worker.procs),
                  tasks=len(found_tasks))
+
+    def refresh_changed(self) -> None:
+        """Rewrite the record of every worker we watch whose tree changed."""
+        for path, worker in list(self._last.items()):
+            try:
+                self.record(worker.program or "?", worker.main.pid, "tree changed", if_changed=True)
+            except (SuperviseError, OSError, psutil.Error) as exc:
+                self.log("error", record=path, error=f"{type(exc).__name__}: {exc}")
 
     def _active_tasks(self, main_pid: int, command) -> tuple[Task, ...]:
         try:
@@ -230,6 +286,27 @@ class Listener:
             self.log("warning", pid=main_pid, warning=f"no active tasks recorded: {exc}")
             return ()
         return tuple(Task.from_reply(t) for t in replies.get(command.node) or () if isinstance(t, dict))
+
+    def tick(self) -> None:
+        """Sweep, then re-record every running worker (catching any missed RUNNING)."""
+        self.sweep("tick")
+        if not self.record_running("tick"):
+            self.refresh()
+
+    def record_running(self, why: str) -> bool:
+        """Record every watched worker supervisord says is RUNNING; False if it did not answer."""
+        if self.rpc is None:
+            return False
+        try:
+            infos = self.rpc.supervisor.getAllProcessInfo()
+        except Exception as exc:  # any transport failure: the events will catch up
+            self.log("warning", warning=f"{why}: cannot list supervisord's processes: {exc}")
+            return False
+        for info in infos:
+            if info.get("statename") == "RUNNING" and info.get("pid"):
+                self.on_process_state("PROCESS_STATE_RUNNING", {
+                    "groupname": info["group"], "processname": info["name"], "pid": str(info["pid"])}, why)
+        return True
 
     def refresh(self) -> None:
         """Re-read the trees of the live workers our supervisord runs."""
@@ -245,6 +322,8 @@ class Listener:
         try:
             rec = statefile.read(path, host=snapshot.hostname(), boot_time=procs.boot_time())
         except SuperviseError as exc:
+            if not os.path.lexists(path):
+                return None  # reaped meanwhile (by another listener or a deploy script)
             self.log("refused", record=path, error=str(exc))
             self._set_aside(path)
             return None
@@ -257,6 +336,7 @@ class Listener:
     def _set_aside(self, path: str) -> None:
         # Never acted on, and moved out of the way so it is not re-read on
         # every tick; kept for a human to look at.
+        self._unwatch(path)
         try:
             os.rename(path, path + ".invalid")
         except OSError:
@@ -267,7 +347,7 @@ class Listener:
             with open(path) as f:
                 sup = json.load(f).get("supervisor") or {}
             return Identity(int(sup["pid"]), float(sup["create_time"]))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def _main_dead(self, path: str) -> bool:
@@ -277,16 +357,46 @@ class Listener:
         main = rec.snapshot.workers[0].main if rec.snapshot.workers else None
         return main is None or not Identity(main.pid, main.create_time).alive()
 
+    # ------------------------------------------------------------- pidfds
+
+    def _watch(self, path: str, main: procs.Proc) -> None:
+        """Hold a pidfd of *main*, so that its exit wakes the wait for input."""
+        if path in self._watches:
+            return
+        try:
+            fd = os.pidfd_open(main.pid)
+        except OSError:
+            return  # gone already, or no pidfd here: the events and sweeps still reap
+        # Opened after the snapshot: make sure the number still names that process.
+        if not killing.alive(main):
+            os.close(fd)
+            return
+        self._watches[path] = fd
+
+    def _unwatch(self, path: str) -> None:
+        self._last.pop(path, None)
+        fd = self._watches.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for path in list(self._watches):
+            self._unwatch(path)
+        self._last.clear()
+
     # ---------------------------------------------------------------- reap
 
     def reap(self, path: str, why: str) -> None:
         """Kill what a stopped worker left, write the report, drop the record."""
+        self._unwatch(path)
         rec = self._load(path)
         if rec is None:
             return
         try:
             result = operations.kill(path, grace=self.grace)
         except SuperviseError as exc:
+            if not os.path.lexists(path):
+                return  # another reaper got there first, under the lock
             self.log("error", record=path, error=str(exc))
             return
         doc = report.kill_document(result)
@@ -295,7 +405,10 @@ class Listener:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock()))
         report_path = path[: -len(RECORD_SUFFIX)] + f".{stamp}{REPORT_SUFFIX}"
         statefile.write(report_path, doc)
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass  # another reaper finished the same record
         self.log("reaped", record=os.path.basename(path), why=why, report=report_path,
                  killed=[o.proc.pid for o in result.by_status(killing.KILLED)],
                  spared={o.proc.pid: o.reason for o in result.by_status(killing.SPARED)},
@@ -304,7 +417,19 @@ class Listener:
 
     def sweep(self, why: str) -> None:
         """Reap workers that are gone; warm-stop and reap those whose supervisord died."""
-        for path in self.records():
+        self.settle(self.records(), why)
+
+    def settle(self, paths: Iterable[str], why: str, replaced: bool = False) -> None:
+        """Reap the recorded workers that are gone, warm-stop and reap the orphans.
+
+        An orphan is alive but its supervisord is dead. With *replaced* (the
+        same program of our supervisord has started a new worker), a live old
+        worker of ours is a leftover too: typically a worker a wrapper script
+        started, which outlived the wrapper supervisord stopped. A live
+        worker of another live supervisord is never touched.
+        """
+        orphans = []
+        for path in paths:
             rec = self._load(path)
             if rec is None or not rec.snapshot.workers:
                 continue
@@ -314,15 +439,21 @@ class Listener:
                 continue
             sup = self._supervisor_of(path)
             if sup is not None and not sup.alive():
-                self.warm_stop(main)
-                self.reap(path, f"{why}: orphaned (its supervisord {sup.pid} is gone)")
+                orphans.append((path, main, f"{why}: orphaned (its supervisord {sup.pid} is gone)"))
+            elif replaced and sup == self.supervisor:
+                orphans.append((path, main, f"{why}: still running"))
+        if orphans:
+            self.warm_stop([main for _, main, _ in orphans])
+            for path, _, reason in orphans:
+                self.reap(path, reason)
 
-    def warm_stop(self, main: procs.Proc) -> None:
-        """SIGTERM the main alone (Celery's warm shutdown), wait --grace for it."""
-        result = killing.signal_proc(main, signal.SIGTERM)
-        self.log("warm-stop", pid=main.pid, result=result, grace=self.grace)
+    def warm_stop(self, mains: list[procs.Proc]) -> None:
+        """SIGTERM the mains alone (Celery's warm shutdown), wait up to --grace for them."""
+        for main in mains:
+            result = killing.signal_proc(main, signal.SIGTERM)
+            self.log("warm-stop", pid=main.pid, result=result, grace=self.grace)
         deadline = time.monotonic() + self.grace
-        while killing.alive(main) and time.monotonic() < deadline:
+        while any(killing.alive(m) for m in mains) and time.monotonic() < deadline:
             time.sleep(killing.POLL_INTERVAL)
 
     def finish(self) -> None:
@@ -341,60 +472,101 @@ class Listener:
         us are found by asking supervisord.
         """
         self.sweep("listener started")
-        if self.rpc is None:
-            return
+        self.record_running("listener started")
+
+    def _blocking(self, call, *args):
+        """Run a blocking read or wait that our SIGTERM may interrupt."""
+        if self.stop_requested:
+            raise Stop()
+        self._waiting = True
         try:
-            infos = self.rpc.supervisor.getAllProcessInfo()
-        except Exception as exc:  # any transport failure: the events will catch up
-            self.log("warning", warning=f"cannot list supervisord's processes: {exc}")
+            return call(*args)
+        finally:
+            self._waiting = False
+
+    def wait_for_input(self) -> None:
+        """Block until stdin is readable, reaping watched workers that exit meanwhile.
+
+        Every *refresh_interval* seconds of waiting, the watched trees are
+        re-read too.
+        """
+        try:
+            fd = self._input.fileno()
+        except (AttributeError, OSError, ValueError):  # a StringIO in tests: just read
             return
-        for info in infos:
-            if info.get("statename") == "RUNNING" and info.get("pid"):
-                self.on_process_state("PROCESS_STATE_RUNNING", {
-                    "groupname": info["group"], "processname": info["name"], "pid": str(info["pid"])})
+        next_refresh = time.monotonic() + self.refresh_interval
+        while True:
+            by_fd = {wfd: path for path, wfd in self._watches.items()}
+            timeout = max(0.0, next_refresh - time.monotonic()) if self._last else None
+            readable, _, _ = self._blocking(select.select, [fd, *by_fd], [], [], timeout)
+            if fd in readable:
+                return  # the event first: it may be end of input, and then we touch nothing
+            if not readable:
+                self.refresh_changed()
+                next_refresh = time.monotonic() + self.refresh_interval
+            for wfd in readable:
+                path = by_fd[wfd]
+                self._unwatch(path)
+                if os.path.exists(path) and self._main_dead(path):
+                    self.reap(path, "worker exited")
 
     def read_event(self) -> tuple[dict, str] | None:
         """childutils' wait(), except that end of input returns ``None``."""
         childutils.listener.ready(self.stdout)
-        line = self.stdin.readline()
+        self.wait_for_input()
+        line = _text(self._blocking(self._input.readline))
         if not line:
             return None
         headers = childutils.get_headers(line)
-        payload = self.stdin.read(int(headers.get("len", 0)))
+        payload = _text(self._input.read(int(headers.get("len", 0))))
         return headers, payload
 
-    def run(self) -> int:
-        def on_term(signum, frame):
+    def _on_term(self, signum, frame) -> None:
+        self.stop_requested = True
+        if self._waiting:
+            # Only a blocking wait is interrupted; an event being handled (a
+            # reap in its grace period) is finished first.
+            self._waiting = False
             raise Stop()
 
-        signal.signal(signal.SIGTERM, on_term)
+    def run(self) -> int:
+        previous = signal.signal(signal.SIGTERM, self._on_term)
         try:
-            self.start()
-            while True:
-                try:
-                    event = self.read_event()
-                except ValueError as exc:
-                    # A broken header line: we cannot know its length, so we
-                    # cannot resynchronise; acknowledging keeps supervisord going.
-                    self.log("malformed", error=str(exc))
+            try:
+                self.start()
+                while True:
+                    try:
+                        event = self.read_event()
+                    except ValueError as exc:
+                        # A broken header line: we cannot know its length, so we
+                        # cannot resynchronise; acknowledging keeps supervisord going.
+                        self.log("malformed", error=str(exc))
+                        childutils.listener.ok(self.stdout)
+                        continue
+                    if event is None:
+                        self.log("exit", why="end of input (supervisord gone); workers left for the next sweep")
+                        return 0
+                    self.handle_event(*event)
                     childutils.listener.ok(self.stdout)
-                    continue
-                if event is None:
-                    self.log("exit", why="end of input (supervisord gone); workers left for the next sweep")
-                    return 0
-                self.handle_event(*event)
-                childutils.listener.ok(self.stdout)
-        except Stop:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            self.log("stopping", why="SIGTERM")
-            self.finish()
-            return 0
+                    if self.stop_requested:
+                        raise Stop()
+            except BrokenPipeError:
+                self.log("exit", why="supervisord closed our stdout; workers left for the next sweep")
+                return 0
+            except Stop:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                self.log("stopping", why="SIGTERM")
+                self.finish()
+                return 0
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.close()
 
 
 def from_environment(environ: dict) -> tuple[Identity, object]:
-    """Our supervisord's identity and RPC proxy, or a usage error outside one."""
+    """Our supervisord's identity and RPC proxy; :class:`UsageError` (exit 2) outside one."""
     if "SUPERVISOR_SERVER_URL" not in environ or "SUPERVISOR_PROCESS_NAME" not in environ:
-        raise SuperviseError("the listener must run under supervisord as an [eventlistener:x] section")
+        raise UsageError("the listener must run under supervisord as an [eventlistener:x] section")
     ppid = os.getppid()
     ident = Identity.of(ppid)
     try:
@@ -402,7 +574,7 @@ def from_environment(environ: dict) -> tuple[Identity, object]:
     except psutil.Error:
         cmd = []
     if ident is None or not any(os.path.basename(a) == "supervisord" for a in cmd[:2]):
-        raise SuperviseError("the listener's parent is not supervisord; run it as an [eventlistener:x] section")
+        raise UsageError("the listener's parent is not supervisord; run it as an [eventlistener:x] section")
     return ident, childutils.getRPCInterface(environ)
 
 

@@ -93,7 +93,8 @@ def assign_roles(main: Proc, descendants: Iterable[Proc], pool_pids: Iterable[in
     out = [main.with_role(MAIN)]
     for p in descendants:
         is_pool = p.ppid == main.pid and (p.pid in pool or p.cmdline == main.cmdline)
-        out.append(p.with_role(POOL if is_pool else TASK))
+        role = POOL if is_pool else TASK
+        out.append(p if p.role == role else p.with_role(role))
     return tuple(out)
 
 
