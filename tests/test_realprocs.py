@@ -63,6 +63,9 @@ def test_setsid_chain_leads_its_own_session(real_procs):
 def test_shell_background_job_ignores_sigint(real_procs):
     """POSIX: a non-interactive shell's ``&`` job ignores SIGINT and SIGQUIT."""
     chain = real_procs.spawn_chain()
+    # The shell sets the job's dispositions between fork and exec, and $!
+    # is known right after the fork: wait for the exec.
+    wait_for(lambda: chain.grandchild.name() == "sleep", 10, "the background job to exec sleep")
 
     assert ignored_signals(chain.grandchild.pid) & SIGINT_BIT
     assert not ignored_signals(chain.child.pid) & SIGINT_BIT
