@@ -195,6 +195,13 @@ def run(argv: list[str] | None = None) -> int:
         label = "usage" if exc.exit_code == EXIT_USAGE else "error"
         print(f"{PROG}: {label}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a bug, or a library failing in a way we did not foresee
+        if os.environ.get("CELERY_SUPERVISE_DEBUG"):
+            raise
+        message = " ".join(str(exc).split())
+        print(f"{PROG}: internal error: {type(exc).__name__}: {message} "
+              "(set CELERY_SUPERVISE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_ERROR
     return rv if isinstance(rv, int) else 0
 
 

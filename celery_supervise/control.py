@@ -50,7 +50,12 @@ def connect(app, timeout: float = CONNECT_TIMEOUT):
     Celery's own control calls retry a dead broker for a long time; a deploy
     step must not hang on that, so we connect first with one bounded try.
     """
-    conn = app.connection_for_write()
+    try:
+        # Creating the connection already imports the transport (redis-py,
+        # amqp…), which can fail on its own.
+        conn = app.connection_for_write()
+    except Exception as exc:
+        raise BrokerError(f"cannot use the broker {app.conf.broker_url!r}: {type(exc).__name__}: {exc}") from None
     try:
         conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout)
     except Exception as exc:

@@ -26,7 +26,7 @@ from typing import Iterable
 
 import psutil
 
-from . import control, procs, rpc
+from . import control, procs
 from .errors import BrokerError, SupervisorError
 from .snapshot import Task
 
@@ -227,6 +227,8 @@ def worker_main_under(pid: int, wanted_app: str | None = None) -> int | None:
 
 def from_supervisor(url: str, programs: list[str], local: dict[int, WorkerCommand]) -> tuple[list[Found], list[str]]:
     """Workers run by supervisord's matching programs."""
+    from . import rpc  # supervisor's XML-RPC stack is slow to import; most runs never need it
+
     sup_pid, running = rpc.program_processes(url, programs)
     found, warnings = [], []
     for pp in running:

@@ -69,6 +69,12 @@ class Command(BaseCommand):
             code = getattr(self, f"do_{action}")(out, err, **options)
         except SuperviseError as exc:
             raise CommandError(str(exc), returncode=exc.exit_code) from None
+        except (CommandError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # one line, as the CLI does; --traceback shows it all
+            if options.get("traceback"):
+                raise
+            raise CommandError(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
         if code == EXIT_PARTIAL:
             raise CommandError("some processes could not be killed (see the table)", returncode=code)
 
