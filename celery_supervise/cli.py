@@ -67,6 +67,10 @@ class State:
         self.app_spec = app_spec
         self._app = None
 
+    def targets(self, supervisor_url, programs, timeout) -> operations.Targets:
+        return operations.Targets(app=self.celery_app(), app_spec=self.app_spec, supervisor_url=supervisor_url,
+                                  programs=tuple(programs or ()), timeout=timeout)
+
     def celery_app(self):
         if self.app_spec and self._app is None:
             self._app = load_app(self.app_spec)
@@ -102,10 +106,7 @@ def savepid(
     """Record this host's worker trees and active tasks (run before the stop)."""
     state: State = ctx.obj
     policy = Policy.parse(spare)
-    result = operations.savepid(
-        file, app=state.celery_app(), app_spec=state.app_spec, supervisor_url=supervisor_url,
-        programs=program or [], policy=policy, timeout=timeout,
-    )
+    result = operations.savepid(file, state.targets(supervisor_url, program, timeout), policy)
     out, err = consoles()
     return report.render_save(out, err, result, as_json)
 
@@ -143,10 +144,7 @@ def status(
 ) -> int:
     """Draw the live worker trees with each verdict; change nothing."""
     state: State = ctx.obj
-    result = operations.status(
-        app=state.celery_app(), app_spec=state.app_spec, supervisor_url=supervisor_url,
-        programs=program or [], policy=Policy.parse(spare), timeout=timeout,
-    )
+    result = operations.status(state.targets(supervisor_url, program, timeout), Policy.parse(spare))
     out, err = consoles()
     return report.render_status(out, err, result, as_json)
 

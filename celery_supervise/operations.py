@@ -65,17 +65,22 @@ def protected_pids(extra: Iterable[int] = ()) -> dict[int, str]:
 # ------------------------------------------------------------------ snapshot
 
 
-def live_snapshot(
-    *,
-    app=None,
-    app_spec: str | None = None,
-    supervisor_url: str | None = None,
-    programs: Iterable[str] = (),
-    timeout: float = DEFAULT_TIMEOUT,
-) -> tuple[Snapshot, list[str]]:
+@dataclass(frozen=True)
+class Targets:
+    """Which workers are ours, and how to ask about them (savepid, status)."""
+
+    app: object = None  # the loaded Celery app, for the broker
+    app_spec: str | None = None  # as given to -A, for matching command lines
+    supervisor_url: str | None = None
+    programs: tuple[str, ...] = ()
+    timeout: float = DEFAULT_TIMEOUT  # per broker reply
+
+
+def live_snapshot(targets: Targets) -> tuple[Snapshot, list[str]]:
     """Discover this host's workers and read their trees."""
     found: Discovery = discovery.discover(
-        app=app, app_spec=app_spec, supervisor_url=supervisor_url, programs=list(programs), timeout=timeout
+        app=targets.app, app_spec=targets.app_spec, supervisor_url=targets.supervisor_url,
+        programs=list(targets.programs), timeout=targets.timeout,
     )
     workers = []
     for f in found.workers:
@@ -93,25 +98,13 @@ def live_snapshot(
     return take(workers, found.source, found.warnings), found.warnings
 
 
-def savepid(
-    path: str,
-    *,
-    app=None,
-    app_spec: str | None = None,
-    supervisor_url: str | None = None,
-    programs: Iterable[str] = (),
-    policy: Policy = Policy(),
-    timeout: float = DEFAULT_TIMEOUT,
-) -> SaveResult:
+def savepid(path: str, targets: Targets, policy: Policy = Policy()) -> SaveResult:
     """Record this host's worker trees, verdicts and active tasks in *path*."""
-    programs = list(programs)
-    if app_spec is None and not supervisor_url:
+    if targets.app_spec is None and not targets.supervisor_url:
         raise UsageError("savepid needs -A APP or --supervisor-url to know which workers are yours")
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise StateFileError(path, "its folder does not exist")
-    snapshot, warnings = live_snapshot(
-        app=app, app_spec=app_spec, supervisor_url=supervisor_url, programs=programs, timeout=timeout
-    )
+    snapshot, warnings = live_snapshot(targets)
     verdicts = plan(snapshot.workers, policy)
     statefile.write(path, statefile.to_document(snapshot, policy, verdicts))
     if not snapshot.workers:
@@ -119,18 +112,9 @@ def savepid(
     return SaveResult(path, snapshot, policy, verdicts, warnings)
 
 
-def status(
-    *,
-    app=None,
-    app_spec: str | None = None,
-    supervisor_url: str | None = None,
-    programs: Iterable[str] = (),
-    policy: Policy = Policy(),
-    timeout: float = DEFAULT_TIMEOUT,
-) -> StatusResult:
-    snapshot, warnings = live_snapshot(
-        app=app, app_spec=app_spec, supervisor_url=supervisor_url, programs=programs, timeout=timeout
-    )
+def status(targets: Targets, policy: Policy = Policy()) -> StatusResult:
+    """The live trees with their verdicts; changes nothing."""
+    snapshot, warnings = live_snapshot(targets)
     protected = protected_pids(w.supervisor_pid for w in snapshot.workers if w.supervisor_pid)
     return StatusResult(snapshot, policy, plan(snapshot.workers, policy, protected), warnings)
 
@@ -293,4 +277,4 @@ def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillRepo
     return report
 
 
-__all__ = ["savepid", "kill", "status", "SaveResult", "StatusResult", "protected_pids"]
+__all__ = ["Targets", "savepid", "kill", "status", "SaveResult", "StatusResult", "protected_pids"]

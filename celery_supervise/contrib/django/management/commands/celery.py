@@ -78,16 +78,15 @@ class Command(BaseCommand):
         if code == EXIT_PARTIAL:
             raise CommandError("some processes could not be killed (see the table)", returncode=code)
 
-    def _app(self):
+    def _targets(self, supervisor_url, programs, timeout) -> operations.Targets:
         spec = default_app_spec()
         if spec is None:
             raise CommandError("set CELERY_SUPERVISE_APP = 'module:attribute' in your settings")
-        return spec, load_app(spec)
+        return operations.Targets(app=load_app(spec), app_spec=spec, supervisor_url=supervisor_url,
+                                  programs=tuple(programs), timeout=timeout)
 
     def do_savepid(self, out, err, *, file, spare, as_json, supervisor_url, program, timeout, **_):
-        spec, app = self._app()
-        result = operations.savepid(file, app=app, app_spec=spec, supervisor_url=supervisor_url,
-                                    programs=program, policy=Policy.parse(spare), timeout=timeout)
+        result = operations.savepid(file, self._targets(supervisor_url, program, timeout), Policy.parse(spare))
         return report.render_save(out, err, result, as_json)
 
     def do_kill(self, out, err, *, file, grace, dry_run, spare, as_json, **_):
@@ -103,7 +102,5 @@ class Command(BaseCommand):
         return report.render_kill(out, err, result, as_json)
 
     def do_status(self, out, err, *, spare, as_json, supervisor_url, program, timeout, **_):
-        spec, app = self._app()
-        result = operations.status(app=app, app_spec=spec, supervisor_url=supervisor_url, programs=program,
-                                   policy=Policy.parse(spare), timeout=timeout)
+        result = operations.status(self._targets(supervisor_url, program, timeout), Policy.parse(spare))
         return report.render_status(out, err, result, as_json)
