@@ -144,7 +144,8 @@ def status(
 ) -> int:
     """Draw the live worker trees with each verdict; change nothing."""
     state: State = ctx.obj
-    result = operations.status(state.targets(supervisor_url, program, timeout), Policy.parse(spare))
+    policy = Policy.parse(spare)  # before any slow discovery, so a typo fails at once
+    result = operations.status(state.targets(supervisor_url, program, timeout), policy)
     out, err = consoles()
     return report.render_status(out, err, result, as_json)
 

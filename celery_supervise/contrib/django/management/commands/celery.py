@@ -86,7 +86,8 @@ class Command(BaseCommand):
                                   programs=tuple(programs), timeout=timeout)
 
     def do_savepid(self, out, err, *, file, spare, as_json, supervisor_url, program, timeout, **_):
-        result = operations.savepid(file, self._targets(supervisor_url, program, timeout), Policy.parse(spare))
+        policy = Policy.parse(spare)  # before any slow discovery, so a typo fails at once
+        result = operations.savepid(file, self._targets(supervisor_url, program, timeout), policy)
         return report.render_save(out, err, result, as_json)
 
     def do_kill(self, out, err, *, file, grace, dry_run, spare, as_json, **_):
@@ -102,5 +103,6 @@ class Command(BaseCommand):
         return report.render_kill(out, err, result, as_json)
 
     def do_status(self, out, err, *, spare, as_json, supervisor_url, program, timeout, **_):
-        result = operations.status(self._targets(supervisor_url, program, timeout), Policy.parse(spare))
+        policy = Policy.parse(spare)
+        result = operations.status(self._targets(supervisor_url, program, timeout), policy)
         return report.render_status(out, err, result, as_json)
