@@ -1,0 +1,286 @@
+"""``celery-supervise savepid`` against ``celery inspect active``, as whole commands.
+
+Both are timed as a user meets them in a supervisord ``stopwaitsecs`` budget:
+the wall time of a fresh process, imports and broker connection included,
+run from ``django_app/`` against one running worker of the demo project
+(``celery -A demo worker -c 2 -n bench@%h``) on one broker.
+
+``celery inspect active`` waits its whole ``--timeout`` (1 s) for replies,
+because it does not know how many workers there are. ``savepid`` first finds
+the local workers, then asks them with ``limit`` set, so it returns as soon
+as they have all answered; and it records their process trees as well.
+
+The two commands alternate, after one unmeasured warm-up run of each. The
+worker is started here and waited for by a ping with a deadline; it is
+stopped by PID (TERM, wait, KILL) and so is anything left below it.
+
+Everything runs in a private copy of ``django_app/`` (its code, not its
+``var/``). savepid finds workers by scanning this host for ``-A demo``
+workers of *the same project folder*; other sessions' end-to-end tests run
+demo workers from ``django_app/`` on brokers of their own, and savepid would
+wait out its ``--timeout`` for their replies. In the copy, only our worker is
+ours. (That cost is real, see the README: a same-project worker on another
+broker costs savepid its whole timeout.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from .forest import MARK_ENV
+from .measure import Row, Target, timed
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCE_PROJECT = REPO / "django_app"
+BIN = Path(sys.executable).parent
+CELERY = str(BIN / "celery")
+SUPERVISE = str(BIN / "celery-supervise")
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/7")
+NODE = f"bench@{socket.gethostname()}"
+READY_TIMEOUT = 60.0
+COMMAND_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+#: The worker's bounded lifetime: a watchdog TERMs it after this long (and
+#: KILLs it 10 s later) even if this benchmark dies without cleaning up.
+WORKER_LIFETIME = 300
+
+# The watchdog holds a pidfd on the worker: it signals that very process or
+# nobody, and exits as soon as the worker does. (A forking wrapper such as
+# coreutils `timeout` would not do: its own command line names a celery
+# worker, and savepid's scan takes it for a second worker.)
+WATCHDOG = """
+import os, select, signal, sys
+fd = os.pidfd_open(int(sys.argv[1]))
+for sig, wait in ((signal.SIGTERM, float(sys.argv[2])), (signal.SIGKILL, 10.0)):
+    if select.select([fd], [], [], wait)[0]:
+        break
+    signal.pidfd_send_signal(fd, sig)
+"""
+TARGET = Target(ratio=0.3)
+
+
+class Unavailable(Exception):
+    """This row cannot be measured here (no broker, no project, no worker)."""
+
+
+@dataclass
+class Broker:
+    label: str
+    env: dict  # the worker's and both commands' environment
+    app_conf: dict  # for the in-process ping app
+
+
+def project_ready() -> bool:
+    return all((SOURCE_PROJECT / p).exists() for p in ("demo/celery.py", "demo/settings.py", "demo/__init__.py"))
+
+
+def wait_for_project(timeout: float) -> bool:
+    """Wait (up to *timeout* s) for the example project to exist; another helper may be writing it."""
+    deadline = time.monotonic() + timeout
+    while not project_ready():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(5)
+    return True
+
+
+def _base_env(run_id: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "DJANGO_SETTINGS"))}
+    env[MARK_ENV] = run_id
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["DJANGO_SETTINGS_MODULE"] = "demo.settings"
+    return env
+
+
+def redis_broker(run_id: str) -> Broker:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2).ping()
+    except Exception as exc:
+        raise Unavailable(f"Redis is not reachable at {REDIS_URL} ({type(exc).__name__}: {exc})") from None
+    env = _base_env(run_id)
+    env["CELERY_BROKER_URL"] = REDIS_URL
+    return Broker(f"Redis ({REDIS_URL})", env, {"broker_url": REDIS_URL})
+
+
+def filesystem_broker(run_id: str, folder: str) -> Broker:
+    from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
+
+    env = _base_env(run_id)
+    env["CELERY_SUPERVISE_BROKER_DIR"] = folder
+    conf = {
+        "broker_url": "filesystem://",
+        "broker_transport": TRANSPORT_PATH,
+        "broker_transport_options": filesystem_broker_options(folder),
+    }
+    return Broker("filesystem transport", env, conf)
+
+
+class Worker:
+    """``celery -A demo worker`` on *broker*, ready once it answers a ping.
+
+    It runs in a session of its own, watched by a watchdog process that
+    bounds its life to :data:`WORKER_LIFETIME` seconds.
+    """
+
+    def __init__(self, broker: Broker, project: str, log_path: str):
+        self.broker = broker
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [CELERY, "-A", "demo", "worker", "-c", "2", "-n", "bench@%h", "-l", "info"],
+            cwd=project, env=broker.env, stdin=subprocess.DEVNULL, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-c", WATCHDOG, str(self.proc.pid), str(WORKER_LIFETIME)],
+            env=broker.env, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _tail(self, lines: int = 15) -> str:
+        with open(self.log_path, "rb") as f:
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+
+    def _wait_ready(self) -> None:
+        from celery import Celery
+
+        app = Celery("bench-ping", set_as_current=False)
+        app.conf.update(self.broker.app_conf)
+        deadline = time.monotonic() + READY_TIMEOUT
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise Unavailable(f"the worker exited with {self.proc.returncode}:\n{self._tail()}")
+                try:
+                    if app.control.ping(destination=[NODE], timeout=0.5):
+                        return
+                except Exception:  # the broker may refuse until it is set up; retry until the deadline
+                    time.sleep(0.2)
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"the worker did not answer a ping within {READY_TIMEOUT} s:\n{self._tail()}")
+        finally:
+            app.close()
+
+    def stop(self) -> None:
+        """TERM the worker main by PID, wait, then KILL; then KILL anything of its tree left."""
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)  # its pool processes
+        except psutil.NoSuchProcess:
+            tree = []
+        if self.proc.poll() is None:
+            self.proc.terminate()  # our own unreaped child: its PID cannot have been reused
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:
+            self.watchdog.wait(5)  # it exits once the worker has
+        except subprocess.TimeoutExpired:
+            self.watchdog.kill()
+            self.watchdog.wait()
+        _, alive = psutil.wait_procs(tree, timeout=5)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        self._log.close()
+
+
+def _run(cmd: list[str], env: dict, cwd: str) -> tuple[float, subprocess.CompletedProcess]:
+    return timed(lambda: subprocess.run(
+        cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=COMMAND_TIMEOUT
+    ))
+
+
+def _short(text: bytes) -> str:
+    return " ".join(text.decode(errors="replace").split())[-300:]
+
+
+def copy_project(workdir: str) -> str:
+    """A private copy of the demo project's code (see the module docstring)."""
+    dst = os.path.join(workdir, "django_app")
+    shutil.copytree(SOURCE_PROJECT, dst, ignore=shutil.ignore_patterns("var", "__pycache__", "*.pyc", "*.sqlite3"))
+    os.makedirs(os.path.join(dst, "var"))
+    return dst
+
+
+def measure(broker: Broker, repeats: int, workdir: str, project: str) -> Row:
+    row = Row(
+        f"savepid vs inspect, {broker.label}",
+        "celery-supervise -A demo savepid FILE",
+        "celery -A demo inspect active",
+        TARGET,
+    )
+    state = os.path.join(workdir, "state.json")
+    savepid = [SUPERVISE, "-A", "demo", "savepid", state]
+    inspect = [CELERY, "-A", "demo", "inspect", "active"]
+    worker = Worker(broker, project, os.path.join(workdir, "worker.log"))
+    try:
+        _run(savepid, broker.env, project), _run(inspect, broker.env, project)  # warm-up: .pyc, page cache
+        failures = []
+        for _ in range(repeats):
+            t, done = _run(savepid, broker.env, project)
+            row.ours.append(t)
+            if done.returncode != 0:
+                failures.append(f"savepid exited {done.returncode}: {_short(done.stderr)}")
+            t, done = _run(inspect, broker.env, project)
+            row.baseline.append(t)
+            if done.returncode != 0 or NODE.encode() not in done.stdout:
+                failures.append(f"inspect exited {done.returncode} without {NODE}'s reply: "
+                                f"{_short(done.stdout + done.stderr)}")
+        with open(state) as f:
+            doc = json.load(f)
+        workers = doc.get("workers", [])
+        row.notes.append(
+            f"{broker.label}: savepid recorded {len(workers)} worker(s) "
+            f"({sum(len(w['procs']) for w in workers)} processes), source={doc.get('source')!r}"
+            + (f", warnings: {'; '.join(doc['warnings'])}" if doc.get("warnings") else "")
+        )
+        row.notes.extend(dict.fromkeys(failures))
+    finally:
+        worker.stop()
+    return row
+
+
+def run(run_id: str, quick: bool = False, project_timeout: float = 1800.0) -> list[Row]:
+    repeats = 3 if quick else 5
+    if not wait_for_project(project_timeout):
+        return [Row("savepid vs inspect", "celery-supervise savepid", "celery inspect active", TARGET,
+                    skipped=f"{SOURCE_PROJECT} has no demo project")]
+    rows = []
+    workdir = tempfile.mkdtemp(prefix="celery-supervise-bench-")
+    try:
+        project = copy_project(workdir)
+        makers = [("Redis", lambda: redis_broker(run_id))]
+        if not quick:
+            makers.append(("filesystem transport", lambda: filesystem_broker(run_id, os.path.join(workdir, "broker"))))
+        for label, make in makers:
+            try:
+                rows.append(measure(make(), repeats, workdir, project))
+            except Unavailable as exc:
+                rows.append(Row(f"savepid vs inspect, {label}", "celery-supervise savepid",
+                                "celery inspect active", TARGET, skipped=str(exc)))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows
