@@ -17,11 +17,12 @@ import textwrap
 import xmlrpc.client
 from pathlib import Path
 
+import psutil
 from celery import Celery
 from supervisor.xmlrpc import SupervisorTransport
 
 from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
-from realprocs import wait_for
+from realprocs import reap, wait_for, wait_gone
 
 REPO = Path(__file__).resolve().parent.parent
 DJANGO_APP = REPO / "django_app"
@@ -44,7 +45,7 @@ logfile=%(here)s/supervisord.log
 pidfile=%(here)s/supervisord.pid
 childlogdir=%(here)s
 loglevel=info
-nodaemon=true
+nodaemon={nodaemon}
 
 [rpcinterface:supervisor]
 supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
@@ -53,12 +54,12 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl=unix://{socket}
 
 [program:{program}]
-command={celery} -A demo worker -l info -c {concurrency} -n demo%(process_num)d@%%h
+command={celery} -A demo worker -l info -c {concurrency} -n demo%(process_num)d@%%h{queues}
 directory={directory}
 process_name=%(program_name)s_%(process_num)d
 numprocs={numprocs}
 autostart=true
-autorestart=false
+autorestart={autorestart}
 startsecs=1
 startretries=0
 stopsignal={stopsignal}
@@ -67,9 +68,22 @@ stopasgroup=false
 killasgroup=false
 redirect_stderr=true
 stdout_logfile=%(here)s/%(program_name)s_%(process_num)d.log
-
+{priority}
 {extra}
 """
+
+
+def copy_project(dest):
+    """Copy the demo project (``django_app/`` without ``var/``) to `dest`; return it.
+
+    A worker run from the copy belongs to another project as far as
+    celery-supervise can tell: a scan tells projects apart by the folder
+    their package is imported from.  So a test whose worker runs from its
+    own copy never records, nor kills, the worker of another test running
+    at the same time.
+    """
+    shutil.copytree(DJANGO_APP, dest, ignore=shutil.ignore_patterns("var", "__pycache__"))
+    return Path(dest)
 
 
 class SupervisordFailed(AssertionError):
@@ -100,15 +114,26 @@ class Supervisord:
     Attributes: ``dir`` (its folder: config, logs, broker, task markers),
     ``conf_path``, ``pid``, ``rpc`` (an XML-RPC proxy), ``celery`` (a
     :class:`DemoClient`), ``marker_dir`` and ``numprocs``.
+
+    `project_dir` is the folder the worker runs from (default
+    ``django_app/``; see :func:`copy_project`), `broker_dir` its broker
+    folder (default ``dir/broker``). With ``nodaemon=False`` the config
+    says ``nodaemon=false``, so that ``supervisord -c`` run by a script
+    daemonizes; :meth:`stop` also shuts down such a daemon (see
+    :meth:`daemon`).
     """
 
     def __init__(self, directory, *, stopsignal="TERM", stopwaitsecs=30, numprocs=1,
-                 concurrency=2, extra="", broker_url=None):
+                 concurrency=2, extra="", broker_url=None, autorestart=False, priority=None,
+                 env=None, project_dir=None, broker_dir=None, nodaemon=True,
+                 own_queues=False):
         self.dir = Path(directory)
+        #: The Django project the worker runs from (its ``directory=``).
+        self.project_dir = Path(project_dir or DJANGO_APP)
         self.stopsignal = stopsignal
         self.stopwaitsecs = stopwaitsecs
         self.numprocs = numprocs
-        self.broker_dir = self.dir / "broker"
+        self.broker_dir = Path(broker_dir or self.dir / "broker")
         self.marker_dir = self.dir / "markers"
         self.marker_dir.mkdir(parents=True, exist_ok=True)
         # AF_UNIX paths are limited to 107 bytes, which pytest's tmp_path for
@@ -121,18 +146,28 @@ class Supervisord:
             program=PROGRAM,
             celery=_find_executable("celery"),
             concurrency=concurrency,
-            directory=DJANGO_APP,
+            directory=self.project_dir,
             numprocs=numprocs,
             stopsignal=stopsignal,
             stopwaitsecs=stopwaitsecs,
+            autorestart="true" if autorestart else "false",
+            # Each process also consumes a queue of its own, worker<N>, so a
+            # test can choose which process runs a task.
+            queues=" -Q celery,worker%(process_num)d" if own_queues else "",
+            priority="" if priority is None else f"priority={priority}",
             extra=textwrap.dedent(extra),
+            # start() always passes -n; with nodaemon=false in the file, a
+            # plain `supervisord -c FILE` (as scripts/deploy.sh runs it) daemonizes.
+            nodaemon="true" if nodaemon else "false",
         ))
-        self.env = dict(os.environ, CELERY_SUPERVISE_BROKER_DIR=str(self.broker_dir))
+        self.env = dict(os.environ, CELERY_SUPERVISE_BROKER_DIR=str(self.broker_dir), **(env or {}))
         if broker_url:
             self.env["CELERY_BROKER_URL"] = broker_url
         self.celery = DemoClient(self.broker_dir, self.marker_dir, broker_url=broker_url)
         self.proc = None
         self.rpc = None
+        #: More log files (relative to ``dir``) for :meth:`diagnostics` to show.
+        self.extra_logs = []
 
     @property
     def pid(self):
@@ -140,7 +175,8 @@ class Supervisord:
 
     def start(self):
         """Start supervisord and wait until it answers XML-RPC."""
-        output = open(self.dir / "supervisord.output", "wb")
+        # Appended to: a test may start supervisord again in the same folder.
+        output = open(self.dir / "supervisord.output", "ab")
         with output:
             self.proc = subprocess.Popen(
                 [_find_executable("supervisord"), "-n", "-c", str(self.conf_path)],
@@ -182,6 +218,16 @@ class Supervisord:
         """PIDs of the worker main processes, as supervisord reports them."""
         return [info["pid"] for info in self.rpc.supervisor.getAllProcessInfo() if info["pid"]]
 
+    def group_pids(self, group=PROGRAM):
+        """PIDs of the running processes of one program (group), by process name."""
+        return {info["name"]: info["pid"] for info in self.rpc.supervisor.getAllProcessInfo()
+                if info["group"] == group and info["pid"]}
+
+    def states(self):
+        """``{"group:name": statename}`` of every process."""
+        return {f"{info['group']}:{info['name']}": info["statename"]
+                for info in self.rpc.supervisor.getAllProcessInfo()}
+
     def ctl(self, *args, timeout=60):
         """Run ``supervisorctl -c <conf> *args`` and return the CompletedProcess."""
         return subprocess.run(
@@ -220,9 +266,45 @@ class Supervisord:
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait(timeout=10)
+            self.stop_daemon()
         finally:
             self.celery.close()
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def proxy(self):
+        """A new XML-RPC proxy on the socket, for whichever supervisord listens there now."""
+        transport = SupervisorTransport(serverurl="unix://" + self.socket)
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    def daemon(self):
+        """The supervisord answering on the socket, if it is not :attr:`proc`, else ``None``.
+
+        ``scripts/deploy.sh`` starts supervisord again with ``supervisord -c
+        FILE``, which daemonizes (with ``nodaemon=False``): that one is
+        nobody's child here, so it is found through its socket.
+        """
+        try:
+            pid = self.proxy().supervisor.getPID()
+        except (OSError, http.client.HTTPException, xmlrpc.client.Error):
+            return None  # nobody listening
+        if self.proc is not None and pid == self.proc.pid:
+            return None
+        try:
+            return psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            return None
+
+    def stop_daemon(self):
+        """Shut down :meth:`daemon`, if there is one; kill it by PID if it will not exit."""
+        daemon = self.daemon()
+        if daemon is None:
+            return
+        try:
+            self.proxy().supervisor.shutdown()
+        except (OSError, http.client.HTTPException, xmlrpc.client.Error):
+            pass  # killed below
+        if wait_gone([daemon], self.stopwaitsecs + 20):
+            reap([daemon])
 
     def diagnostics(self):
         """supervisord's exit code and the tails of its and the workers' logs."""
@@ -233,6 +315,8 @@ class Supervisord:
         parts.append("--- supervisord.log ---\n" + _tail(self.dir / "supervisord.log"))
         for path in sorted(self.dir.glob(f"{PROGRAM}_*.log")):
             parts.append(f"--- {path.name} ---\n" + _tail(path))
+        for name in self.extra_logs:
+            parts.append(f"--- {name} ---\n" + _tail(self.dir / name))
         return "\n".join(parts)
 
     def _check_alive(self):
@@ -261,11 +345,12 @@ class DemoClient:
         replies = self.app.control.ping(timeout=timeout)
         return sorted(name for reply in replies for name in reply)
 
-    def spawn_family(self, hold=60, lifetime=120):
-        """Send ``demo.tasks.spawn_family``; return the task id."""
+    def spawn_family(self, hold=60, lifetime=120, queue=None):
+        """Send ``demo.tasks.spawn_family`` (to `queue`, e.g. ``worker1``); return the task id."""
         result = self.app.send_task(
             "demo.tasks.spawn_family",
             kwargs={"marker_dir": str(self.marker_dir), "hold": hold, "lifetime": lifetime},
+            queue=queue,
         )
         return result.id
 
