@@ -9,9 +9,13 @@ Two measurements, each a function returning plain data (seconds, bytes):
   time from the ``stopped: celery-worker_0`` line of supervisord's log
   (millisecond stamps) to the moment the last attached child is gone,
   polled every millisecond. The baseline is the deploy-script path, without
-  the listener: ``celery-supervise -A demo savepid FILE`` before the stop
-  and ``celery-supervise -A demo kill FILE --grace 2`` the moment
-  ``supervisorctl stop`` returns. Target: ours ≤ 200 ms + --grace.
+  the listener: ``celery-supervise -A demo savepid FILE --supervisor-url
+  URL --program 'celery-worker:*'`` before the stop and
+  ``celery-supervise -A demo kill FILE --grace 2`` the moment
+  ``supervisorctl stop`` returns. Target: ours ≤ 200 ms + --grace. A
+  negative figure means the children were gone before supervisord logged
+  the stop: the listener reaps on the worker's exit (a pidfd), not on the
+  STOPPED event, which supervisord dispatches up to a second later.
 * :func:`rss` -- the listener command itself, started by a stand-in parent
   named ``supervisord`` (the listener refuses any other parent) with
   supervisord's environment variables, is fed 10,000 events through the
@@ -125,12 +129,12 @@ def _stopped_at(run, process: str, after: float) -> float:
     return found
 
 
-def _cli(*args, env, wait=True):
+def _cli(*args, run, wait=True):
     argv = [CELERY_SUPERVISE, "-A", "demo", *args]
     if not wait:
-        return subprocess.Popen(argv, cwd=DJANGO_APP, env=env,
+        return subprocess.Popen(argv, cwd=run.project_dir, env=run.env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = subprocess.run(argv, cwd=DJANGO_APP, env=env, stdin=subprocess.DEVNULL,
+    done = subprocess.run(argv, cwd=run.project_dir, env=run.env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited with {done.returncode}: {done.stderr}")
@@ -150,7 +154,10 @@ def _one_stop(run, with_listener: bool, state: Path) -> float:
     family = [psutil.Process(p) for m in markers for p in m["children"].values()]
     attached = [psutil.Process(m["children"][r]) for m in markers for r in ATTACHED]
     if not with_listener:
-        _cli("savepid", str(state), env=run.env)
+        # Only this supervisord's worker: a scan alone would also record any
+        # other worker of the demo project running on this host.
+        _cli("savepid", str(state), "--supervisor-url", f"unix://{run.socket}", "--program", f"{PROGRAM}:*",
+             run=run)
     began = time.time()
     stop = subprocess.Popen([str(BIN / "supervisorctl"), "-c", str(run.conf_path), "stop", f"{PROGRAM}:*"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -161,7 +168,7 @@ def _one_stop(run, with_listener: bool, state: Path) -> float:
     try:
         while time.monotonic() < deadline:
             if killer is None and not with_listener and stop.poll() is not None:
-                killer = _cli("kill", str(state), "--grace", str(GRACE), env=run.env, wait=False)
+                killer = _cli("kill", str(state), "--grace", str(GRACE), run=run, wait=False)
             if all(realprocs.is_gone(p) for p in attached):
                 gone_at = time.time()
                 break
@@ -197,13 +204,16 @@ def latency(repeats: int = 5) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="listener-bench-"))
     out = {"grace": GRACE, "target": GRACE + LATENCY_TARGET, "ours": [], "baseline": []}
     try:
+        # A copy of the demo project: no scan by anybody else's tool run
+        # finds our workers as "workers of this project", nor we theirs.
+        project = realsupervisor.copy_project(workdir / "project")
         for side, with_listener in (("ours", True), ("baseline", False)):
-            extra = LISTENER_SECTION.format(exe=CELERY_SUPERVISE, grace=GRACE, directory=DJANGO_APP)
+            extra = LISTENER_SECTION.format(exe=CELERY_SUPERVISE, grace=GRACE, directory=project)
             directory = workdir / side
             directory.mkdir()
             run = realsupervisor.Supervisord(
                 directory, stopwaitsecs=2, priority=200, extra=extra if with_listener else "",
-                env={"CELERY_SUPERVISE_LOCK": str(workdir / "reaper.lock")})
+                project_dir=project, env={"CELERY_SUPERVISE_LOCK": str(workdir / "reaper.lock")})
             try:
                 run.start()
                 for i in range(repeats):
@@ -280,8 +290,10 @@ def feed(config: str) -> None:
     """Run as the stand-in supervisord: start the listener, feed it, print the samples as JSON."""
     cfg = json.loads(config)
     tmp = Path(cfg["dir"])
+    # Run from a folder with a demo/ of its own: to any scan for workers of
+    # the real demo project (another session's savepid) it is another project.
     worker = subprocess.Popen([sys.executable, str(tmp / "celery"), "-A", "demo", "worker"],
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+                              cwd=tmp, stdin=subprocess.DEVNULL, start_new_session=True)
     env = dict(os.environ, SUPERVISOR_SERVER_URL=f"unix://{tmp}/nobody.sock", SUPERVISOR_ENABLED="1",
                SUPERVISOR_PROCESS_NAME="celery-supervise", SUPERVISOR_GROUP_NAME="celery-supervise",
                CELERY_SUPERVISE_BROKER_DIR=str(tmp / "broker"), CELERY_SUPERVISE_LOCK=str(tmp / "reaper.lock"))
@@ -325,6 +337,7 @@ def rss(events: int = 10_000, every: int = 1_000) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="listener-rss-"))
     try:
         (tmp / "state").mkdir(mode=0o700)
+        (tmp / "demo").mkdir()
         (tmp / "supervisord").write_text(_PARENT.format(repo=str(REPO)))
         (tmp / "celery").write_text(_FAKE_WORKER.format(lifetime=600))
         done = subprocess.run([sys.executable, str(tmp / "supervisord"),

@@ -23,11 +23,17 @@ What it does on each event:
 * end of input (supervisord was SIGKILLed): exit at once, touch nothing; the
   next supervisord's listener sweeps.
 
-Between events the listener also holds a pidfd of every worker it recorded.
-supervisord notices a child's death only when its poll loop next wakes (up
-to a second later) and dispatches the event one loop after that, so the
-pidfd is what starts the reap within milliseconds of the worker's exit; the
-STOPPED/EXITED event then finds nothing left to do.
+Between events the listener holds a pidfd of every worker it recorded.
+supervisord dispatches a STOPPED/EXITED event one turn of its poll loop
+after it reaps the worker, up to a second later, so the pidfd is what starts
+the reap within milliseconds of the worker's exit; the event then finds
+nothing left to do. While waiting it also re-reads those workers' trees
+every ``REFRESH_INTERVAL`` seconds and rewrites a record when a process
+appeared, so a worker that crashes (no STOPPING event) is reaped by a
+recent tree. A record never drops a process that still lives.
+
+Only a blocking wait is interrupted by SIGTERM; an event or reap under way
+is finished first.
 """
 
 from __future__ import annotations
@@ -54,8 +60,8 @@ from .snapshot import Task
 STOP_EVENTS = {"PROCESS_STATE_STOPPED", "PROCESS_STATE_EXITED", "PROCESS_STATE_BACKOFF", "PROCESS_STATE_FATAL"}
 STOPPING_TASKS_TIMEOUT = 0.5  # a STOPPING event must not hold the listener up for long
 # Between events, re-read the recorded trees this often and rewrite a record
-# whose tree changed: a worker that crashes (no STOPPING event) is then
-# reaped by a tree at most this old, not one from its start or the last tick.
+# whose tree grew: a worker that crashes (no STOPPING event) is then reaped
+# by a tree at most this old, not one from its start or the last tick.
 REFRESH_INTERVAL = 2.0
 RECORD_SUFFIX = ".json"
 REPORT_SUFFIX = ".report.json"
@@ -99,6 +105,18 @@ def safe_name(name: str) -> str:
 
 def _identities(worker: snapshot.Worker) -> set[tuple[int, float]]:
     return {(p.pid, p.create_time) for p in worker.procs}
+
+
+def _merged(now: snapshot.Worker, before: snapshot.Worker) -> snapshot.Worker:
+    """*now*, plus the processes of *before* that still live but are no longer in the tree."""
+    seen = {p.pid for p in now.procs}
+    kept = [p for p in before.procs[1:] if p.pid not in seen and killing.alive(p)]
+    if not kept:
+        return now
+    # Creation order puts every parent ahead of its children, as a record must.
+    rest = sorted([*now.procs[1:], *kept], key=lambda p: p.create_time)
+    return snapshot.Worker(main=now.main, procs=(now.main, *rest), node=now.node, app=now.app,
+                           program=now.program, supervisor_pid=now.supervisor_pid, tasks=now.tasks)
 
 
 def _text(data: bytes | str) -> str:
@@ -205,6 +223,15 @@ class Listener:
         except Exception as exc:  # the edge: a bug must cost one event, never the listener
             self.log("error", event=event, error=f"unexpected {type(exc).__name__}: {exc}")
 
+    def safely(self, what: str, call: Callable, *args) -> None:
+        """Run work done outside an event (start, a worker's exit, a refresh); log what fails."""
+        try:
+            call(*args)
+        except (SuperviseError, OSError, psutil.Error) as exc:
+            self.log("error", during=what, error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # the edge, as in handle_event
+            self.log("error", during=what, error=f"unexpected {type(exc).__name__}: {exc}")
+
     def on_process_state(self, event: str, fields: dict, why: str | None = None) -> None:
         program = f"{fields['groupname']}:{fields['processname']}"
         if fields["groupname"] == fields["processname"]:
@@ -236,8 +263,11 @@ class Listener:
 
         With *tasks*, ask the worker for its active tasks; otherwise keep
         those an earlier record of this very worker holds (the STOPPING
-        snapshot's). With *if_changed*, write only if the set of processes
-        differs from the last record's.
+        snapshot's). A process an earlier record holds and that still lives
+        is kept even if it left the tree (re-parented when its pool process
+        died): the record never forgets one, as the kill never would. With
+        *if_changed*, write only if a process appeared since the last record
+        (one that merely died is reported as gone from the record as it is).
         """
         worker = snapshot.read_worker(main_pid, program=program,
                                       supervisor_pid=self.supervisor.pid if self.supervisor else None)
@@ -247,7 +277,9 @@ class Listener:
         last = self._last.get(path)
         if last is not None and not last.main.same_process(worker.main):
             last = None  # the PID now names another worker
-        if if_changed and last is not None and _identities(last) == _identities(worker):
+        if last is not None:
+            worker = _merged(worker, last)
+        if if_changed and last is not None and _identities(worker) <= _identities(last):
             return
         command = discovery.parse_worker_cmdline(worker.main.cmdline)
         node = command.node if command else None
@@ -267,12 +299,9 @@ class Listener:
                  tasks=len(found_tasks))
 
     def refresh_changed(self) -> None:
-        """Rewrite the record of every worker we watch whose tree changed."""
-        for path, worker in list(self._last.items()):
-            try:
-                self.record(worker.program or "?", worker.main.pid, "tree changed", if_changed=True)
-            except (SuperviseError, OSError, psutil.Error) as exc:
-                self.log("error", record=path, error=f"{type(exc).__name__}: {exc}")
+        """Rewrite the record of every worker we watch that has a new process."""
+        for w in list(self._last.values()):
+            self.safely("refresh", lambda: self.record(w.program or "?", w.main.pid, "tree grew", if_changed=True))
 
     def _active_tasks(self, main_pid: int, command) -> tuple[Task, ...]:
         try:
@@ -456,11 +485,14 @@ class Listener:
         while any(killing.alive(m) for m in mains) and time.monotonic() < deadline:
             time.sleep(killing.POLL_INTERVAL)
 
+    def _reap_if_dead(self, path: str, why: str) -> None:
+        if os.path.exists(path) and self._main_dead(path):
+            self.reap(path, why)
+
     def finish(self) -> None:
         """On our own SIGTERM: reap every recorded worker that is already dead."""
         for path in self.records():
-            if self._main_dead(path):
-                self.reap(path, "listener stopping")
+            self.safely("finish", self._reap_if_dead, path, "listener stopping")
 
     # ---------------------------------------------------------------- loop
 
@@ -471,8 +503,8 @@ class Listener:
         PROCESS_STATE_STARTING carries no pid, so workers started alongside
         us are found by asking supervisord.
         """
-        self.sweep("listener started")
-        self.record_running("listener started")
+        self.safely("start", self.sweep, "listener started")
+        self.safely("start", self.record_running, "listener started")
 
     def _blocking(self, call, *args):
         """Run a blocking read or wait that our SIGTERM may interrupt."""
@@ -507,8 +539,7 @@ class Listener:
             for wfd in readable:
                 path = by_fd[wfd]
                 self._unwatch(path)
-                if os.path.exists(path) and self._main_dead(path):
-                    self.reap(path, "worker exited")
+                self.safely("reap", self._reap_if_dead, path, "worker exited")
 
     def read_event(self) -> tuple[dict, str] | None:
         """childutils' wait(), except that end of input returns ``None``."""

@@ -22,9 +22,18 @@ def worker_config(tmp_path):
     conf = shutil.copy(CONF, tmp_path / "conf")
     options = ServerOptions()
     options.realize(args=["-c", str(conf)])
-    [group] = options.process_group_configs
+    [group] = [g for g in options.process_group_configs if g.name == "celery-worker"]
     [program] = group.process_configs
     return tmp_path, options, program
+
+
+@pytest.fixture
+def listener_config(worker_config):
+    """The celery-supervise eventlistener's pool config, from the same copy."""
+    root, options, _ = worker_config
+    [pool] = [g for g in options.process_group_configs if g.name == "celery-supervise"]
+    [listener] = pool.process_configs
+    return root, pool, listener
 
 
 def test_runs_the_demo_worker(worker_config):
@@ -52,3 +61,27 @@ def test_keeps_its_files_in_var(worker_config):
     assert Path(program.stdout_logfile).resolve() == root / "var" / "celery-worker.log"
     [server] = options.server_configs
     assert Path(server["file"]).resolve() == root / "var" / "supervisor.sock"
+
+
+def test_runs_the_listener_on_the_right_events(listener_config, worker_config):
+    root, pool, listener = listener_config
+    _, _, worker = worker_config
+
+    assert listener.command.startswith("celery-supervise -A demo listener ")
+    assert f"--state-dir {root}/conf/../var/celery-supervise" in listener.command
+    assert Path(listener.directory).resolve() == root / "django_app"
+    assert {e.__name__ for e in pool.pool_events} == {
+        "ProcessStateEvent", "SupervisorStateChangeEvent", "Tick60Event"}
+    assert pool.buffer_size > 10
+
+
+def test_listener_is_stopped_last_on_shutdown_and_outwaits_its_grace(listener_config, worker_config):
+    _, pool, listener = listener_config
+    _, _, worker = worker_config
+
+    # supervisord stops in descending priority on shutdown: the worker first,
+    # then the listener, which reaps in its SIGTERM path.
+    assert pool.priority < worker.priority
+    grace = float(listener.command.split("--grace ")[1].split()[0])
+    assert listener.stopwaitsecs > grace
+    assert listener.stopsignal == signal.SIGTERM

@@ -122,3 +122,212 @@ def test_sweep_reaps_a_dead_worker_and_writes_a_report(tmp_path, real_procs):
         doc = json.load(f)
     assert {p["pid"]: p["status"] for p in doc["processes"]} == {main.pid: "gone", kid: "killed"}
     assert not psutil.pid_exists(kid) or psutil.Process(kid).status() == psutil.STATUS_ZOMBIE
+
+
+# ------------------------------------------------------------------ regressions and seams
+
+
+def make_worker_tree(tmp_path, real_procs):
+    """``sh`` (its own process group, like a supervisord program) -> ``sleep``; returns both.
+
+    The ``sh`` outlives its child: it then becomes a ``sleep`` itself.
+    """
+    from realprocs import wait_for
+
+    kid_file = tmp_path / "kid"
+    script = f"sleep 60 & echo $! > {kid_file}.tmp && mv {kid_file}.tmp {kid_file}; wait; exec sleep 60"
+    main = real_procs.spawn(["sh", "-c", script], process_group=0)
+    kid = int(wait_for(lambda: kid_file.exists() and kid_file.read_text().strip(), 10, "kid pid"))
+    [kid] = real_procs.track(kid)
+    return main, kid
+
+
+def gone(proc):
+    return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+
+
+def test_starting_event_without_pid_is_not_malformed(tmp_path):
+    """Regression: STARTING/BACKOFF/FATAL carry no pid, and were logged as malformed (KeyError 'pid')."""
+    listener = make_listener(tmp_path)
+    for event, payload in [("PROCESS_STATE_STARTING", "processname:w groupname:w from_state:STOPPED tries:0"),
+                           ("PROCESS_STATE_BACKOFF", "processname:w groupname:w from_state:STARTING tries:1"),
+                           ("PROCESS_STATE_FATAL", "processname:w groupname:w from_state:BACKOFF")]:
+        listener.handle_event({"eventname": event}, payload)
+    assert logged(listener) == []
+
+
+def test_sigterm_interrupts_only_a_wait_never_a_reap(tmp_path):
+    """Stop is no Exception (no ``except Exception`` swallows it) and is raised only while waiting."""
+    from celery_supervise.listener import Stop
+
+    assert not issubclass(Stop, Exception)
+    listener = make_listener(tmp_path)
+    listener._on_term(15, None)  # busy with an event: only remembered
+    assert listener.stop_requested
+    listener._waiting = True
+    with pytest.raises(Stop):
+        listener._on_term(15, None)
+    with pytest.raises(Stop):  # a wait that would begin after the signal does not begin
+        listener._blocking(lambda: pytest.fail("waited after SIGTERM"))
+
+
+def test_lost_stderr_never_fails_an_action(tmp_path):
+    """supervisord SIGKILLed: our stderr pipe is broken, and the log line is simply lost."""
+
+    class Broken(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    listener = make_listener(tmp_path)
+    listener.stderr = Broken()
+    listener.handle_event({"eventname": "REMOTE_COMMUNICATION"}, "")
+
+
+def test_payload_length_counts_bytes(tmp_path):
+    """``len`` is in bytes: a non-ASCII program name must not swallow the next event."""
+    payload = "processname:wörker groupname:wörker from_state:STOPPING pid:999999".encode()
+    raw = (f"ver:3.0 server:supervisor serial:1 pool:cs poolserial:1 eventname:PROCESS_STATE_STOPPED "
+           f"len:{len(payload)}\n").encode() + payload + frame("TICK_60", "when:1").encode()
+    listener = make_listener(tmp_path)
+    listener.stdin = io.TextIOWrapper(io.BytesIO(raw))
+    listener._input = listener.stdin.buffer
+    assert listener.run() == 0
+    assert listener.stdout.getvalue() == "READY\n" + "RESULT 2\nOKREADY\n" * 2
+    assert [line["action"] for line in logged(listener)] == ["exit"]
+
+
+def test_worker_exit_is_reaped_while_waiting_for_the_next_event(tmp_path, real_procs):
+    """The pidfd of a recorded worker wakes the wait: the reap does not wait for supervisord's event."""
+    import threading
+
+    from realprocs import wait_for
+
+    main, kid = make_worker_tree(tmp_path, real_procs)
+    listener = make_listener(tmp_path)
+    listener.record("w", main.pid, "test")
+    read_end, write_end = os.pipe()
+    listener._input = os.fdopen(read_end, "rb")
+
+    def event_after_the_reap():
+        try:
+            wait_for(lambda: '"reaped"' in listener.stderr.getvalue(), 10, "the reap")
+        finally:
+            os.write(write_end, b"x")  # only now does stdin become readable
+            os.close(write_end)
+
+    feeder = threading.Thread(target=event_after_the_reap)
+    feeder.start()
+    main.kill()
+    try:
+        listener.wait_for_input()
+    finally:
+        feeder.join()
+        listener._input.close()
+    (line,) = [entry for entry in logged(listener) if entry["action"] == "reaped"]
+    assert line["why"] == "worker exited" and line["killed"] == [kid.pid]
+    assert gone(kid)
+
+
+def test_a_record_never_forgets_a_live_process(tmp_path, real_procs):
+    """A child re-parented out of the tree (its parent died) stays in the worker's record.
+
+    ::
+
+        main sh             alive (waits, then execs sleep)
+        └── mid sh          killed by the test
+            └── kid sleep   re-parented to init: no longer below main
+    """
+    from realprocs import wait_for
+
+    script = ('sh -c \'sleep 60 & echo $! > kid.tmp && mv kid.tmp kid; wait\' & '
+              'echo $! > mid.tmp && mv mid.tmp mid; wait; exec sleep 60')
+    main = real_procs.spawn(["sh", "-c", script], process_group=0, cwd=tmp_path)
+    mid, kid = (int(wait_for(lambda: (tmp_path / n).exists() and (tmp_path / n).read_text().strip(), 10, n))
+                for n in ("mid", "kid"))
+    [mid, kid] = real_procs.track(mid, kid)
+    listener = make_listener(tmp_path)
+    listener.record("w", main.pid, "test")
+    mid.kill()
+    wait_for(lambda: kid.ppid() != mid.pid, 10, "kid to be re-parented")
+    listener.record("w", main.pid, "tick")  # a rewrite, as on a tick or STOPPING
+    rec = statefile.read(listener.record_path("w", main.pid), host=snapshot.hostname(), boot_time=psutil.boot_time())
+    assert kid.pid in {p.pid for p in rec.snapshot.workers[0].procs}
+    assert kid.pid not in {p.pid for p in snapshot.read_worker(main.pid).procs}
+
+
+def test_a_live_worker_of_another_live_supervisord_is_never_touched(tmp_path, real_procs):
+    """Two supervisords sharing a state folder: a new start replaces only our own old worker."""
+    from celery_supervise.listener import Identity
+
+    main, kid = make_worker_tree(tmp_path, real_procs)
+    other = real_procs.spawn(["sleep", "60"])  # stands for the other, live, supervisord
+    listener = make_listener(tmp_path)
+    listener.supervisor = Identity.of(other.pid)
+    listener.record("w", main.pid, "test")
+    listener.supervisor = Identity.of(os.getpid())  # we are another supervisord's listener
+    listener.settle(listener.records("w"), "replaced by a new start", replaced=True)
+    listener.sweep("test")
+    assert not gone(main) and not gone(kid)
+    assert [line["action"] for line in logged(listener)] == ["recorded"]
+
+
+def test_sweep_warm_stops_a_worker_whose_supervisord_died(tmp_path, real_procs):
+    """An orphan (alive, its supervisord dead): TERM to the main, then the kill of its tree."""
+    from celery_supervise.listener import Identity
+
+    main, kid = make_worker_tree(tmp_path, real_procs)
+    dead = real_procs.spawn(["sleep", "60"])
+    listener = make_listener(tmp_path)
+    listener.supervisor = Identity.of(dead.pid)
+    listener.record("w", main.pid, "test")
+    dead.kill()
+    dead.wait(10)
+    listener.supervisor = None
+    listener.sweep("test")
+    actions = [line["action"] for line in logged(listener)]
+    assert actions == ["recorded", "warm-stop", "reaped"]
+    (line,) = [entry for entry in logged(listener) if entry["action"] == "reaped"]
+    assert line["why"] == f"test: orphaned (its supervisord {dead.pid} is gone)"
+    assert gone(main) and gone(kid)
+    assert listener.records() == []
+
+
+def test_refresh_rewrites_a_record_only_when_a_process_appeared(tmp_path, real_procs):
+    main, kid = make_worker_tree(tmp_path, real_procs)
+    listener = make_listener(tmp_path)
+    listener.record("w", main.pid, "test")
+    path = listener.record_path("w", main.pid)
+    listener.refresh_changed()  # nothing new
+    # As if the kid had been born after the record was written:
+    real = listener._last[path]
+    listener._last[path] = snapshot.Worker(main=real.main, procs=real.procs[:1], program="w")
+    listener.refresh_changed()
+    kid.kill()
+    kid.wait(10)
+    listener.refresh_changed()  # one died, none appeared: the record stays as it is
+    assert not gone(main)
+    assert [(line["action"], line["why"], line["processes"]) for line in logged(listener)] == [
+        ("recorded", "test", 2), ("recorded", "tree grew", 2)]
+
+
+def test_each_program_and_process_has_its_own_record(tmp_path, real_procs):
+    """Several programs (and numprocs>1): a stop event reaps only its own process's record."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, first_kid = make_worker_tree(tmp_path / "a", real_procs)
+    second, second_kid = make_worker_tree(tmp_path / "b", real_procs)
+    listener = make_listener(tmp_path)
+    listener.record("celery:celery_0", first.pid, "test")
+    listener.record("celery-b:celery-b_0", second.pid, "test")
+    assert [os.path.basename(p) for p in listener.records()] == [
+        f"celery-b_celery-b_0@{second.pid}.json", f"celery_celery_0@{first.pid}.json"]
+    second.kill()
+    second.wait(10)
+    stopped = "processname:celery_0 groupname:celery from_state:STOPPING pid:{}"
+    listener.handle_event({"eventname": "PROCESS_STATE_STOPPED"}, stopped.format(first.pid))
+    assert [line["action"] for line in logged(listener)] == ["recorded", "recorded"]  # first still runs
+    listener.handle_event({"eventname": "PROCESS_STATE_STOPPED"},
+                          f"processname:celery-b_0 groupname:celery-b from_state:STOPPING pid:{second.pid}")
+    (line,) = [entry for entry in logged(listener) if entry["action"] == "reaped"]
+    assert line["record"] == f"celery-b_celery-b_0@{second.pid}.json" and line["killed"] == [second_kid.pid]
+    assert not gone(first) and not gone(first_kid)
