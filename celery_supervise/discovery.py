@@ -177,20 +177,19 @@ def scan(wanted_app: str | None = None, root: str | None = None) -> dict[int, Wo
     process whose parent runs the same command line is a pool process.
     """
     workers: dict[int, tuple[int, tuple[str, ...], WorkerCommand]] = {}
-    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
-        cmdline = p.info["cmdline"] or ()
+    for pid, ppid, cmdline in procs.iter_cmdlines(b"worker"):
         if "worker" not in cmdline:
             continue
         env = None
-        if "-A" not in " ".join(cmdline) and "--app" not in " ".join(cmdline):
+        if not any(a in ("-A", "--app") or a.startswith(("--app=", "-A")) for a in cmdline):
             try:
-                env = p.environ()
+                env = psutil.Process(pid).environ()
             except psutil.Error:
                 env = None
         command = parse_worker_cmdline(cmdline, env)
         if command is None:
             continue
-        workers[p.info["pid"]] = (p.info["ppid"] or 0, tuple(cmdline), command)
+        workers[pid] = (ppid, cmdline, command)
     mains = {}
     for pid, (ppid, cmdline, command) in workers.items():
         parent = workers.get(ppid)

@@ -56,7 +56,7 @@ def protected_pids(extra: Iterable[int] = ()) -> dict[int, str]:
         out.setdefault(pid, "an ancestor of this tool")
     for pid in extra:
         out.setdefault(pid, "supervisord")
-    for pid, _ppid, cmdline in procs.iter_cmdlines():
+    for pid, _ppid, cmdline in procs.iter_cmdlines(b"supervisord"):
         if any(os.path.basename(a) == "supervisord" for a in cmdline[:2]):
             out.setdefault(pid, "supervisord")
     return out

@@ -266,8 +266,19 @@ def boot_time() -> float:
     return psutil.boot_time()
 
 
-def iter_cmdlines() -> Iterable[tuple[int, int, tuple[str, ...]]]:
-    """(pid, ppid, cmdline) of every process we may read."""
-    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
-        info = p.info
-        yield info["pid"], info["ppid"] or 0, tuple(info["cmdline"] or ())
+def iter_cmdlines(containing: bytes = b"") -> Iterable[tuple[int, int, tuple[str, ...]]]:
+    """(pid, ppid, cmdline) of every readable process whose command line contains *containing*.
+
+    Only ``/proc/PID/cmdline`` is read for every process; the parent is read
+    only for the matches. A scan for workers or supervisords runs on every
+    savepid and kill, over however many processes the machine has.
+    """
+    for pid in psutil.pids():
+        try:
+            raw = _read(f"/proc/{pid}/cmdline")
+            if containing not in raw:
+                continue
+            _state, ppid, _pgid, _sid, _start = parse_stat(_read(f"/proc/{pid}/stat"))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        yield pid, ppid, parse_cmdline(raw)
