@@ -254,3 +254,37 @@ def test_savepid_with_no_worker_writes_an_empty_record(project, tmp_path):
     result = celery_supervise("kill", str(state), cwd=project, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "killed 0, spared 0, already gone 0, refused 0, failed 0"
+
+
+@pytest.mark.e2e
+def test_old_pid_list_acts_only_on_live_celery_workers(supervisor, real_procs, project, tmp_path):
+    """The old script's file: bare worker_pids. Only live Celery workers are acted on.
+
+    The file names both pool processes (what ``inspect().active()`` gave
+    the old script) and a stranger's PID; the stranger is refused, the
+    pools die with their attached descendants, the detached ones live.
+    """
+    run = supervisor(project_dir=project)
+    run.wait_ready()
+    tree = worker_tree(run, real_procs)
+    families = start_families(run.celery, real_procs, count=2)
+    stranger = real_procs.spawn(["sleep", "60"])
+    old = tmp_path / "celery-worker-pid.txt"
+    old.write_text(" ".join(str(p) for p in [*(f.pool_pid for f in families), stranger.pid]) + "\n")
+    os.chmod(old, 0o600)
+
+    result = celery_supervise("-A", "demo", "kill", str(old), "--json", "--grace", "5", cwd=project, env=run.env)
+    assert "bare PID list" in result.stderr
+    done = outcomes(json_output(result))
+    assert done[stranger.pid]["status"] == "refused"
+    assert done[stranger.pid]["reason"] == "not a Celery worker (PID recycled?)"
+    assert alive(stranger)
+    for family in families:
+        assert done[family.pool_pid]["status"] == "killed"
+        for key in ATTACHED:
+            assert not alive(family.procs[key])
+        for key in DETACHED:
+            assert alive(family.procs[key])
+    assert alive(tree.main)  # not in the file: the old format never named it
+    shutdown(run)
+    assert real_procs.reap() == []
