@@ -40,6 +40,8 @@ supervisord_pid() {  # the PID of the supervisord answering on conf's socket
   local pid
   pid=$(ctl pid 2>/dev/null) && [[ "$pid" =~ ^[0-9]+$ ]] && echo "$pid"
 }
+# proc_stat and still_running are kept in step with scripts/deploy.sh, which
+# stays a single file so that users can copy it into their deploy alone.
 # "STATE STARTTIME" of a process (fields 3 and 22 of /proc/PID/stat).
 proc_stat() {
   local line fields
