@@ -310,34 +310,38 @@ class Drainer:
 
     def _poll(self, targets, sent, start, deadline, timeout, everyone, warnings) -> DrainResult:
         nodes = [t.node for t in targets]
-        answered: set[str] = set()
-        last: dict[str, tuple[Held, ...]] = {}
-        assessment = Assessment()
+        answered: dict[str, float] = {}  # node -> when it last answered
+        last: dict[str, tuple[Held, ...]] = {}  # node -> what it held then
         while nodes:
             round_start = self.clock()
             # Sequential, never two at once: the calls share one reply queue.
             reserved = self.remote.inspect(RESERVED, nodes, self._wait(deadline, POLL_WAIT))
             asked = [n for n in nodes if n in reserved]
             active = self.remote.inspect(ACTIVE, asked, self._wait(deadline, POLL_WAIT)) if asked else {}
+            now = self.clock()
             assessment = assess(nodes, reserved, active, answered)
             for node in nodes:
                 if node not in assessment.silent:
-                    answered.add(node)
+                    answered[node] = now
                     last[node] = tuple(h for h in assessment.held if h.node == node)
-            elapsed = self.clock() - start
+            elapsed = now - start
             if self.on_progress is not None:
                 self.on_progress(assessment, elapsed, timeout)
-            out_of_time = self.clock() >= deadline
-            # At the deadline, an empty first answer is the best we know.
-            if assessment.drained or (out_of_time and not assessment.held and not assessment.silent):
+            if assessment.drained:
                 break
-            if out_of_time:
+            if now >= deadline:
+                # The last round may have been cut short by the deadline: a
+                # node that answered within POLL_WAIT is judged by its last
+                # answer, and only one quiet for longer counts as silent.
+                silent = tuple(n for n in assessment.silent if now - answered.get(n, start - POLL_WAIT) > POLL_WAIT)
                 held = tuple(h for node in nodes for h in last.get(node, ()))
-                return DrainResult(tuple(targets), sent, False, elapsed, timeout, held, assessment.silent,
+                if not held and not silent:
+                    break  # every last answer was empty: the best we know
+                return DrainResult(tuple(targets), sent, False, elapsed, timeout, held, silent,
                                    self.wall(), everyone, warnings)
             # A round starts at most every POLL_INTERVAL; no pause when the
             # only doubt is a first empty answer.
-            pause = min(POLL_INTERVAL - (self.clock() - round_start), deadline - self.clock())
+            pause = min(POLL_INTERVAL - (now - round_start), deadline - now)
             if pause > 0 and (assessment.held or assessment.silent):
                 self.sleep(pause)
         return DrainResult(tuple(targets), sent, True, self.clock() - start, timeout, (), (),

@@ -237,6 +237,24 @@ def test_timeout_with_a_silent_worker_keeps_what_it_last_said():
     assert [h.task.id for h in result.held] == ["t1"]
 
 
+def test_a_last_round_cut_short_by_the_deadline_does_not_make_a_worker_silent():
+    """A answered 0.1 s ago, then the deadline left its last question 0.05 s: judged by its last answer."""
+    clock = Clock()
+    remote = FakeRemote(clock, {RESERVED: [{A: []}, {}], ACTIVE: [{A: [task("t1")]}]})
+    result = drainer(remote, clock).run([Target(A, ("celery",))], ("celery",), timeout=0.15)
+    assert clock.now == pytest.approx(0.15)
+    assert not result.drained and result.silent == ()
+    assert [h.task.id for h in result.held] == ["t1"]
+
+
+def test_an_empty_first_answer_at_the_deadline_counts_as_drained():
+    clock = Clock()
+    remote = FakeRemote(clock, {RESERVED: [{A: []}], ACTIVE: [{A: []}]})
+    result = drainer(remote, clock).run([Target(A, ("celery",))], ("celery",), timeout=0.01)
+    assert result.drained
+    assert [c[0] for c in remote.calls] == ["cancel", RESERVED, ACTIVE]
+
+
 def test_named_worker_elsewhere_gets_the_app_queues_then_its_own():
     clock = Clock()
     remote = FakeRemote(clock, {
