@@ -269,13 +269,15 @@ class Drainer:
 
         # 1. Cancel first: nothing before it may wait on a busy worker.
         if everyone:
-            sent: list = [(q, None) for q in configured]
+            plan: list = [(q, None) for q in configured]
         else:
-            sent = cancels(targets, configured)
-        for queue, nodes in sent:
-            self.remote.cancel_consumer(queue, list(nodes) if nodes is not None else None)
-
+            plan = cancels(targets, configured)
+        sent: list = []
         try:
+            for queue, nodes in plan:
+                self.remote.cancel_consumer(queue, list(nodes) if nodes is not None else None)
+                sent.append((queue, nodes))
+
             # 2. Workers whose queues we could not read say what else they consume.
             unknown = None if everyone else [t.node for t in targets if t.queues is None]
             if everyone or unknown:
@@ -291,14 +293,15 @@ class Drainer:
                         if node not in replies:
                             warnings.append(f"{node} did not say which queues it consumes; only the app's "
                                             f"queues ({', '.join(configured)}) were cancelled there")
-                extra = more_cancels(replies, sent)
-                for queue, nodes in extra:
+                for queue, nodes in more_cancels(replies, sent):
                     self.remote.cancel_consumer(queue, list(nodes))
-                sent += extra
+                    sent.append((queue, nodes))
 
             # 3. Poll until every target holds nothing.
             return self._poll(targets, tuple(sent), start, deadline, timeout, everyone, warnings)
         except BrokerError as exc:
+            if not sent:
+                raise  # nothing changed
             raise BrokerError(
                 f"{exc}; the cancel was already sent, so those workers may no longer consume "
                 f"{', '.join(dict.fromkeys(q for q, _ in sent))} (restart them, or `celery control add_consumer`)"

@@ -309,6 +309,16 @@ def test_broker_failure_after_the_cancel_says_the_cancel_was_sent():
         drainer(remote, clock).run([Target(A, ("celery",))], ("celery",), timeout=5)
 
 
+def test_broker_failure_before_any_cancel_went_out_is_plain():
+    class Dead(FakeRemote):
+        def cancel_consumer(self, queue, nodes):
+            raise BrokerError("broker went away")
+
+    with pytest.raises(BrokerError) as caught:
+        drainer(Dead(Clock(), {}), Clock()).run([Target(A, ("celery",))], ("celery",), timeout=5)
+    assert str(caught.value) == "broker went away"
+
+
 # ------------------------------------------------------------ operations
 
 

@@ -16,7 +16,6 @@ which tasks ran, where, and when, without a result backend::
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
