@@ -23,7 +23,7 @@ from celery import Celery
 from supervisor.xmlrpc import SupervisorTransport
 
 from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
-from realprocs import reap, wait_for, wait_gone
+from realprocs import WaitTimeout, reap, wait_for, wait_gone
 
 REPO = Path(__file__).resolve().parent.parent
 DJANGO_APP = REPO / "django_app"
@@ -230,9 +230,12 @@ class Supervisord:
         Stricter than :meth:`wait_ready` on a broker server other workers
         may share: it waits for these nodes, not for any answer.
         """
-        self.wait_ready(timeout)
-        wait_for(lambda: set(self.node_names()) <= set(self.celery.ping()), timeout,
-                 f"{self.node_names()} to answer a ping", interval=0.1)
+        try:
+            self.wait_ready(timeout)
+            wait_for(lambda: set(self.node_names()) <= set(self.celery.ping()), timeout,
+                     f"{self.node_names()} to answer a ping", interval=0.1)
+        except WaitTimeout as exc:
+            raise WaitTimeout(f"{exc}\n{self.diagnostics()}") from None
 
     def worker_pids(self):
         """PIDs of the worker main processes, as supervisord reports them."""
