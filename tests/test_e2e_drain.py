@@ -17,6 +17,7 @@ which tasks ran, where, and when, without a result backend::
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -82,10 +83,24 @@ def delete_rabbitmq_queues(*names):
                 channel.queue_delete(name)
 
 
+def require(url):
+    """Fail at once, and say why, when a required broker server is not listening."""
+    from kombu.utils.url import url_to_parts
+
+    parts = url_to_parts(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=5).close()
+    except OSError as exc:
+        pytest.fail(f"{parts.scheme} broker at {parts.hostname}:{parts.port} is unreachable ({exc}); "
+                    "the drain tests need it (see .ci/run)", pytrace=False)
+
+
 @pytest.fixture(params=["filesystem", "redis", "rabbitmq"])
 def broker(request):
     """The broker a test runs on. Request it before ``supervisor`` so it outlives the workers."""
     url = {"redis": REDIS_URL, "rabbitmq": RABBITMQ_URL}.get(request.param)
+    if url:
+        require(url)
     b = Broker(request.param, url, uuid.uuid4().hex[:8])
     if b.name == "redis":
         flush_redis()
@@ -201,6 +216,7 @@ def test_destination_and_all_reach_a_worker_the_scan_does_not_claim(supervisor, 
     ``--all`` does the same for whoever answers. Afterwards the worker
     consumes nothing.
     """
+    require(REDIS_URL)
     flush_redis()
     try:
         uid = uuid.uuid4().hex[:8]
