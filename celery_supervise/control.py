@@ -92,7 +92,7 @@ def inspect(app, conn, command: str, *, nodes: list[str] | None, expected: int, 
 
 
 
-def cancel_consumer(app, conn, queue: str, *, nodes: list[str] | None) -> None:
+def cancel_consumer(app, conn, queue: str, *, nodes: list[str] | None, valid_for: float = 60.0) -> None:
     """Tell *nodes* (every worker when ``None``) to stop consuming *queue*.
 
     A cast: no reply is awaited, so a worker that is busy right now (on the
@@ -100,10 +100,15 @@ def cancel_consumer(app, conn, queue: str, *, nodes: list[str] | None) -> None:
     until a pool process frees up) still gets it, in order, before any
     question sent after it. Cancelling a queue a worker does not consume is
     harmless.
+
+    kombu stamps every control message with ``expires = now + timeout``
+    (1 s by default). Celery's worker does not check it today, but this
+    message is meant to be read late, so it is stamped *valid_for* seconds.
     """
     _retry_decode(
         f"cancel_consumer {queue}",
-        lambda: app.control.cancel_consumer(queue, destination=nodes or None, reply=False, connection=conn),
+        lambda: app.control.cancel_consumer(queue, destination=nodes or None, reply=False, connection=conn,
+                                            timeout=valid_for),
     )
 
 
@@ -118,8 +123,8 @@ class Remote:
         self.app = app
         self.conn = connect(app, connect_timeout)
 
-    def cancel_consumer(self, queue: str, nodes: list[str] | None) -> None:
-        cancel_consumer(self.app, self.conn, queue, nodes=nodes)
+    def cancel_consumer(self, queue: str, nodes: list[str] | None, valid_for: float) -> None:
+        cancel_consumer(self.app, self.conn, queue, nodes=nodes, valid_for=valid_for)
 
     def inspect(self, command: str, nodes: list[str] | None, timeout: float) -> dict:
         """``{node: reply}``; returns as soon as every one of *nodes* replied.

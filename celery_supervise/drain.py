@@ -236,7 +236,7 @@ def assess(nodes: Iterable[str], reserved: Mapping[str, object], active: Mapping
 class Remote(Protocol):
     """The remote control calls a drain makes (:class:`celery_supervise.control.Remote`)."""
 
-    def cancel_consumer(self, queue: str, nodes: list[str] | None) -> None: ...
+    def cancel_consumer(self, queue: str, nodes: list[str] | None, valid_for: float) -> None: ...
 
     def inspect(self, command: str, nodes: list[str] | None, timeout: float) -> dict: ...
 
@@ -275,7 +275,7 @@ class Drainer:
         sent: list = []
         try:
             for queue, nodes in plan:
-                self.remote.cancel_consumer(queue, list(nodes) if nodes is not None else None)
+                self.remote.cancel_consumer(queue, list(nodes) if nodes is not None else None, timeout)
                 sent.append((queue, nodes))
 
             # 2. Workers whose queues we could not read say what else they consume.
@@ -294,7 +294,7 @@ class Drainer:
                             warnings.append(f"{node} did not say which queues it consumes; only the app's "
                                             f"queues ({', '.join(configured)}) were cancelled there")
                 for queue, nodes in more_cancels(replies, sent):
-                    self.remote.cancel_consumer(queue, list(nodes))
+                    self.remote.cancel_consumer(queue, list(nodes), timeout)
                     sent.append((queue, nodes))
 
             # 3. Poll until every target holds nothing.

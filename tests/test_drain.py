@@ -159,8 +159,9 @@ class FakeRemote:
         self.calls = []
         self.fail_on = fail_on
 
-    def cancel_consumer(self, queue, nodes):
+    def cancel_consumer(self, queue, nodes, valid_for):
         self.calls.append(("cancel", queue, nodes))
+        self.valid_for = valid_for
 
     def inspect(self, command, nodes, timeout):
         self.calls.append((command, tuple(nodes) if nodes is not None else None))
@@ -198,6 +199,7 @@ def test_cancels_go_out_before_any_question_and_a_busy_worker_is_waited_for():
         (RESERVED, (A,)), (ACTIVE, (A,)),  # empty, and A answered before: drained
     ]
     assert seen == [(0, (A,)), (0, (A,)), (1, ()), (0, ())]
+    assert remote.valid_for == 30  # a cancel is meant to be read late: it lasts the drain
     assert result.drained and result.held == () and result.silent == ()
     assert result.cancelled == (("celery", (A,)), ("video", (A,)))
     # Two silent rounds cost their wait, the busy one is padded to POLL_INTERVAL.
@@ -311,7 +313,7 @@ def test_broker_failure_after_the_cancel_says_the_cancel_was_sent():
 
 def test_broker_failure_before_any_cancel_went_out_is_plain():
     class Dead(FakeRemote):
-        def cancel_consumer(self, queue, nodes):
+        def cancel_consumer(self, queue, nodes, valid_for):
             raise BrokerError("broker went away")
 
     with pytest.raises(BrokerError) as caught:
