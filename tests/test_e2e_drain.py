@@ -1,10 +1,12 @@
 """``drain`` against real workers under a real supervisord, on three brokers.
 
 The guarded filesystem transport (a folder of this test's own), Redis (db
-11, flushed before and after each test) and RabbitMQ (queues and node
-names unique to the test, deleted afterwards: the vhost is shared). The
-demo app reads ``CELERY_BROKER_URL``, so the worker, the tasks sent and
-the ``celery-supervise`` command all use the same broker.
+11) and RabbitMQ. The two servers may be shared with other test runs on
+this host, at the same time even, so there every test has queue and node
+names of its own, and removes its queues afterwards; nothing flushes a
+whole database under another run's feet. The demo app reads
+``CELERY_BROKER_URL``, so the worker, the tasks sent and the
+``celery-supervise`` command all use the same broker.
 
 Tasks are ``demo.tasks.mark``: each writes ``<id>.started`` and
 ``<id>.done`` with the time and the worker that ran it, so a test sees
@@ -32,7 +34,7 @@ from taskfamily import CLI_TIMEOUT, celery_supervise, json_output
 
 pytestmark = pytest.mark.e2e
 
-REDIS_URL = "redis://127.0.0.1:6379/11"  # a db of the tests' own, flushed around each test
+REDIS_URL = "redis://127.0.0.1:6379/11"  # the tests' own db; each test cleans up its own keys
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 #: How long the two long tasks run: long enough for the drain to start first.
@@ -60,16 +62,22 @@ class Broker:
 
     @property
     def shared(self):
-        """Whether other tests' messages could be on this broker (RabbitMQ's one vhost)."""
-        return self.name == "rabbitmq"
+        """Whether other tests' messages could be on this broker (a server, not a folder)."""
+        return self.url is not None
 
 
-def flush_redis():
+def clean_redis(uid):
+    """Remove the keys of the test `uid` from Redis: its queues, and its entries in kombu's bindings."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
     try:
-        client.flushdb()
+        for key in client.scan_iter(match=f"*{uid}*"):
+            client.delete(key)
+        for key in client.scan_iter(match="_kombu.binding.*"):
+            mine = [m for m in client.sscan_iter(key) if uid.encode() in m]
+            if mine:
+                client.srem(key, *mine)
     finally:
         client.close()
 
@@ -102,11 +110,9 @@ def broker(request):
     if url:
         require(url)
     b = Broker(request.param, url, uuid.uuid4().hex[:8])
-    if b.name == "redis":
-        flush_redis()
     yield b
     if b.name == "redis":
-        flush_redis()
+        clean_redis(b.uid)
     elif b.name == "rabbitmq":
         delete_rabbitmq_queues(b.queue, f"{b.queue}-0", f"{b.queue}-1")
 
@@ -177,8 +183,9 @@ def test_drain_of_two_workers_waits_for_their_tasks_and_leaves_the_backlog(broke
 def test_drain_timeout_exits_3_naming_the_running_task(broker, supervisor, project):
     """(2) The task outlives ``--timeout``: exit 3, and the table and the JSON name it.
 
-    Without ``-Q`` (except on the shared RabbitMQ) the worker consumes the
-    app's default queue, which the drain reads from the app's configuration.
+    On a folder of its own (no ``-Q``) the worker consumes the app's default
+    queue, which the drain reads from the app's configuration; on a server
+    it gets a queue of its own.
     """
     queue = broker.queue if broker.shared else None
     run = supervisor(concurrency=1, stopsignal="QUIT", stopwaitsecs=2, project_dir=project,
@@ -214,40 +221,33 @@ def test_destination_and_all_reach_a_worker_the_scan_does_not_claim(supervisor, 
     ``--destination NODE`` cancels the app's queue first, then asks the
     worker which queues it consumes and cancels its ``-Q`` queue too;
     ``--all`` does the same for whoever answers. Afterwards the worker
-    consumes nothing.
+    consumes nothing. On a filesystem broker of the test's own, since
+    ``--all`` reaches every worker on the broker.
     """
-    require(REDIS_URL)
-    flush_redis()
-    try:
-        uid = uuid.uuid4().hex[:8]
-        q = f"drain-{uid}"
-        run = supervisor(concurrency=1, stopsignal="QUIT", stopwaitsecs=2, project_dir=project,
-                         broker_url=REDIS_URL, queues=q, node_prefix=f"drain{uid}-")
-        run.wait_nodes()
-        [node] = run.node_names()
-        elsewhere = copy_project(tmp_path / "elsewhere")
-        control = run.celery.app.control
+    run = supervisor(concurrency=1, stopsignal="QUIT", stopwaitsecs=2, project_dir=project, queues="only-mine")
+    run.wait_nodes()
+    [node] = run.node_names()
+    elsewhere = copy_project(tmp_path / "elsewhere")
+    control = run.celery.app.control
 
-        def consumed():
-            reply = control.inspect(destination=[node], limit=1, timeout=5).active_queues() or {}
-            return [queue["name"] for queue in reply.get(node, [])]
+    def consumed():
+        reply = control.inspect(destination=[node], limit=1, timeout=5).active_queues() or {}
+        return [queue["name"] for queue in reply.get(node, [])]
 
-        assert consumed() == [q]
-        doc = json_output(drain(run, elsewhere, "--destination", node, "--json", "--timeout", "10"))
-        assert doc["drained"] is True and doc["all"] is False
-        assert [(w["node"], w["pid"]) for w in doc["workers"]] == [(node, None)]
-        assert doc["cancelled"] == [{"queue": "celery", "nodes": [node]}, {"queue": q, "nodes": [node]}]
-        assert consumed() == []
+    assert consumed() == ["only-mine"]
+    doc = json_output(drain(run, elsewhere, "--destination", node, "--json", "--timeout", "10"))
+    assert doc["drained"] is True and doc["all"] is False
+    assert [(w["node"], w["pid"]) for w in doc["workers"]] == [(node, None)]
+    assert doc["cancelled"] == [{"queue": "celery", "nodes": [node]}, {"queue": "only-mine", "nodes": [node]}]
+    assert consumed() == []
 
-        control.add_consumer(q, destination=[node], reply=True, timeout=5)
-        wait_for(lambda: consumed() == [q], 10, f"{node} to consume {q} again")
-        doc = json_output(drain(run, elsewhere, "--all", "--json", "--timeout", "10"))
-        assert doc["drained"] is True and doc["all"] is True
-        assert [w["node"] for w in doc["workers"]] == [node]
-        assert doc["cancelled"] == [{"queue": "celery", "nodes": None}, {"queue": q, "nodes": [node]}]
-        assert consumed() == []
-    finally:
-        flush_redis()
+    control.add_consumer("only-mine", destination=[node], reply=True, timeout=5)
+    wait_for(lambda: consumed() == ["only-mine"], 10, f"{node} to consume only-mine again")
+    doc = json_output(drain(run, elsewhere, "--all", "--json", "--timeout", "10"))
+    assert doc["drained"] is True and doc["all"] is True
+    assert [w["node"] for w in doc["workers"]] == [node]
+    assert doc["cancelled"] == [{"queue": "celery", "nodes": None}, {"queue": "only-mine", "nodes": [node]}]
+    assert consumed() == []
 
 
 def manage(project, *args, env):
