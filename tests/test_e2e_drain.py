@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from realprocs import wait_for
+from realprocs import WaitTimeout, wait_for
 from realsupervisor import copy_project
 from taskfamily import CLI_TIMEOUT, celery_supervise, json_output
 
@@ -174,7 +174,10 @@ def test_drain_of_two_workers_waits_for_their_tasks_and_leaves_the_backlog(broke
     new = set(run.group_pids().values())
     assert new.isdisjoint(old.values())
     for task_id in shorts:
-        client.wait_for_mark(task_id, "done")
+        try:
+            client.wait_for_mark(task_id, "done")
+        except WaitTimeout as exc:
+            raise WaitTimeout(f"{exc}\n{run.diagnostics()}") from None
     ran_new = [t for t in shorts if client.mark_record(t, "started")["worker"] in new]
     assert sorted(ran_new + taken) == sorted(shorts)
     assert len(ran_new) >= 4
