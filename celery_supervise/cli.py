@@ -151,6 +151,32 @@ def status(
 
 
 @app.command()
+def drain(
+    ctx: typer.Context,
+    destination: Annotated[
+        Optional[List[str]],
+        typer.Option("--destination", "-d", metavar="NODE",
+                     help="Drain this worker node, e.g. demo@host (repeatable). [default: this host's workers of -A APP]"),
+    ] = None,
+    all_workers: Annotated[bool, typer.Option("--all", help="Drain every worker that answers on the app's broker.")] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Seconds to wait, in all, for the workers to finish their tasks.")
+    ] = operations.DEFAULT_DRAIN_TIMEOUT,
+    as_json: JsonOpt = False,
+) -> int:
+    """Stop workers taking new tasks and wait until their running ones finish (exit 3 on timeout)."""
+    state: State = ctx.obj
+    out, err = consoles()
+    progress = report.DrainProgress(err)
+    try:
+        result = operations.drain(state.celery_app(), state.app_spec, destinations=destination or (),
+                                  all_workers=all_workers, timeout=timeout, on_progress=progress)
+    finally:
+        progress.close()
+    return report.render_drain(out, err, result, as_json)
+
+
+@app.command()
 def listener(
     ctx: typer.Context,
     state_dir: Annotated[str, typer.Option("--state-dir", metavar="DIR",

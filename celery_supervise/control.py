@@ -90,3 +90,55 @@ def inspect(app, conn, command: str, *, nodes: list[str] | None, expected: int, 
     result = _retry_decode(f"inspect {command}", getattr(insp, command))
     return result or {}
 
+
+
+def cancel_consumer(app, conn, queue: str, *, nodes: list[str] | None, valid_for: float = 60.0) -> None:
+    """Tell *nodes* (every worker when ``None``) to stop consuming *queue*.
+
+    A cast: no reply is awaited, so a worker that is busy right now (on the
+    filesystem transport a worker with a backlog reads no control message
+    until a pool process frees up) still gets it, in order, before any
+    question sent after it. Cancelling a queue a worker does not consume is
+    harmless.
+
+    kombu stamps every control message with ``expires = now + timeout``
+    (1 s by default). Celery's worker does not check it today, but this
+    message is meant to be read late, so it is stamped *valid_for* seconds.
+    """
+    _retry_decode(
+        f"cancel_consumer {queue}",
+        lambda: app.control.cancel_consumer(queue, destination=nodes or None, reply=False, connection=conn,
+                                            timeout=valid_for),
+    )
+
+
+class Remote:
+    """One bounded broker connection for a sequence of control calls.
+
+    What :mod:`celery_supervise.drain` needs from Celery's remote control,
+    behind a seam a test can replace with a scripted fake.
+    """
+
+    def __init__(self, app, connect_timeout: float = CONNECT_TIMEOUT):
+        self.app = app
+        self.conn = connect(app, connect_timeout)
+
+    def cancel_consumer(self, queue: str, nodes: list[str] | None, valid_for: float) -> None:
+        cancel_consumer(self.app, self.conn, queue, nodes=nodes, valid_for=valid_for)
+
+    def inspect(self, command: str, nodes: list[str] | None, timeout: float) -> dict:
+        """``{node: reply}``; returns as soon as every one of *nodes* replied.
+
+        With ``nodes=None`` everyone may answer, so the call lasts until no
+        reply came for *timeout* seconds.
+        """
+        return inspect(self.app, self.conn, command, nodes=nodes, expected=len(nodes or ()), timeout=timeout)
+
+    def close(self) -> None:
+        self.conn.release()
+
+    def __enter__(self) -> "Remote":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,4 +1,4 @@
-"""The one core behind every shell: savepid, kill and status.
+"""The one core behind every shell: savepid, kill, status and drain.
 
 The typer CLI, the Django management command and the eventlistener parse
 their own input, call these functions, and render the results. Nothing in
@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from . import discovery, procs, statefile
+from . import control, discovery, drain as draining, procs, statefile
 from .discovery import Discovery
 from .errors import StateFileError, UsageError
 from .lock import reaper_lock
@@ -25,6 +25,7 @@ from .snapshot import Snapshot, Worker, hostname, read_worker, take
 # Defaults shared by every shell (CLI, Django command, listener).
 DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 DEFAULT_TIMEOUT = 2.0  # seconds to wait for each broker reply
+DEFAULT_DRAIN_TIMEOUT = draining.DEFAULT_TIMEOUT  # seconds a drain may take in all
 
 
 @dataclass
@@ -277,4 +278,48 @@ def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillRepo
     return report
 
 
-__all__ = ["Targets", "savepid", "kill", "status", "SaveResult", "StatusResult", "protected_pids"]
+# --------------------------------------------------------------------- drain
+
+
+def drain(
+    app,
+    app_spec: str | None,
+    *,
+    destinations: Iterable[str] = (),
+    all_workers: bool = False,
+    timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    on_progress: Callable[[draining.Assessment, float, float], None] | None = None,
+    remote_factory: Callable[[object], draining.Remote] = control.Remote,
+) -> draining.DrainResult:
+    """Stop workers taking tasks and wait until they hold none.
+
+    Targets are this host's workers of *app_spec* (found by a process scan,
+    as savepid finds them, with no round trip), the nodes named in
+    *destinations*, or with *all_workers* every worker that answers on the
+    app's broker.
+    """
+    from celery.utils.nodenames import host_format
+
+    if app is None or not app_spec:
+        raise UsageError("drain needs -A APP: the app whose broker and queues the workers use")
+    destinations = [host_format(d) for d in destinations]
+    if destinations and all_workers:
+        raise UsageError("--destination and --all exclude each other")
+    if not timeout > 0:
+        raise UsageError("--timeout must be positive")
+    configured = draining.configured_queues(app.conf.task_default_queue, app.conf.task_queues)
+    targets: list[draining.Target] | None = None  # None: every worker that answers
+    if not all_workers:
+        local = draining.local_targets(discovery.scan(app_spec, discovery.app_root(app_spec)), configured)
+        targets = draining.named_targets(destinations, local) if destinations else local
+        if not targets:
+            return draining.DrainResult(
+                targets=(), cancelled=(), drained=True, elapsed=0.0, timeout=timeout,
+                warnings=[f"no Celery worker of {app_spec} is running on this host; nothing to drain "
+                          "(name workers elsewhere with --destination, or use --all)"],
+            )
+    with remote_factory(app) as remote:
+        return draining.Drainer(remote, on_progress=on_progress).run(targets, configured, timeout)
+
+
+__all__ = ["Targets", "savepid", "kill", "status", "drain", "SaveResult", "StatusResult", "protected_pids"]

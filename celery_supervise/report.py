@@ -11,9 +11,11 @@ import os
 from typing import Iterable
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
+from .drain import ACTIVE, RESERVED, Assessment, DrainResult
 from .errors import EXIT_OK, EXIT_PARTIAL
 from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
 from .operations import SaveResult, StatusResult
@@ -223,3 +225,137 @@ class WaitProgress:
         if self.status is not None:
             self.status.stop()
             self.status = None
+
+
+# --------------------------------------------------------------------- drain
+
+
+def drain_exit_code(result: DrainResult) -> int:
+    """0 when drained; 3 (partial) when the timeout passed first."""
+    return EXIT_OK if result.drained else EXIT_PARTIAL
+
+
+def _seconds(value) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def drain_document(result: DrainResult) -> dict:
+    busy = {h.node for h in result.held}
+    return {
+        "drained": result.drained,
+        "exit_code": drain_exit_code(result),
+        "elapsed": round(result.elapsed, 3),
+        "timeout": result.timeout,
+        "finished_at": result.finished_at,
+        "all": result.everyone,
+        "workers": [
+            {"node": t.node, "pid": t.pid, "queues": result.queues_of(t.node),
+             "answered": t.node not in result.silent,
+             "drained": t.node not in busy and t.node not in result.silent}
+            for t in result.targets
+        ],
+        "cancelled": [{"queue": q, "nodes": None if nodes is None else list(nodes)} for q, nodes in result.cancelled],
+        "tasks": [
+            {"node": h.node, "id": h.task.id, "name": h.task.name, "state": h.state,
+             "runtime": _seconds(h.runtime(result.finished_at)), "time_start": h.task.time_start,
+             "worker_pid": h.task.worker_pid, "args": h.task.args, "kwargs": h.task.kwargs}
+            for h in result.held
+        ],
+        "not_answering": list(result.silent),
+        "warnings": result.warnings,
+    }
+
+
+def _runtime_text(held, now: float) -> str:
+    runtime = held.runtime(now)
+    if runtime is None:
+        return "not started" if held.state == RESERVED else "?"
+    return f"{runtime:.1f}s"
+
+
+def drain_summary(result: DrainResult) -> str:
+    if result.drained:
+        return f"drained {len(result.targets)} worker(s) in {result.elapsed:.1f}s"
+    parts = []
+    if result.held:
+        running = sum(1 for h in result.held if h.state == ACTIVE)
+        waiting = len(result.held) - running
+        nodes = len({h.node for h in result.held})
+        parts.append(f"{running} task(s) still running{f' and {waiting} prefetched' if waiting else ''} "
+                     f"on {nodes} worker(s)")
+    if result.silent:
+        parts.append(f"{len(result.silent)} worker(s) did not answer ({', '.join(result.silent)})")
+    return f"timed out after {result.elapsed:.1f}s: " + "; ".join(parts)
+
+
+def render_drain(out: Console, err: Console, result: DrainResult, as_json: bool) -> int:
+    warnings(err, result.warnings)
+    if as_json:
+        emit_json(out, drain_document(result))
+        return drain_exit_code(result)
+    if not result.drained and result.held:
+        table = Table(title="celery-supervise drain: still running", title_justify="left")
+        for col in ("node", "task id", "name", "state", "runtime", "pool pid"):
+            table.add_column(col, overflow="fold")
+        for h in result.held:
+            table.add_row(h.node, h.task.id, h.task.name, h.state, _runtime_text(h, result.finished_at),
+                          str(h.task.worker_pid or "-"))
+        out.print(table)
+    out.print(drain_summary(result), highlight=False)
+    if result.drained:
+        for t in result.targets:
+            pid = f" (PID {t.pid})" if t.pid else ""
+            queues = ", ".join(result.queues_of(t.node)) or "nothing"
+            out.print(f"  {t.node}{pid}: no longer consumes {queues}", highlight=False, markup=False)
+    return drain_exit_code(result)
+
+
+class DrainProgress:
+    """``on_progress`` callback of a drain: a progress bar on a TTY, plain lines otherwise.
+
+    The bar counts finished tasks out of the most seen at once; the line
+    says what is left, the elapsed time and the timeout. Plain lines come at
+    most once a second.
+    """
+
+    def __init__(self, err: Console):
+        self.err = err
+        self.progress = None
+        self.bar = None
+        self.most = 0
+        self.last_line = None
+
+    @staticmethod
+    def describe(assessment: Assessment) -> str:
+        running = sum(1 for h in assessment.held if h.state == ACTIVE)
+        waiting = len(assessment.held) - running
+        text = f"{len(assessment.held)} task(s) left"
+        if waiting:
+            text += f" ({running} running, {waiting} prefetched)"
+        if assessment.silent:
+            text += f", {len(assessment.silent)} worker(s) not answering"
+        return text
+
+    def __call__(self, assessment: Assessment, elapsed: float, timeout: float) -> None:
+        left = len(assessment.held)
+        self.most = max(self.most, left)
+        text = self.describe(assessment)
+        if self.err.is_terminal:
+            if self.progress is None:
+                self.progress = Progress(
+                    SpinnerColumn(), TextColumn("draining"), BarColumn(), TextColumn("{task.description}"),
+                    TimeElapsedColumn(), TextColumn("of {task.fields[timeout]:g}s"),
+                    console=self.err, transient=True,
+                )
+                self.progress.start()
+                self.bar = self.progress.add_task(text, total=max(self.most, 1), timeout=timeout)
+            self.progress.update(self.bar, description=text, total=max(self.most, 1),
+                                 completed=self.most - left if self.most else 1)
+        elif self.last_line is None or elapsed - self.last_line >= 1.0:
+            self.last_line = elapsed
+            self.err.print(f"draining: {text}, {elapsed:.1f}s of {timeout:g}s", highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

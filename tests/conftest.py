@@ -70,7 +70,9 @@ def supervisor(tmp_path):
     Starts a real supervisord running the demo worker (program
     ``celery-worker``, processes ``celery-worker_<N>``), by default on the
     guarded filesystem broker, all under ``tmp_path/supervisor<N>``; `extra`
-    is appended to the config (``%(here)s`` is that folder).  Waits until it
+    is appended to the config (``%(here)s`` is that folder); the other
+    options of :class:`realsupervisor.Supervisord` (``queues``,
+    ``node_prefix``, ``project_dir``…) pass through.  Waits until it
     answers XML-RPC and returns the :class:`realsupervisor.Supervisord`.  It
     does not wait for the worker: call ``.wait_ready()``.  Every supervisord
     started is shut down at teardown.

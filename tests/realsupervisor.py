@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from celery import Celery
 from supervisor.xmlrpc import SupervisorTransport
 
 from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
-from realprocs import reap, wait_for, wait_gone
+from realprocs import WaitTimeout, reap, wait_for, wait_gone
 
 REPO = Path(__file__).resolve().parent.parent
 DJANGO_APP = REPO / "django_app"
@@ -54,7 +55,7 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl=unix://{socket}
 
 [program:{program}]
-command={celery} -A demo worker -l info -c {concurrency} -n demo%(process_num)d@%%h{queues}
+command={celery} -A demo worker -l info -c {concurrency} -n {node_prefix}%(process_num)d@%%h{queues}
 directory={directory}
 process_name=%(program_name)s_%(process_num)d
 numprocs={numprocs}
@@ -117,7 +118,10 @@ class Supervisord:
 
     `project_dir` is the folder the worker runs from (default
     ``django_app/``; see :func:`copy_project`), `broker_dir` its broker
-    folder (default ``dir/broker``). With ``nodaemon=False`` the config
+    folder (default ``dir/broker``). `queues` is the worker's ``-Q`` value
+    (``%(process_num)d`` may appear in it), `node_prefix` the start of its
+    node name (``<prefix><N>@<host>``): a broker server that other tests
+    share needs both unique per test. With ``nodaemon=False`` the config
     says ``nodaemon=false``, so that ``supervisord -c`` run by a script
     daemonizes; :meth:`stop` also shuts down such a daemon (see
     :meth:`daemon`).
@@ -126,13 +130,14 @@ class Supervisord:
     def __init__(self, directory, *, stopsignal="TERM", stopwaitsecs=30, numprocs=1,
                  concurrency=2, extra="", broker_url=None, autorestart=False, priority=None,
                  env=None, project_dir=None, broker_dir=None, nodaemon=True,
-                 own_queues=False):
+                 own_queues=False, queues=None, node_prefix="demo"):
         self.dir = Path(directory)
         #: The Django project the worker runs from (its ``directory=``).
         self.project_dir = Path(project_dir or DJANGO_APP)
         self.stopsignal = stopsignal
         self.stopwaitsecs = stopwaitsecs
         self.numprocs = numprocs
+        self.node_prefix = node_prefix
         self.broker_dir = Path(broker_dir or self.dir / "broker")
         self.marker_dir = self.dir / "markers"
         self.marker_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +158,8 @@ class Supervisord:
             autorestart="true" if autorestart else "false",
             # Each process also consumes a queue of its own, worker<N>, so a
             # test can choose which process runs a task.
-            queues=" -Q celery,worker%(process_num)d" if own_queues else "",
+            queues=f" -Q {queues}" if queues else " -Q celery,worker%(process_num)d" if own_queues else "",
+            node_prefix=node_prefix,
             priority="" if priority is None else f"priority={priority}",
             extra=textwrap.dedent(extra),
             # start() always passes -n; with nodaemon=false in the file, a
@@ -213,6 +219,23 @@ class Supervisord:
             return len(self.celery.ping()) >= self.numprocs
 
         wait_for(ready, timeout, f"{self.numprocs} Celery worker(s) to answer a ping", interval=0.1)
+
+    def node_names(self):
+        """The worker node names, ``<node_prefix><N>@<host>``, one per process."""
+        return [f"{self.node_prefix}{n}@{socket.gethostname()}" for n in range(self.numprocs)]
+
+    def wait_nodes(self, timeout=READY_TIMEOUT):
+        """Wait until every one of :meth:`node_names` answers a ping.
+
+        Stricter than :meth:`wait_ready` on a broker server other workers
+        may share: it waits for these nodes, not for any answer.
+        """
+        try:
+            self.wait_ready(timeout)
+            wait_for(lambda: set(self.node_names()) <= set(self.celery.ping()), timeout,
+                     f"{self.node_names()} to answer a ping", interval=0.1)
+        except WaitTimeout as exc:
+            raise WaitTimeout(f"{exc}\n{self.diagnostics()}") from None
 
     def worker_pids(self):
         """PIDs of the worker main processes, as supervisord reports them."""
@@ -353,6 +376,24 @@ class DemoClient:
             queue=queue,
         )
         return result.id
+
+    def mark(self, hold=0.0, queue=None):
+        """Send ``demo.tasks.mark`` (to `queue`); return the task id."""
+        result = self.app.send_task(
+            "demo.tasks.mark", kwargs={"marker_dir": str(self.marker_dir), "hold": hold}, queue=queue,
+        )
+        return result.id
+
+    def mark_record(self, task_id, stage):
+        """What ``mark`` wrote at `stage` (``started`` or ``done``), or ``None`` if not yet."""
+        try:
+            return json.loads((self.marker_dir / f"{task_id}.{stage}").read_text())
+        except FileNotFoundError:
+            return None
+
+    def wait_for_mark(self, task_id, stage, timeout=30.0):
+        """Wait for the `stage` marker of a ``mark`` task and return it."""
+        return wait_for(lambda: self.mark_record(task_id, stage), timeout, f"{stage} marker of mark task {task_id}")
 
     def wait_for_marker(self, task_id, timeout=30.0):
         """Wait for the marker file of `task_id` and return its content."""

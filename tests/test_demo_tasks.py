@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,13 @@ def test_spawn_family_leaves_its_children_running(demo_tasks, real_procs, tmp_pa
     assert sorted(p.name for p in marker_dir.iterdir()) == [
         "t1.json", "t1.plain_grandchild", "t1.setsid_grandchild",
     ]
+
+
+def test_mark_writes_when_and_where_it_started_and_finished(demo_tasks, tmp_path):
+    before = time.time()
+    assert demo_tasks.mark.apply(kwargs={"marker_dir": str(tmp_path), "hold": 0.1}, task_id="m1").get() == "m1"
+    started = json.loads((tmp_path / "m1.started").read_text())
+    done = json.loads((tmp_path / "m1.done").read_text())
+    assert before <= started["time"] <= done["time"] - 0.1 <= time.time()
+    assert (done["worker"], done["pool"]) == (os.getppid(), os.getpid())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m1.done", "m1.started"]

@@ -140,3 +140,22 @@ def _write_atomically(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+@shared_task(bind=True)
+def mark(self, marker_dir, hold=0.0):
+    """Write ``<task id>.started``, hold `hold` seconds, write ``<task id>.done``.
+
+    Each file is a JSON object: the wall-clock ``time`` it was written, the
+    ``node`` that ran the task and its ``worker`` (the pool process's
+    parent, the worker's main process). A test counts which tasks ran, and
+    where, and when one finished, without a result backend.
+    """
+    prefix = os.path.join(marker_dir, self.request.id)
+    where = {"node": self.request.hostname, "worker": os.getppid(), "pool": os.getpid()}
+    _write_atomically(prefix + ".started", json.dumps({"time": time.time(), **where}))
+    deadline = time.monotonic() + hold
+    while (remaining := deadline - time.monotonic()) > 0:
+        time.sleep(min(remaining, 0.5))
+    _write_atomically(prefix + ".done", json.dumps({"time": time.time(), **where}))
+    return self.request.id

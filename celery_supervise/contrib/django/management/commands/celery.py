@@ -1,4 +1,4 @@
-"""``python manage.py celery savepid|kill|status``: the Django shell over the core.
+"""``python manage.py celery savepid|kill|status|drain``: the Django shell over the core.
 
 Same options and output as the ``celery-supervise`` CLI. The Celery app is
 ``settings.CELERY_SUPERVISE_APP`` ("module:attribute"); without it, the
@@ -29,10 +29,16 @@ def default_app_spec() -> str | None:
 
 
 class Command(BaseCommand):
-    help = "Record, show and kill this host's Celery worker trees (celery-supervise)."
+    help = "Record, show and kill this host's Celery worker trees, or drain the workers (celery-supervise)."
+
+    #: What an exit code 3 means, per action, for the CommandError line.
+    PARTIAL = {
+        "kill": "some processes could not be killed (see the table)",
+        "drain": "the drain timed out with tasks still running (see the table)",
+    }
 
     def add_arguments(self, parser):
-        sub = parser.add_subparsers(dest="action", metavar="{savepid,kill,status}", required=True)
+        sub = parser.add_subparsers(dest="action", metavar="{savepid,kill,status,drain}", required=True)
 
         def common(p, *, supervisor=False, timeout=False):
             p.add_argument("--spare", metavar="RULES", default=None,
@@ -61,6 +67,15 @@ class Command(BaseCommand):
         p = sub.add_parser("status", help="Draw the live worker trees with verdicts; change nothing.")
         common(p, supervisor=True, timeout=True)
 
+        p = sub.add_parser("drain", help="Stop workers taking new tasks and wait until their running ones finish.")
+        p.add_argument("--destination", "-d", action="append", default=[], metavar="NODE",
+                       help="Drain this worker node, e.g. demo@host (repeatable; default: this host's workers).")
+        p.add_argument("--all", dest="all_workers", action="store_true",
+                       help="Drain every worker that answers on the app's broker.")
+        p.add_argument("--timeout", type=float, default=operations.DEFAULT_DRAIN_TIMEOUT,
+                       help="Seconds to wait, in all, for the workers to finish their tasks.")
+        p.add_argument("--json", dest="as_json", action="store_true", help="Print one JSON document.")
+
     def handle(self, *args, action, **options):
         # rich writes whole chunks; Django's OutputWrapper would append a
         # newline to each, so rich gets the underlying streams.
@@ -76,12 +91,16 @@ class Command(BaseCommand):
                 raise
             raise CommandError(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
         if code == EXIT_PARTIAL:
-            raise CommandError("some processes could not be killed (see the table)", returncode=code)
+            raise CommandError(self.PARTIAL[action], returncode=code)
 
-    def _targets(self, supervisor_url, programs, timeout) -> operations.Targets:
+    def _app_spec(self) -> str:
         spec = default_app_spec()
         if spec is None:
             raise CommandError("set CELERY_SUPERVISE_APP = 'module:attribute' in your settings")
+        return spec
+
+    def _targets(self, supervisor_url, programs, timeout) -> operations.Targets:
+        spec = self._app_spec()
         return operations.Targets(app=load_app(spec), app_spec=spec, supervisor_url=supervisor_url,
                                   programs=tuple(programs), timeout=timeout)
 
@@ -106,3 +125,13 @@ class Command(BaseCommand):
         policy = Policy.parse(spare)
         result = operations.status(self._targets(supervisor_url, program, timeout), policy)
         return report.render_status(out, err, result, as_json)
+
+    def do_drain(self, out, err, *, destination, all_workers, timeout, as_json, **_):
+        spec = self._app_spec()
+        progress = report.DrainProgress(err)
+        try:
+            result = operations.drain(load_app(spec), spec, destinations=destination, all_workers=all_workers,
+                                      timeout=timeout, on_progress=progress)
+        finally:
+            progress.close()
+        return report.render_drain(out, err, result, as_json)
