@@ -16,6 +16,7 @@ DJANGO_APP = Path(__file__).resolve().parent.parent / "django_app"
 def demo_tasks(tmp_path, monkeypatch):
     """``demo.tasks``, with Django set up and the broker folder in tmp_path."""
     monkeypatch.setenv("CELERY_SUPERVISE_BROKER_DIR", str(tmp_path / "broker"))
+    monkeypatch.setenv("CELERY_SUPERVISE_JOURNAL_DIR", str(tmp_path / "journal"))
     monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "demo.settings")
     monkeypatch.syspath_prepend(str(DJANGO_APP))
     import django
