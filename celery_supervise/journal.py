@@ -3,9 +3,12 @@
 ``requeue`` must tell a task that was cut off from one that finished after
 savepid recorded it. Only the worker knows, so the worker writes it down,
 from Celery's own signals: ``task_prerun`` (the task is about to run, in
-the process that runs it) appends a ``started`` line, ``task_postrun``
-(it returned or raised, whatever its state) a ``finished`` line. A task
-killed in between has the first and never the second.
+the process that runs it) appends a ``started`` line, ``task_postrun`` a
+``finished`` line with the task's state (SUCCESS, FAILURE, RETRY…). A task
+killed in between has the first and never the second. One terminated in
+the middle (a cold shutdown sends its pool process SIGTERM, which unwinds
+the task with ``SystemExit``) still gets ``task_postrun``, but without a
+state: that is written as ``interrupted``, not ``finished``.
 
 Enable it with one line in the module that creates your app::
 
@@ -70,6 +73,9 @@ _ID = re.compile(rb'"id":"((?:[^"\\]|\\.)*)"')
 
 STARTED = "started"
 FINISHED = "finished"
+INTERRUPTED = "interrupted"
+#: Of two events of one task at the same instant, the later in a run wins.
+_ORDER = {STARTED: 0, INTERRUPTED: 1, FINISHED: 2}
 
 #: Attribute of the Celery app where :func:`install` leaves its journal.
 _APP_ATTR = "_celery_supervise_journal"
@@ -110,7 +116,11 @@ class Journal:
         self._record({"e": STARTED, "id": task_id, "name": name})
 
     def finished(self, task_id: str, state: str | None = None) -> None:
-        self._record({"e": FINISHED, "id": task_id, "state": state})
+        """The task returned or raised (*state*); without a state it was terminated midway."""
+        if state is None:
+            self._record({"e": INTERRUPTED, "id": task_id})
+        else:
+            self._record({"e": FINISHED, "id": task_id, "state": state})
 
     def _record(self, event: dict) -> None:
         try:
@@ -238,7 +248,7 @@ class Entry:
     """What the journal says about one task id: its latest event."""
 
     task_id: str
-    event: str  # STARTED or FINISHED
+    event: str  # STARTED, FINISHED or INTERRUPTED
     time: float
     state: str | None = None  # the task's state, for FINISHED (SUCCESS, FAILURE, RETRY…)
     pid: int | None = None
@@ -277,7 +287,7 @@ def read(directory: str, task_ids: Iterable[str], since: float | None = None) ->
             for entry in _entries(dir_fd, name, wanted, since):
                 known = out.get(entry.task_id)
                 # The latest event wins: a task retried (same id) starts again after it finished.
-                if known is None or (entry.time, entry.event == FINISHED) >= (known.time, known.event == FINISHED):
+                if known is None or (entry.time, _ORDER[entry.event]) >= (known.time, _ORDER[known.event]):
                     out[entry.task_id] = entry
     finally:
         os.close(dir_fd)
@@ -314,7 +324,7 @@ def parse_line(raw: bytes, wanted: set[str] | None = None) -> Entry | None:
         task_id, kind, when = event["id"], event["e"], float(event["t"])
     except (ValueError, KeyError, TypeError):
         return None
-    if not isinstance(task_id, str) or kind not in (STARTED, FINISHED):
+    if not isinstance(task_id, str) or kind not in _ORDER:
         return None
     if wanted is not None and task_id not in wanted:
         return None
@@ -323,4 +333,5 @@ def parse_line(raw: bytes, wanted: set[str] | None = None) -> Entry | None:
     return Entry(task_id, kind, when, state if isinstance(state, str) else None, pid if isinstance(pid, int) else None)
 
 
-__all__ = ["install", "Journal", "Entry", "read", "configured_directory", "JournalError", "STARTED", "FINISHED"]
+__all__ = ["install", "Journal", "Entry", "read", "configured_directory", "JournalError", "STARTED", "FINISHED",
+           "INTERRUPTED"]

@@ -13,6 +13,7 @@ not acknowledged, the broker keeps unacked messages    skip      ``redelivered b
 not acknowledged, its message is back in the queue     skip      ``back in its queue (acks_late)``
 not acknowledged, its message died with the worker     resend    ``unacknowledged, but the transport lost it``
 the journal's last word is ``started``                 resend    ``interrupted (journal: never finished)``
+the journal's last word is ``interrupted``             resend    ``interrupted (journal: terminated)``
 a journal, but no line about the task                  resend    ``not in the journal (at-least-once)``
 no journal                                             resend    ``no journal (at-least-once)``
 =====================================================  ========  ==========================================
@@ -40,7 +41,7 @@ from typing import AbstractSet, Iterable, Mapping
 
 from kombu.utils.json import loads as json_loads
 
-from .journal import Entry
+from .journal import INTERRUPTED as JOURNAL_INTERRUPTED, Entry
 from .snapshot import Task
 
 RESEND = "resend"
@@ -51,6 +52,7 @@ REDELIVERED = "redelivered by broker (acks_late)"
 BACK_IN_QUEUE = "back in its queue (acks_late)"
 LOST_UNACKED = "unacknowledged, but the transport lost it with the worker"
 INTERRUPTED = "interrupted (journal: never finished)"
+TERMINATED = "interrupted (journal: terminated)"
 NOT_IN_JOURNAL = "not in the journal (at-least-once)"
 NO_JOURNAL = "no journal (at-least-once)"
 DUPLICATE = "recorded twice; decided once"
@@ -198,7 +200,7 @@ def _decide_one(rec, journal, ledger, broker_keeps_unacked, queued) -> Decision:
             return Decision(rec, SKIP, BACK_IN_QUEUE)
         return Decision(rec, RESEND, LOST_UNACKED, route)
     if entry is not None:
-        return Decision(rec, RESEND, INTERRUPTED, route)
+        return Decision(rec, RESEND, TERMINATED if entry.event == JOURNAL_INTERRUPTED else INTERRUPTED, route)
     return Decision(rec, RESEND, NO_JOURNAL if journal is None else NOT_IN_JOURNAL, route)
 
 
