@@ -69,7 +69,7 @@ ROTATE_BYTES = 8 << 20
 DEFAULT_RETENTION = 24 * 3600.0
 SUFFIX = ".journal"
 #: The task id of a line, found without parsing the whole line.
-_ID = re.compile(rb'"id":"((?:[^"\\]|\\.)*)"')
+_ID = re.compile(rb'"id":\s*"((?:[^"\\]|\\.)*)"')
 
 STARTED = "started"
 FINISHED = "finished"
