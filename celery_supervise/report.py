@@ -20,6 +20,7 @@ from .errors import EXIT_OK, EXIT_PARTIAL
 from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
 from .operations import FAILED as REQUEUE_FAILED, RESENT, SKIPPED, WOULD_RESEND, RequeueResult, SaveResult, StatusResult
 from .plan import KILL, REFUSE, Verdict
+from .requeue import route_of
 from .statefile import Encoder, proc_to_dict, to_document
 
 STATUS_ORDER = (KILLED, WOULD_KILL, SPARED, GONE, REFUSED, FAILED)
@@ -414,8 +415,9 @@ def render_requeue(out: Console, err: Console, result: RequeueResult, as_json: b
         table.add_column(col, overflow="fold")
     for o in result.outcomes:
         d = o.decision
+        # A skipped task has no route to send it on, but the one it came by still tells which it was.
         table.add_row(f"[{STYLE[o.status]}]{o.status}[/]", d.task.id, d.task.name,
-                      d.route.describe() if d.route else "-", d.recorded.node or "-", o.reason)
+                      (d.route or route_of(d.task)).describe(), d.recorded.node or "-", o.reason)
     if result.outcomes:
         out.print(table)
     out.print(requeue_summary(result), highlight=False)
