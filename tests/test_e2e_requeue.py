@@ -192,3 +192,53 @@ def test_requeue_resends_the_cut_off_task_once_and_leaves_the_rest(broker, super
         first, second = runs(client, task_id)
         assert first["worker"] in old and second["worker"] in new, (task_id, first, second)
     assert len(runs(client, b)) == 1
+
+
+def test_after_a_sigkill_the_journal_says_never_finished_and_the_lost_acks_late_task_is_sent_too(
+        supervisor, project, tmp_path):
+    """``stopsignal=TERM`` with a 1 s ``stopwaitsecs``: the warm shutdown waits, supervisord SIGKILLs.
+
+    No ``task_postrun`` runs, so the journal's last word on both tasks is
+    ``started``. The filesystem transport kept C's unacked message only in
+    the worker's memory: it is not back in the queue folder, so requeue
+    sends it too, and each runs exactly once more.
+    """
+    run = supervisor(concurrency=2, stopsignal="TERM", stopwaitsecs=1, project_dir=project)
+    run.wait_ready()
+    client = run.celery
+    gate = tmp_path / "gate"
+    gate.touch()
+    a = send(client, "mark", gate, None)
+    c = send(client, "mark_late", gate, None)
+    for task_id in (a, c):
+        client.wait_for_mark(task_id, "started")
+    old = set(run.worker_pids())
+    state = tmp_path / "state.json"
+    json_output(celery_supervise("-A", "demo", "savepid", str(state), "--json", cwd=project, env=run.env))
+    shutdown(run)
+    assert "SIGKILL" in run.log()  # supervisord's "killing 'celery-worker_0' ... with SIGKILL"
+    assert queue_depth(client, "celery") == 0
+
+    doc = json_output(celery_supervise("-A", "demo", "requeue", str(state), "--json", cwd=project, env=run.env))
+    assert {t["id"]: (t["status"], t["reason"]) for t in doc["tasks"]} == {
+        a: ("re-sent", "interrupted (journal: never finished)"),
+        c: ("re-sent", "unacknowledged, but the transport lost it with the worker"),
+    }
+
+    gate.unlink()
+    run.start()
+    run.wait_ready()
+    new = set(run.worker_pids())
+    for task_id in (a, c):
+        client.wait_for_mark(task_id, "done")
+    [node] = run.node_names()
+
+    def settled():
+        insp = client.app.control.inspect(destination=[node], limit=1, timeout=2)
+        active, reserved = insp.active() or {}, insp.reserved() or {}
+        return active.get(node) == [] and reserved.get(node) == [] and queue_depth(client, "celery") == 0
+
+    wait_for(settled, 15, f"{node} to hold nothing and the queue to be empty")
+    for task_id in (a, c):
+        first, second = runs(client, task_id)
+        assert first["worker"] in old and second["worker"] in new, (task_id, first, second)
