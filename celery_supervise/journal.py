@@ -20,20 +20,24 @@ setting (Django, ``namespace="CELERY"``) or ``app.conf.supervise_journal``.
 
 The format, and why:
 
-* **One append-only file per process** (``HOST-PID-NS.journal``), one JSON
-  line per event, each written with a single ``write(2)`` on an
-  ``O_APPEND`` descriptor. That is one system call per event, no lock
-  between processes, and a directory that stays small; one file per task
-  id would cost a create and a rename per event and leave a file per task.
+* **One append-only file per host and hour** (``HOST-YYYYMMDDHH.journal``,
+  UTC), shared by every process of the workers, one JSON line per event,
+  each written with a single ``write(2)`` on an ``O_APPEND`` descriptor.
+  Linux moves to the end of the file and writes as one step, under the
+  file's lock, so lines of different processes never interleave (on a
+  local filesystem: not NFS). That is one system call per event, no lock
+  of ours, and a directory that stays small whatever the pool does
+  (``worker_max_tasks_per_child=1`` forks a process per task); one file
+  per task id, or per process, would leave a file per task there.
 * **No fsync.** A ``write`` that returned is in the kernel's page cache,
   which a SIGKILL of the writer does not touch: the line is there for the
   next reader. Only a crash of the whole machine can lose it, and after a
   reboot ``requeue`` refuses the state file anyway (its PIDs and tasks
   describe a world that is gone).
-* **Rotation and retention.** A process starts a new file after
-  :data:`ROTATE_SECONDS` or :data:`ROTATE_BYTES`, and when it does it
-  deletes the directory's files untouched for ``retention`` seconds
-  (default a day). ``requeue`` only reads lines written since the tasks it
+* **Rotation and retention.** Each hour has its own file. A process that
+  opens one deletes the directory's files untouched for ``retention``
+  seconds (default a day); it never writes to a file older than the
+  current hour, so it never writes to one another process just deleted. ``requeue`` only reads lines written since the tasks it
   looks for started. A line lost to pruning or to any other mishap makes
   ``requeue`` treat the task as unknown, which means re-sending it: the
   journal can cause a duplicate, never a lost task.
@@ -61,10 +65,8 @@ log = logging.getLogger(__name__)
 #: The setting that names the directory, as ``app.conf`` sees it: Django's
 #: ``CELERY_SUPERVISE_JOURNAL`` under ``namespace="CELERY"``.
 SETTING = "supervise_journal"
-#: A process starts a new file after this many seconds...
-ROTATE_SECONDS = 3600.0
-#: ... or this many bytes.
-ROTATE_BYTES = 8 << 20
+#: The journal file of an hour: the host, then the hour (UTC).
+FILE_TIME = "%Y%m%d%H"
 #: Files untouched for this long are deleted when a process opens a new one.
 DEFAULT_RETENTION = 24 * 3600.0
 SUFFIX = ".journal"
@@ -101,8 +103,7 @@ class Journal:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._pid: int | None = None
-        self._opened_at = 0.0
-        self._size = 0
+        self._name: str | None = None
         self._failed_pid: int | None = None  # the process that already logged a failure
 
     @property
@@ -131,33 +132,29 @@ class Journal:
             event["pid"] = os.getpid()
             line = (json.dumps(event, separators=(",", ":"), default=str) + "\n").encode()
             with self._lock:
-                fd = self._file(directory, len(line))
-                os.write(fd, line)
-                self._size += len(line)
+                os.write(self._file(directory), line)
         except Exception as exc:  # the journal must never fail a task
             if self._failed_pid != os.getpid():
                 self._failed_pid = os.getpid()
                 log.error("celery-supervise journal: cannot write to %s: %s "
                           "(requeue will treat this process's tasks as unknown)", self._directory, exc)
 
-    def _file(self, directory: str, incoming: int) -> int:
+    def _file(self, directory: str) -> int:
         now = self.clock()
         pid = os.getpid()
+        name = f"{socket.gethostname()}-{time.strftime(FILE_TIME, time.gmtime(now))}{SUFFIX}"
         if self._fd is not None and self._pid != pid:
-            # Forked: the descriptor is the parent's file, not ours. Leave it open.
+            # Forked: the descriptor is the parent's; the parent closes it.
             self._fd = None
-        if self._fd is not None and (now - self._opened_at > ROTATE_SECONDS
-                                     or self._size + incoming > ROTATE_BYTES):
-            os.close(self._fd)
+        if self._fd is not None and self._name != name:
+            os.close(self._fd)  # a new hour
             self._fd = None
         if self._fd is None:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             prune(directory, self.retention, now)
-            name = f"{socket.gethostname()}-{pid}-{time.time_ns()}{SUFFIX}"
             self._fd = os.open(os.path.join(directory, name),
-                               os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                               0o600)
-            self._pid, self._opened_at, self._size = pid, now, 0
+                               os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self._pid, self._name = pid, name
         return self._fd
 
     def close(self) -> None:

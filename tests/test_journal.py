@@ -8,6 +8,7 @@ worker with the journal installed.
 import json
 import os
 import stat
+import time
 
 import pytest
 from celery import Celery
@@ -141,45 +142,51 @@ def test_a_symlinked_file_is_not_read(tmp_path):
     assert journal.read(str(d), ["a"]) == {}
 
 
-def test_rotation_and_pruning(tmp_path, monkeypatch):
-    now = [1_000_000.0]
+def test_one_file_per_hour_and_old_ones_pruned(tmp_path):
+    hour = 3600.0
+    now = [time.time() // hour * hour + 10]  # ten seconds into this hour
     d = tmp_path / "j"
-    j = Journal(d, retention=100, clock=lambda: now[0])
+    j = Journal(d, retention=2 * hour, clock=lambda: now[0])
+
+    def files():
+        return sorted(os.listdir(d))
+
     j.started("a")
-    d_files = lambda: sorted(os.listdir(d))  # noqa: E731
-    [first] = d_files()
+    [first] = files()
     j.finished("a", "SUCCESS")
-    assert d_files() == [first]  # same file within the hour
-    now[0] += journal.ROTATE_SECONDS + 1
-    os.utime(d / first, (now[0] - 50, now[0] - 50))  # touched 50 s ago: kept
+    assert files() == [first]  # the same hour, the same file
+    now[0] += hour
     j.started("b")
-    assert len(d_files()) == 2
-    now[0] += journal.ROTATE_SECONDS + 1
-    os.utime(d / first, (now[0] - 101, now[0] - 101))  # untouched past retention: pruned
-    j.started("c")
-    assert first not in d_files() and len(d_files()) == 2
-    monkeypatch.setattr(journal, "ROTATE_BYTES", 1)
-    j.started("d")
-    assert len(d_files()) == 3
+    assert len(files()) == 2
+    os.utime(d / first, (now[0] - 2 * hour - 1, now[0] - 2 * hour - 1))  # untouched past retention
+    now[0] += hour
+    j.started("c")  # a new hour: the new file is opened, the stale one pruned
+    assert first not in files() and len(files()) == 2
     j.close()
-    assert set(journal.read(str(d), ["b", "c", "d"])) == {"b", "c", "d"}
+    assert set(journal.read(str(d), ["a", "b", "c"])) == {"b", "c"}
 
 
-def test_a_forked_process_writes_its_own_file(tmp_path):
+def test_processes_append_whole_lines_to_one_file(tmp_path):
+    """A prefork pool: the parent's journal, used by forked children at once."""
     d = tmp_path / "j"
     j = Journal(d)
     j.started("parent")
-    pid = os.fork()
-    if pid == 0:  # the child: what a prefork pool process does
-        try:
-            j.started("child")
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+    children = []
+    for n in range(4):
+        pid = os.fork()
+        if pid == 0:  # what a pool process does: write, many times
+            try:
+                for i in range(200):
+                    j.started(f"child{n}-{i}", "x" * 300)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
     j.finished("parent", "SUCCESS")
     j.close()
-    by_file = {}
-    for name in os.listdir(d):
-        with open(d / name) as f:
-            by_file[name] = [json.loads(line)["id"] for line in f]
-    assert sorted(by_file.values()) == [["child"], ["parent", "parent"]]
+    [name] = os.listdir(d)
+    with open(d / name) as f:
+        events = [json.loads(line) for line in f]  # every line whole
+    assert len(events) == 2 + 4 * 200
+    assert {e["pid"] for e in events} == {os.getpid(), *children}
