@@ -87,11 +87,11 @@ _APP_ATTR = "_celery_supervise_journal"
 
 
 class Journal:
-    """Appends ``started``/``finished`` lines for one directory.
+    """Appends ``started``, ``finished`` and ``interrupted`` lines to one directory.
 
     One instance serves every process forked from the one that created it
     (prefork pool processes): the file is opened lazily, by the process
-    that writes, and reopened after a fork. *clock* is the wall clock.
+    that writes, and again after a fork. *clock* is the wall clock.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, *, app=None,
@@ -101,6 +101,7 @@ class Journal:
         self.retention = retention
         self.clock = clock
         self._lock = threading.Lock()
+        self._lock_pid = os.getpid()
         self._fd: int | None = None
         self._pid: int | None = None
         self._name: str | None = None
@@ -131,6 +132,10 @@ class Journal:
             event["t"] = round(self.clock(), 6)
             event["pid"] = os.getpid()
             line = (json.dumps(event, separators=(",", ":"), default=str) + "\n").encode()
+            if self._lock_pid != event["pid"]:
+                # Forked: another thread may have held the lock at that moment,
+                # and it does not exist here to release it.
+                self._lock, self._lock_pid = threading.Lock(), event["pid"]
             with self._lock:
                 os.write(self._file(directory), line)
         except Exception as exc:  # the journal must never fail a task
