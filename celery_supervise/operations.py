@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 from . import control, discovery, drain as draining, fs_transport, journal as journaling, ledger as ledgers, procs
 from . import requeue as requeuing, statefile
 from .discovery import Discovery
-from .errors import StateFileError, UsageError
+from .errors import PartialError, StateFileError, UsageError
 from .lock import reaper_lock
 from .kill import GONE, REFUSED, KillReport, Outcome, execute
 from .plan import Policy, Verdict, plan
@@ -474,7 +474,11 @@ def _requeue_locked(path, app, record, *, journal_dir, dry_run, publish, connect
                     failure = " ".join(f"{type(exc).__name__}: {exc}".split())
                     outcomes[id(d)] = RequeueOutcome(d, FAILED, f"not sent: {failure}")
                     continue
-                ledgers.record_sent(ledger, path, d.task.id, name=d.task.name, route=d.route.describe())
+                try:
+                    ledgers.record_sent(ledger, path, d.task.id, name=d.task.name, route=d.route.describe())
+                except StateFileError as exc:
+                    raise PartialError(f"task {d.task.id} was re-sent, but the ledger could not record it "
+                                       f"({exc}): running requeue again would send it twice") from None
                 outcomes[id(d)] = RequeueOutcome(d, RESENT)
             if failure is not None:
                 warnings.append(f"the broker failed while re-sending ({failure}); the tasks re-sent before "

@@ -19,7 +19,7 @@ from celery import Celery
 from rich.console import Console
 
 from celery_supervise import journal, ledger as ledgers, operations, report, snapshot, statefile
-from celery_supervise.errors import BrokerError, StateFileError, UsageError
+from celery_supervise.errors import BrokerError, PartialError, StateFileError, UsageError
 from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
 from celery_supervise.plan import Policy
 from celery_supervise.procs import MAIN, Proc
@@ -268,3 +268,15 @@ def test_a_dead_broker_is_one_line_and_exit_1(run, prefix, tmp_path):
     [line] = result.stderr.splitlines()
     assert line.startswith(prefix + "broker redis://") and "127.0.0.1:1/0 did not answer" in line, line
     assert result.stdout == "" and not os.path.exists(state + ".requeued")
+
+
+def test_a_ledger_that_cannot_be_written_after_a_send_says_so_and_exits_3(app, tmp_path, monkeypatch):
+    state = write_record(tmp_path / "state.json", reply("cut"))
+
+    def full_disk(path, document):
+        raise StateFileError(path, "cannot write: No space left on device")
+
+    monkeypatch.setattr(statefile, "write", full_disk)
+    with pytest.raises(PartialError, match="task cut was re-sent, but the ledger could not record it") as info:
+        operations.requeue(state, app)
+    assert info.value.exit_code == 3
