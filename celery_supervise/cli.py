@@ -42,6 +42,11 @@ app = typer.Typer(
 # Options shared by several commands, defined once.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be signalled; signal nothing.")]
+JournalOpt = Annotated[
+    Optional[str],
+    typer.Option("--journal", metavar="DIR",
+                 help="The workers' task journal. [default: the one the app installs or its supervise_journal setting names]"),
+]
 SpareOpt = Annotated[
     Optional[str],
     typer.Option("--spare", metavar="RULES",
@@ -174,6 +179,21 @@ def drain(
     finally:
         progress.close()
     return report.render_drain(out, err, result, as_json)
+
+
+@app.command()
+def requeue(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="State file written by savepid before the stop.")],
+    journal: JournalOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be re-sent; send nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Re-send the recorded tasks the stop cut off, once (run after the stop)."""
+    state: State = ctx.obj
+    result = operations.requeue(file, state.celery_app(), journal_dir=journal, dry_run=dry_run)
+    out, err = consoles()
+    return report.render_requeue(out, err, result, as_json)
 
 
 @app.command()

@@ -71,6 +71,10 @@ class BrokerError(SuperviseError):
     """The broker (Celery's remote control) did not answer."""
 
 
+class JournalError(SuperviseError):
+    """The task journal's directory cannot be read, or is not to be trusted."""
+
+
 class PartialError(SuperviseError):
     """Some process could not be killed; raised only after acting."""
 

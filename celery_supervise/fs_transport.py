@@ -52,10 +52,10 @@ from time import monotonic
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
-from kombu.utils.json import dumps
+from kombu.utils.json import dumps, loads
 from kombu.utils.objects import cached_property
 
-__all__ = ["Channel", "Transport", "filesystem_broker_options"]
+__all__ = ["Channel", "Transport", "filesystem_broker_options", "queued_task_ids"]
 
 #: What to put in ``broker_transport`` to select this transport.
 TRANSPORT_PATH = "celery_supervise.fs_transport:Transport"
@@ -136,3 +136,38 @@ def filesystem_broker_options(root):
         "control_folder": str(control),
         "polling_interval": POLLING_INTERVAL,
     }
+
+
+def queued_task_ids(data_folder) -> set[str]:
+    """The task ids of the messages waiting in the filesystem broker's *data_folder*.
+
+    Read without consuming anything: each ``*.msg`` file is one message,
+    its task id in the message's ``headers`` (task protocol 2). A worker
+    that shuts down cleanly puts the messages it had not acknowledged back
+    into this folder, and one killed with SIGKILL does not: ``requeue`` asks here which of the two happened. A file that
+    vanishes (consumed meanwhile) or does not parse is skipped.
+    """
+    ids = set()
+    try:
+        names = os.listdir(data_folder)
+    except FileNotFoundError:
+        return ids
+    for name in names:
+        if not name.endswith(".msg"):
+            continue
+        try:
+            with open(os.path.join(data_folder, name), "rb") as f:
+                message = loads(f.read())
+        except (OSError, ValueError):
+            continue
+        task_id = _task_id(message)
+        if task_id:
+            ids.add(task_id)
+    return ids
+
+
+def _task_id(message) -> str | None:
+    # Task protocol 2 (Celery 4+) keeps the id in the message headers.
+    headers = message.get("headers") if isinstance(message, dict) else None
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    return task_id if isinstance(task_id, str) else None

@@ -18,12 +18,15 @@ from rich.tree import Tree
 from .drain import ACTIVE, RESERVED, Assessment, DrainResult
 from .errors import EXIT_OK, EXIT_PARTIAL
 from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
-from .operations import SaveResult, StatusResult
+from .operations import FAILED as REQUEUE_FAILED, RESENT, SKIPPED, WOULD_RESEND, RequeueResult, SaveResult, StatusResult
 from .plan import KILL, REFUSE, Verdict
-from .statefile import proc_to_dict, to_document
+from .requeue import route_of
+from .statefile import Encoder, proc_to_dict, to_document
 
 STATUS_ORDER = (KILLED, WOULD_KILL, SPARED, GONE, REFUSED, FAILED)
-STYLE = {KILLED: "red", WOULD_KILL: "yellow", SPARED: "green", GONE: "dim", REFUSED: "magenta", FAILED: "bold red",
+REQUEUE_ORDER = (RESENT, WOULD_RESEND, REQUEUE_FAILED, SKIPPED)
+STYLE = {RESENT: "green", WOULD_RESEND: "yellow", SKIPPED: "dim",
+         KILLED: "red", WOULD_KILL: "yellow", SPARED: "green", GONE: "dim", REFUSED: "magenta", FAILED: "bold red",
          KILL: "red", "spare": "green", REFUSE: "magenta"}
 
 
@@ -65,7 +68,7 @@ def warnings(err: Console, lines: Iterable[str]) -> None:
 
 def emit_json(out: Console, doc: dict) -> None:
     # Plain print: rich would re-wrap and colour the JSON.
-    out.file.write(json.dumps(doc, indent=2, sort_keys=True, default=repr) + "\n")
+    out.file.write(json.dumps(doc, indent=2, sort_keys=True, cls=Encoder) + "\n")
     out.file.flush()
 
 
@@ -359,3 +362,64 @@ class DrainProgress:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+# ------------------------------------------------------------------- requeue
+
+
+def requeue_exit_code(result: RequeueResult) -> int:
+    """0 when done; 3 (partial) when the broker failed after some tasks were re-sent."""
+    return EXIT_PARTIAL if result.partial else EXIT_OK
+
+
+def requeue_document(result: RequeueResult) -> dict:
+    def route(r):
+        return None if r is None else {"exchange": r.exchange, "routing_key": r.routing_key,
+                                       "queue": r.queue, "priority": r.priority}
+
+    return {
+        "dry_run": result.dry_run,
+        "exit_code": requeue_exit_code(result),
+        "state_file": result.path,
+        "ledger": result.ledger,
+        "journal": result.journal,
+        "summary": {s: len(result.by_status(s)) for s in REQUEUE_ORDER},
+        "tasks": [
+            {"id": o.decision.task.id, "name": o.decision.task.name, "args": o.decision.task.args,
+             "kwargs": o.decision.task.kwargs, "node": o.decision.recorded.node,
+             "worker": o.decision.recorded.worker, "acknowledged": o.decision.task.acknowledged,
+             "status": o.status, "reason": o.reason, "route": route(o.decision.route)}
+            for o in result.outcomes
+        ],
+        "warnings": result.warnings,
+    }
+
+
+def requeue_summary(result: RequeueResult) -> str:
+    counts = {s: len(result.by_status(s)) for s in REQUEUE_ORDER}
+    first = f"would re-send {counts[WOULD_RESEND]}" if result.dry_run else f"re-sent {counts[RESENT]}"
+    line = f"{first}, skipped {counts[SKIPPED]}"
+    if counts[REQUEUE_FAILED]:
+        line += f", failed {counts[REQUEUE_FAILED]}"
+    return line + f" of {len(result.outcomes)} recorded task(s)"
+
+
+def render_requeue(out: Console, err: Console, result: RequeueResult, as_json: bool) -> int:
+    warnings(err, result.warnings)
+    if as_json:
+        emit_json(out, requeue_document(result))
+        return requeue_exit_code(result)
+    title = "celery-supervise requeue (dry run: nothing sent)" if result.dry_run else "celery-supervise requeue"
+    table = Table(title=title, title_justify="left")
+    for col in ("outcome", "task id", "name", "queue", "node", "reason"):
+        table.add_column(col, overflow="fold")
+    for o in result.outcomes:
+        d = o.decision
+        # A skipped task has no route to send it on, but the one it came by still tells which it was.
+        table.add_row(f"[{STYLE[o.status]}]{o.status}[/]", d.task.id, d.task.name,
+                      (d.route or route_of(d.task)).describe(), d.recorded.node or "-", o.reason)
+    if result.outcomes:
+        out.print(table)
+    out.print(requeue_summary(result), highlight=False)
+    return requeue_exit_code(result)
+

@@ -21,6 +21,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+from kombu.utils.json import JSONEncoder as _KombuEncoder
+
 from .errors import StateFileError, UnsafeStateError
 from .plan import Policy, Verdict
 from .procs import ROLES, Proc
@@ -52,6 +54,29 @@ class LegacyRecord:
 
 
 # --------------------------------------------------------------------- write
+
+
+#: How a value no JSON type fits is marked in a document (see :class:`Encoder`).
+UNREADABLE = "celery-supervise/repr"
+
+
+class Encoder(_KombuEncoder):
+    """JSON as kombu writes it, so task arguments keep their types.
+
+    Celery's JSON serializer sends a ``datetime``, ``UUID``, ``Decimal`` or
+    ``bytes`` argument as ``{"__type__": ..., "__value__": ...}``, and the
+    ``active`` reply decodes it back; writing it the same way lets
+    ``requeue`` send the very same value again (``kombu.utils.json.loads``).
+    Anything else is stored as its repr, under a marker kombu does not
+    know, so that decoding it fails instead of sending a string in its
+    place.
+    """
+
+    def default(self, o):
+        try:
+            return super().default(o)
+        except TypeError:
+            return {"__type__": UNREADABLE, "__value__": repr(o)}
 
 
 def proc_to_dict(p: Proc) -> dict:
@@ -92,7 +117,7 @@ def to_document(snapshot: Snapshot, policy: Policy, verdicts: Iterable[Verdict])
 def write(path: str, document: dict) -> None:
     """Write *document* to *path* atomically with mode 0600."""
     folder = os.path.dirname(os.path.abspath(path))
-    data = json.dumps(document, indent=1, sort_keys=True, default=repr).encode()
+    data = json.dumps(document, indent=1, sort_keys=True, cls=Encoder).encode()
     try:
         # mkstemp creates the file 0600 in the target folder, so the rename
         # below stays on one filesystem and is atomic.

@@ -63,6 +63,7 @@ fi
 # The embedded default: the filesystem broker, in a folder of our own.
 unset CELERY_BROKER_URL
 export CELERY_SUPERVISE_BROKER_DIR=$work/broker
+export CELERY_SUPERVISE_JOURNAL_DIR=$work/journal  # the workers' task journal, for requeue
 export PYTHON=$python  # for scripts/deploy.sh
 mkdir -p "$var"
 chmod 700 "$var"

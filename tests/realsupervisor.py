@@ -166,7 +166,10 @@ class Supervisord:
             # plain `supervisord -c FILE` (as scripts/deploy.sh runs it) daemonizes.
             nodaemon="true" if nodaemon else "false",
         ))
-        self.env = dict(os.environ, CELERY_SUPERVISE_BROKER_DIR=str(self.broker_dir), **(env or {}))
+        #: The workers' task journal (demo/settings.py reads the variable).
+        self.journal_dir = self.dir / "journal"
+        self.env = dict(os.environ, CELERY_SUPERVISE_BROKER_DIR=str(self.broker_dir),
+                        CELERY_SUPERVISE_JOURNAL_DIR=str(self.journal_dir), **(env or {}))
         if broker_url:
             self.env["CELERY_BROKER_URL"] = broker_url
         self.celery = DemoClient(self.broker_dir, self.marker_dir, broker_url=broker_url)

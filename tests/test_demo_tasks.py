@@ -2,6 +2,7 @@
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ DJANGO_APP = Path(__file__).resolve().parent.parent / "django_app"
 def demo_tasks(tmp_path, monkeypatch):
     """``demo.tasks``, with Django set up and the broker folder in tmp_path."""
     monkeypatch.setenv("CELERY_SUPERVISE_BROKER_DIR", str(tmp_path / "broker"))
+    monkeypatch.setenv("CELERY_SUPERVISE_JOURNAL_DIR", str(tmp_path / "journal"))
     monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "demo.settings")
     monkeypatch.syspath_prepend(str(DJANGO_APP))
     import django
@@ -62,10 +64,36 @@ def test_spawn_family_leaves_its_children_running(demo_tasks, real_procs, tmp_pa
 
 
 def test_mark_writes_when_and_where_it_started_and_finished(demo_tasks, tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
     before = time.time()
-    assert demo_tasks.mark.apply(kwargs={"marker_dir": str(tmp_path), "hold": 0.1}, task_id="m1").get() == "m1"
-    started = json.loads((tmp_path / "m1.started").read_text())
-    done = json.loads((tmp_path / "m1.done").read_text())
+    assert demo_tasks.mark.apply(kwargs={"marker_dir": str(markers), "hold": 0.1}, task_id="m1").get() == "m1"
+    started = json.loads((markers / "m1.started").read_text())
+    done = json.loads((markers / "m1.done").read_text())
     assert before <= started["time"] <= done["time"] - 0.1 <= time.time()
     assert (done["worker"], done["pool"]) == (os.getppid(), os.getpid())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m1.done", "m1.started"]
+    assert sorted(p.name for p in markers.iterdir()) == ["m1.done", "m1.runs", "m1.started"]
+    assert [json.loads(line) for line in (markers / "m1.runs").read_text().splitlines()] == [started]
+
+
+def test_mark_counts_its_runs_and_holds_only_while_its_gate_exists(demo_tasks, tmp_path):
+    markers, gate = tmp_path / "markers", tmp_path / "gate"
+    markers.mkdir()
+    kwargs = {"marker_dir": str(markers), "hold": 30, "gate": str(gate)}
+    start = time.monotonic()
+    demo_tasks.mark.apply(kwargs=kwargs, task_id="m2")  # no gate: no wait
+    demo_tasks.mark_late.apply(kwargs=kwargs, task_id="m2")  # the same id again: a second run
+    assert time.monotonic() - start < 5
+    assert len((markers / "m2.runs").read_text().splitlines()) == 2
+    assert demo_tasks.mark_late.acks_late and not demo_tasks.mark.acks_late
+
+
+def test_the_demo_app_journals_its_tasks(demo_tasks):
+    from celery_supervise import journal
+    from demo.celery import app
+
+    demo_tasks.add.apply(args=(1, 2), task_id="j1")
+    # CELERY_SUPERVISE_JOURNAL_DIR as the first test here set it: Django reads its settings once.
+    directory = journal.configured_directory(app)
+    assert directory and directory.startswith(tempfile.gettempdir())
+    assert journal.read(directory, ["j1"])["j1"].state == "SUCCESS"

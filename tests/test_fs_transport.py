@@ -179,3 +179,23 @@ def test_stock_transport_shows_partial_messages(kombu_1551_reader):
         pytest.skip("the race did not show within 10 s on this machine")
     name, size = reader.partial[0]
     assert name.endswith(".stock.msg")
+
+
+def test_queued_task_ids_reads_the_waiting_tasks_without_consuming_them(tmp_path):
+    from celery import Celery
+
+    options = filesystem_broker_options(tmp_path / "broker")
+    app = Celery("queued-ids", set_as_current=False)
+    app.conf.update(broker_url="filesystem://", broker_transport=fs_transport.TRANSPORT_PATH,
+                    broker_transport_options=options)
+    try:
+        app.send_task("proj.a", task_id="first")
+        app.send_task("proj.b", task_id="second", queue="other")
+    finally:
+        app.close()
+    folder = options["data_folder_in"]
+    (tmp_path / "broker" / "data" / "torn.celery.msg").write_text('{"headers": {"id"')
+    (tmp_path / "broker" / "data" / "notes.txt").write_text("{}")
+    assert fs_transport.queued_task_ids(folder) == {"first", "second"}
+    assert fs_transport.queued_task_ids(folder) == {"first", "second"}  # nothing was consumed
+    assert fs_transport.queued_task_ids(tmp_path / "missing") == set()

@@ -35,6 +35,10 @@ TIME_ZONE = "UTC"
 
 # celery-supervise: where to find the worker's Celery app.
 CELERY_SUPERVISE_APP = "demo.celery:app"
+# ... and where its workers journal which tasks started and finished, so
+# that `celery-supervise requeue` re-sends only the ones a stop cut off
+# (demo/celery.py installs the journal; requeue reads this same setting).
+CELERY_SUPERVISE_JOURNAL = os.environ.get("CELERY_SUPERVISE_JOURNAL_DIR", str(VAR_DIR / "journal"))
 
 # Broker.  The same project runs on Redis or RabbitMQ when CELERY_BROKER_URL
 # is set (redis://127.0.0.1:6379/0, amqp://guest:guest@127.0.0.1:5672//);
@@ -54,6 +58,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # No result backend: the demo's tasks report through files.
 CELERY_TASK_IGNORE_RESULT = True
 # One task per pool process at a time, acknowledged when it starts: a task
-# that was running when the worker got killed is not delivered again.
+# that was running when the worker got killed is not delivered again
+# (`celery-supervise requeue` sends it again; demo.tasks.mark_late is the
+# acks_late kind, which the broker delivers again by itself).
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ACKS_LATE = False

@@ -143,19 +143,48 @@ def _write_atomically(path, text):
 
 
 @shared_task(bind=True)
-def mark(self, marker_dir, hold=0.0):
-    """Write ``<task id>.started``, hold `hold` seconds, write ``<task id>.done``.
+def mark(self, marker_dir, hold=0.0, gate=None):
+    """Write ``<task id>.started``, hold, write ``<task id>.done``.
 
     Each file is a JSON object: the wall-clock ``time`` it was written, the
     ``node`` that ran the task and its ``worker`` (the pool process's
-    parent, the worker's main process). A test counts which tasks ran, and
+    parent, the worker's main process). Every run also appends one line to
+    ``<task id>.runs``, so a task run twice (delivered again, or sent again
+    with the same id) shows two. A test counts which tasks ran, how often,
     where, and when one finished, without a result backend.
+
+    It holds `hold` seconds, or, with a `gate` file, until that file is
+    gone (at most `hold` seconds): a test removes the gate to let every
+    later run of the same task finish at once.
     """
-    prefix = os.path.join(marker_dir, self.request.id)
-    where = {"node": self.request.hostname, "worker": os.getppid(), "pool": os.getpid()}
-    _write_atomically(prefix + ".started", json.dumps({"time": time.time(), **where}))
+    return _mark(self, marker_dir, hold, gate)
+
+
+@shared_task(bind=True, acks_late=True)
+def mark_late(self, marker_dir, hold=0.0, gate=None):
+    """:func:`mark`, acknowledged only once it has run (``acks_late``).
+
+    A worker killed while it runs never acknowledges it, so the broker
+    delivers it again by itself.
+    """
+    return _mark(self, marker_dir, hold, gate)
+
+
+def _mark(task, marker_dir, hold, gate):
+    prefix = os.path.join(marker_dir, task.request.id)
+    where = {"node": task.request.hostname, "worker": os.getppid(), "pool": os.getpid()}
+    started = json.dumps({"time": time.time(), **where})
+    # One write(2) on an O_APPEND descriptor: a whole line, even if two runs race.
+    fd = os.open(prefix + ".runs", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (started + "\n").encode())
+    finally:
+        os.close(fd)
+    _write_atomically(prefix + ".started", started)
     deadline = time.monotonic() + hold
     while (remaining := deadline - time.monotonic()) > 0:
-        time.sleep(min(remaining, 0.5))
+        if gate is not None and not os.path.exists(gate):
+            break
+        time.sleep(min(remaining, 0.05 if gate is not None else 0.5))
     _write_atomically(prefix + ".done", json.dumps({"time": time.time(), **where}))
-    return self.request.id
+    return task.request.id

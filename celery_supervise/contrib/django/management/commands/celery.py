@@ -29,16 +29,18 @@ def default_app_spec() -> str | None:
 
 
 class Command(BaseCommand):
-    help = "Record, show and kill this host's Celery worker trees, or drain the workers (celery-supervise)."
+    help = ("Record, show and kill this host's Celery worker trees, drain the workers, or requeue the tasks "
+            "a stop cut off (celery-supervise).")
 
     #: What an exit code 3 means, per action, for the CommandError line.
     PARTIAL = {
         "kill": "some processes could not be killed (see the table)",
         "drain": "the drain timed out with tasks still running (see the table)",
+        "requeue": "the broker failed before every task was re-sent (see the table); run requeue again",
     }
 
     def add_arguments(self, parser):
-        sub = parser.add_subparsers(dest="action", metavar="{savepid,kill,status,drain}", required=True)
+        sub = parser.add_subparsers(dest="action", metavar="{savepid,kill,status,drain,requeue}", required=True)
 
         def common(p, *, supervisor=False, timeout=False):
             p.add_argument("--spare", metavar="RULES", default=None,
@@ -74,6 +76,13 @@ class Command(BaseCommand):
                        help="Drain every worker that answers on the app's broker.")
         p.add_argument("--timeout", type=float, default=operations.DEFAULT_DRAIN_TIMEOUT,
                        help="Seconds to wait, in all, for the workers to finish their tasks.")
+        p.add_argument("--json", dest="as_json", action="store_true", help="Print one JSON document.")
+
+        p = sub.add_parser("requeue", help="Re-send the recorded tasks the stop cut off, once (after the stop).")
+        p.add_argument("file")
+        p.add_argument("--journal", metavar="DIR", default=None,
+                       help="The workers' task journal (default: the one the app installs, or CELERY_SUPERVISE_JOURNAL).")
+        p.add_argument("--dry-run", action="store_true", help="Show what would be re-sent; send nothing.")
         p.add_argument("--json", dest="as_json", action="store_true", help="Print one JSON document.")
 
     def handle(self, *args, action, **options):
@@ -135,3 +144,8 @@ class Command(BaseCommand):
         finally:
             progress.close()
         return report.render_drain(out, err, result, as_json)
+
+    def do_requeue(self, out, err, *, file, journal, dry_run, as_json, **_):
+        result = operations.requeue(file, load_app(self._app_spec()), journal_dir=journal, dry_run=dry_run)
+        return report.render_requeue(out, err, result, as_json)
+
