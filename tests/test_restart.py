@@ -191,3 +191,34 @@ def test_result_consume_gap_is_the_longest_and_problem_means_exit_3():
     result.problem = "drain timed out"
     assert result.exit_code == 3
     assert RestartResult(processes=[]).consume_gap is None
+
+
+def test_plain_output_off_a_terminal_and_json():
+    import io
+    import json
+
+    from celery_supervise import report
+    from celery_supervise.kill import KillReport
+    from celery_supervise.restart import Phase
+
+    result = RestartResult(
+        processes=["celery-worker"],
+        phases=[Phase("savepid", 0.12, "1 worker(s)"), Phase("drain", 4.5, "1 worker(s) drained"),
+                Phase("stop", 2.0), Phase("kill", 0.03, "killed 3"), Phase("start", 1.9), Phase("ready", 1.1)],
+        nodes=["demo0@h"], new_nodes={"demo0@h": 1.1}, consume_gaps={"demo0@h": 9.54}, kill=KillReport(),
+        stopped=True, started=True,
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert report.render_restart(*report.consoles(out, err), result, False) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "drain       4.50s  1 worker(s) drained"
+    assert lines[6] == "total       9.65s"
+    assert lines[7] == "consume gap: 9.54s (old workers' cancels sent -> new workers answer a ping)"
+    assert len(lines) == 8 and err.getvalue() == ""
+
+    out = io.StringIO()
+    report.render_restart(*report.consoles(out, err), result, True)
+    doc = json.loads(out.getvalue())
+    assert doc["consume_gap"] == 9.54 and doc["total"] == 9.65 and doc["exit_code"] == 0
+    assert doc["phases"][0] == {"name": "savepid", "seconds": 0.12, "detail": "1 worker(s)"}
+    assert doc["kill"]["summary"]["failed"] == 0 and doc["drain"] is None
