@@ -1,4 +1,4 @@
-"""``restart`` against a real supervisord and worker, on the filesystem transport and on Redis.
+"""``restart`` against a real supervisord and worker: filesystem transport, Redis, RabbitMQ.
 
 Each test runs the worker (``-c 2``) from a private copy of the demo
 project, and ``celery-supervise restart`` from that copy. A
@@ -11,8 +11,9 @@ project, and ``celery-supervise restart`` from that copy. A
     │   └── sh (setsid) → sleep   spared     own session
     └── 1002 pool                 (busy test: runs a 5 s ``mark`` task)
 
-On Redis (db 12, the restart tests' own) each test has its own queue and
-node names, and removes its own keys at the start and the end.
+On Redis (db 12, the restart tests' own) and RabbitMQ each test has its
+own queue and node names, and removes its own keys (Redis: at the start and
+the end) or queue afterwards.
 """
 
 import json
@@ -24,7 +25,7 @@ import pytest
 from realprocs import wait_gone
 from realsupervisor import PROGRAM, copy_project
 from taskfamily import ATTACHED, DETACHED, Family, alive, celery_supervise, worker_tree
-from test_e2e_drain import require
+from test_e2e_drain import RABBITMQ_URL, delete_rabbitmq_queues, require
 
 pytestmark = pytest.mark.e2e
 
@@ -49,17 +50,20 @@ def purge_redis(uid):
         client.close()
 
 
-@pytest.fixture(params=["filesystem", "redis"])
+@pytest.fixture(params=["filesystem", "redis", "rabbitmq"])
 def broker(request):
     """``(url or None, uid)``; request it before ``supervisor`` so it outlives the worker."""
     uid = uuid.uuid4().hex[:8]
-    url = REDIS_URL if request.param == "redis" else None
+    url = {"redis": REDIS_URL, "rabbitmq": RABBITMQ_URL}.get(request.param)
     if url:
         require(url)
+    if request.param == "redis":
         purge_redis(uid)
     yield url, uid
-    if url:
+    if request.param == "redis":
         purge_redis(uid)
+    elif request.param == "rabbitmq":
+        delete_rabbitmq_queues(f"restart-{uid}")
 
 
 @pytest.fixture
