@@ -12,12 +12,13 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from . import control, discovery, drain as draining, procs, restart as restarting, statefile
 from .discovery import Discovery
-from .errors import StateFileError, SupervisorError, UsageError
+from .errors import PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
 from .lock import reaper_lock
 from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, KillReport, Outcome, execute
 from .plan import Policy, Verdict, plan
@@ -375,10 +376,15 @@ def restart(
                  on_drain, on_wait, remote_factory, clock)
         if result.kill is not None and result.kill.partial:
             result.state_file = state_path  # for a later `celery-supervise kill` of what survived
-    except BaseException:
+    except BaseException as exc:
         if result.stopped and not (result.kill and not result.kill.partial):
             result.state_file = state_path  # the only record of what the stop left behind
             scratch = None
+        if result.stopped and isinstance(exc, SuperviseError):
+            # Exit 1 would say "nothing changed"; the workers were stopped.
+            kept = f"; the record of the old workers is kept in {state_path}" if scratch is None else ""
+            raise PartialError(f"{exc} (after the stop of {', '.join(names)}: "
+                               f"{'started again' if result.started else 'not started again'}{kept})") from None
         raise
     finally:
         if scratch is not None and result.state_file != state_path:
@@ -425,7 +431,10 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
         phase(restarting.DRAIN, t, "no worker running; nothing to drain")
 
     t = clock()
-    was_running = [name for name in result.processes if rpc.stop_process(server, name)]
+    # One call per process, all at once: each blocks until its process has
+    # exited (or started), and one slow worker should not hold up the rest.
+    was_running = [name for name, running in zip(result.processes, _each(rpc.stop_process, server, result.processes))
+                   if running]
     result.stopped = True
     phase(restarting.STOP, t, f"{len(was_running)} of {len(result.processes)} process(es) were running")
 
@@ -435,7 +444,7 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     phase(restarting.KILL, t, _kill_summary(killed))
 
     t = clock()
-    pids = {name: rpc.start_process(server, name) for name in result.processes}
+    pids = dict(zip(result.processes, _each(rpc.start_process, server, result.processes)))
     result.started = True
     phase(restarting.START, t, ", ".join(f"{name} PID {pid}" for name, pid in pids.items()))
 
@@ -465,6 +474,15 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     if silent:
         problems.append(f"the new workers did not answer a ping within {start_timeout:g}s: {', '.join(silent)}")
     result.problem = "; ".join(problems) or None
+
+
+def _each(call, server, names: list[str]) -> list:
+    """``[call(server, name) for name in names]``, run side by side; the first error is raised."""
+    if len(names) < 2:
+        return [call(server, name) for name in names]
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        futures = [pool.submit(call, server, name) for name in names]
+        return [f.result() for f in futures]
 
 
 def _kill_summary(report: KillReport) -> str:

@@ -222,3 +222,25 @@ def test_plain_output_off_a_terminal_and_json():
     assert doc["consume_gap"] == 9.54 and doc["total"] == 9.65 and doc["exit_code"] == 0
     assert doc["phases"][0] == {"name": "savepid", "seconds": 0.12, "detail": "1 worker(s)"}
     assert doc["kill"]["summary"]["failed"] == 0 and doc["drain"] is None
+
+
+def test_each_runs_the_calls_side_by_side_in_order_and_raises_the_first_error():
+    import threading
+
+    from celery_supervise.operations import _each
+
+    barrier = threading.Barrier(3, timeout=5)  # only passes if all three run at once
+
+    def call(server, name):
+        barrier.wait()
+        return f"{server}:{name}"
+
+    assert _each(call, "s", ["a", "b", "c"]) == ["s:a", "s:b", "s:c"]
+
+    def fail(server, name):
+        if name == "b":
+            raise SupervisorError(server, f"startProcess({name}) failed")
+        return name
+
+    with pytest.raises(SupervisorError, match=r"startProcess\(b\)"):
+        _each(fail, "s", ["a", "b"])
