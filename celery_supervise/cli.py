@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from typing_extensions import Annotated
 
-from . import operations, report
+from . import operations, report, restart as restarting, rpc
 from .control import load_app
 from .errors import EXIT_ERROR, EXIT_USAGE, SuperviseError
 from .plan import Policy
@@ -194,6 +194,47 @@ def requeue(
     result = operations.requeue(file, state.celery_app(), journal_dir=journal, dry_run=dry_run)
     out, err = consoles()
     return report.render_requeue(out, err, result, as_json)
+
+
+@app.command()
+def restart(
+    ctx: typer.Context,
+    programs: Annotated[List[str], typer.Argument(metavar="PROGRAM...",
+                                                  help="supervisord program or process names: NAME, GROUP:NAME, GROUP:*.")],
+    drain_timeout: Annotated[
+        float, typer.Option("--drain-timeout", min=0.1, help="Seconds the old workers may take to finish their tasks.")
+    ] = operations.DEFAULT_DRAIN_TIMEOUT,
+    grace: Annotated[float, typer.Option("--grace", min=0, help="Seconds between SIGTERM and SIGKILL for leftovers.")] = operations.DEFAULT_GRACE,
+    start_timeout: Annotated[
+        float, typer.Option("--start-timeout", min=0.1, help="Seconds the new workers may take to answer a ping.")
+    ] = restarting.DEFAULT_START_TIMEOUT,
+    supervisor_url: SupervisorUrlOpt = None,
+    configuration: Annotated[
+        Optional[str],
+        typer.Option("-c", "--configuration", metavar="SUPERVISORD_CONF",
+                     help="Read supervisord's URL and credentials from this file's [supervisorctl] section, "
+                     "as supervisorctl -c does. [default: supervisorctl's search]"),
+    ] = None,
+    state: Annotated[
+        Optional[str], typer.Option("--state", metavar="FILE", help="Keep the savepid record here. [default: a temporary file]")
+    ] = None,
+    timeout: TimeoutOpt = operations.DEFAULT_TIMEOUT,
+    as_json: JsonOpt = False,
+) -> int:
+    """Restart supervisord programs running Celery workers: savepid, drain, stop, kill, start, wait for a ping."""
+    state_: State = ctx.obj
+    server = rpc.find_server(supervisor_url, configuration)
+    out, err = consoles()
+    drain_progress, wait_progress = report.DrainProgress(err), report.WaitProgress(err)
+    try:
+        result = operations.restart(
+            state_.celery_app(), state_.app_spec, programs, server, state_path=state, drain_timeout=drain_timeout,
+            grace=grace, start_timeout=start_timeout, timeout=timeout, on_drain=drain_progress, on_wait=wait_progress,
+        )
+    finally:
+        drain_progress.close()
+        wait_progress.close()
+    return report.render_restart(out, err, result, as_json)
 
 
 @app.command()

@@ -112,6 +112,15 @@ def cancel_consumer(app, conn, queue: str, *, nodes: list[str] | None, valid_for
     )
 
 
+def ping(app, conn, nodes: list[str], timeout: float) -> set[str]:
+    """The *nodes* that answered a ping within *timeout* (returns once all have)."""
+    replies = _retry_decode(
+        "ping",
+        lambda: app.control.ping(destination=list(nodes), limit=len(nodes), timeout=timeout, connection=conn),
+    )
+    return {name for reply in replies or () if isinstance(reply, dict) for name in reply}
+
+
 class Remote:
     """One bounded broker connection for a sequence of control calls.
 
@@ -133,6 +142,9 @@ class Remote:
         reply came for *timeout* seconds.
         """
         return inspect(self.app, self.conn, command, nodes=nodes, expected=len(nodes or ()), timeout=timeout)
+
+    def ping(self, nodes: list[str], timeout: float) -> set[str]:
+        return ping(self.app, self.conn, nodes, timeout)
 
     def close(self) -> None:
         self.conn.release()

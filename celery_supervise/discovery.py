@@ -224,11 +224,12 @@ def worker_main_under(pid: int, wanted_app: str | None = None) -> int | None:
 # ---------------------------------------------------------------- supervisor
 
 
-def from_supervisor(url: str, programs: list[str], local: dict[int, WorkerCommand]) -> tuple[list[Found], list[str]]:
+def from_supervisor(url: str, programs: list[str], local: dict[int, WorkerCommand],
+                    auth: tuple[str | None, str | None] = (None, None)) -> tuple[list[Found], list[str]]:
     """Workers run by supervisord's matching programs."""
     from . import rpc  # supervisor's XML-RPC stack is slow to import; most runs never need it
 
-    sup_pid, running = rpc.program_processes(url, programs)
+    sup_pid, running = rpc.program_processes(url, programs, *auth)
     found, warnings = [], []
     for pp in running:
         mains = [pp.pid] if pp.pid in local else []
@@ -306,6 +307,7 @@ def discover(
     programs: list[str] = (),
     timeout: float = 2.0,
     want_tasks: bool = True,
+    supervisor_auth: tuple[str | None, str | None] = (None, None),
 ) -> Discovery:
     """Find this host's workers of *app_spec* (all workers when ``None``)."""
     root = app_root(app_spec) if app_spec else None
@@ -315,7 +317,7 @@ def discover(
     source = "scan"
     if supervisor_url:
         try:
-            found, w = from_supervisor(supervisor_url, list(programs), local)
+            found, w = from_supervisor(supervisor_url, list(programs), local, supervisor_auth)
             warnings += w
             source = "supervisor"
         except SupervisorError as exc:

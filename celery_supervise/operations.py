@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from . import control, discovery, drain as draining, fs_transport, journal as journaling, ledger as ledgers, procs
-from . import requeue as requeuing, statefile
+from . import requeue as requeuing, restart as restarting, statefile
 from .discovery import Discovery
-from .errors import PartialError, StateFileError, UsageError
+from .errors import PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
 from .lock import reaper_lock
-from .kill import GONE, REFUSED, KillReport, Outcome, execute
+from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, KillReport, Outcome, execute
 from .plan import Policy, Verdict, plan
 from .procs import MAIN, POOL, TASK, Proc
 from .snapshot import Snapshot, Worker, hostname, read_worker, take
@@ -76,13 +80,14 @@ class Targets:
     supervisor_url: str | None = None
     programs: tuple[str, ...] = ()
     timeout: float = DEFAULT_TIMEOUT  # per broker reply
+    supervisor_auth: tuple[str | None, str | None] = (None, None)  # username, password
 
 
 def live_snapshot(targets: Targets) -> tuple[Snapshot, list[str]]:
     """Discover this host's workers and read their trees."""
     found: Discovery = discovery.discover(
         app=targets.app, app_spec=targets.app_spec, supervisor_url=targets.supervisor_url,
-        programs=list(targets.programs), timeout=targets.timeout,
+        programs=list(targets.programs), timeout=targets.timeout, supervisor_auth=targets.supervisor_auth,
     )
     workers = []
     for f in found.workers:
@@ -502,3 +507,168 @@ def _at_least_once_warnings(decisions, directory) -> list[str]:
 
 __all__ = ["Targets", "savepid", "kill", "status", "drain", "requeue", "SaveResult", "StatusResult",
            "RequeueResult", "protected_pids"]
+# ------------------------------------------------------------------- restart
+
+
+def restart(
+    app,
+    app_spec: str | None,
+    programs: Iterable[str],
+    server,
+    *,
+    state_path: str | None = None,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    grace: float = DEFAULT_GRACE,
+    start_timeout: float = restarting.DEFAULT_START_TIMEOUT,
+    timeout: float = DEFAULT_TIMEOUT,
+    on_drain: Callable | None = None,
+    on_wait: Callable | None = None,
+    remote_factory: Callable[[object], control.Remote] = control.Remote,
+    clock: Callable[[], float] = time.monotonic,
+) -> restarting.RestartResult:
+    """Restart supervisord *programs* (an ``rpc.Server``'s) without losing a task or a leftover.
+
+    savepid -> drain -> stop -> kill -> start -> ready. Errors before the
+    stop raise and change nothing (beyond a drain's cancels, which the
+    message names). A drain that times out returns with ``problem`` set and
+    the workers still running: they are never stopped with a task in hand.
+    A kill that leaves a process alive does not keep the new workers from
+    starting; it sets ``problem``.
+    """
+    from . import rpc
+
+    if app is None or not app_spec:
+        raise UsageError("restart needs -A APP: the app whose workers it drains and pings")
+    if grace < 0 or not drain_timeout > 0 or not start_timeout > 0:
+        raise UsageError("--grace must not be negative; --drain-timeout and --start-timeout must be positive")
+    if state_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(state_path))):
+        raise StateFileError(state_path, "its folder does not exist")
+    names = rpc.expand_names(list(programs), rpc.all_process_info(server))  # unreachable: nothing done
+    result = restarting.RestartResult(processes=names)
+    scratch = None
+    if state_path is None:
+        scratch = tempfile.mkdtemp(prefix="celery-supervise-restart-")
+        state_path = os.path.join(scratch, "state.json")
+    else:
+        result.state_file = state_path
+    try:
+        _restart(result, app, app_spec, server, state_path, drain_timeout, grace, start_timeout, timeout,
+                 on_drain, on_wait, remote_factory, clock)
+        if result.kill is not None and result.kill.partial:
+            result.state_file = state_path  # for a later `celery-supervise kill` of what survived
+    except BaseException as exc:
+        if result.stopped and not (result.kill and not result.kill.partial):
+            result.state_file = state_path  # the only record of what the stop left behind
+            scratch = None
+        if result.stopped and isinstance(exc, SuperviseError):
+            # Exit 1 would say "nothing changed"; the workers were stopped.
+            kept = f"; the record of the old workers is kept in {state_path}" if scratch is None else ""
+            raise PartialError(f"{exc} (after the stop of {', '.join(names)}: "
+                               f"{'started again' if result.started else 'not started again'}{kept})") from None
+        raise
+    finally:
+        if scratch is not None and result.state_file != state_path:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_timeout, timeout,
+             on_drain, on_wait, remote_factory, clock) -> None:
+    from . import rpc
+
+    def phase(name, started, detail=""):
+        result.phases.append(restarting.Phase(name, clock() - started, detail))
+
+    t = clock()
+    targets = Targets(app=app, app_spec=app_spec, supervisor_url=server.url, programs=tuple(result.processes),
+                      timeout=timeout, supervisor_auth=(server.username, server.password))
+    result.save = saved = savepid(path, targets, Policy())
+    if saved.snapshot.workers and not saved.snapshot.source.startswith("supervisor"):
+        # discovery fell back to a scan, which would also record other programs' workers
+        raise SupervisorError(server.url, "did not say which processes these programs run; nothing was stopped")
+    result.warnings += saved.warnings
+    result.nodes = list(dict.fromkeys(w.node for w in saved.snapshot.workers if w.node))
+    phase(restarting.SAVEPID, t, f"{len(saved.snapshot.workers)} worker(s), "
+          f"{sum(len(w.procs) for w in saved.snapshot.workers)} process(es), "
+          f"{sum(len(w.tasks) for w in saved.snapshot.workers)} active task(s)")
+
+    t = clock()
+    cancels = restarting.CancelClock(remote_factory, clock)
+    if result.nodes:
+        result.drain = drained = drain(app, app_spec, destinations=result.nodes, timeout=drain_timeout,
+                                       on_progress=on_drain, remote_factory=cancels)
+        result.warnings += drained.warnings
+        phase(restarting.DRAIN, t, f"{len(drained.targets)} worker(s) "
+              + ("drained" if drained.drained else f"still hold {len(drained.held)} task(s)"))
+        if not drained.drained:
+            result.problem = (
+                f"the drain timed out after {drained.elapsed:.1f}s: nothing was stopped, the workers finish "
+                "their tasks but no longer consume their queues; run restart again (with a longer "
+                "--drain-timeout) to finish, or `celery control add_consumer` to resume"
+            )
+            return
+    else:
+        phase(restarting.DRAIN, t, "no worker running; nothing to drain")
+
+    t = clock()
+    # One call per process, all at once: each blocks until its process has
+    # exited (or started), and one slow worker should not hold up the rest.
+    was_running = [name for name, running in zip(result.processes, _each(rpc.stop_process, server, result.processes))
+                   if running]
+    result.stopped = True
+    phase(restarting.STOP, t, f"{len(was_running)} of {len(result.processes)} process(es) were running")
+
+    t = clock()
+    result.kill = killed = kill(path, grace=grace, app_spec=app_spec, on_wait=on_wait)
+    result.warnings += killed.warnings
+    phase(restarting.KILL, t, _kill_summary(killed))
+
+    t = clock()
+    pids = dict(zip(result.processes, _each(rpc.start_process, server, result.processes)))
+    result.started = True
+    phase(restarting.START, t, ", ".join(f"{name} PID {pid}" for name, pid in pids.items()))
+
+    t = clock()
+    started_at = t
+
+    def new_nodes():
+        for pid in pids.values():
+            main = discovery.worker_main_under(pid, app_spec)
+            p = procs.read_proc(main) if main else None
+            command = discovery.parse_worker_cmdline(p.cmdline) if p else None
+            if command is not None:
+                yield command.node
+
+    with remote_factory(app) as remote:
+        answered, silent = restarting.wait_answering(remote.ping, lambda: list(new_nodes()),
+                                                     started_at + start_timeout, clock=clock)
+    result.new_nodes = {n: at - started_at for n, at in answered.items()}
+    result.new_nodes.update({n: None for n in silent})
+    if cancels.sent_at is not None:
+        result.consume_gaps = {n: at - cancels.sent_at for n, at in answered.items()}
+    phase(restarting.READY, t, f"{len(answered)} worker(s) answered a ping"
+          + (f"; not: {', '.join(silent)}" if silent else ""))
+    problems = []
+    if killed.partial:
+        problems.append("some leftovers of the old workers could not be killed (see the kill report)")
+    if silent:
+        problems.append(f"the new workers did not answer a ping within {start_timeout:g}s: {', '.join(silent)}")
+    result.problem = "; ".join(problems) or None
+
+
+def _each(call, server, names: list[str]) -> list:
+    """``[call(server, name) for name in names]``, run side by side; the first error is raised."""
+    if len(names) < 2:
+        return [call(server, name) for name in names]
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        futures = [pool.submit(call, server, name) for name in names]
+        return [f.result() for f in futures]
+
+
+def _kill_summary(report: KillReport) -> str:
+    count = {s: len(report.by_status(s)) for s in (KILLED, SPARED, GONE, FAILED)}
+    return f"killed {count[KILLED]}, spared {count[SPARED]}, already gone {count[GONE]}, failed {count[FAILED]}"
+
+
+__all__ = ["Targets", "savepid", "kill", "status", "drain", "restart", "SaveResult", "StatusResult",
+           "protected_pids"]

@@ -19,6 +19,7 @@ from .drain import ACTIVE, RESERVED, Assessment, DrainResult
 from .errors import EXIT_OK, EXIT_PARTIAL
 from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
 from .operations import FAILED as REQUEUE_FAILED, RESENT, SKIPPED, WOULD_RESEND, RequeueResult, SaveResult, StatusResult
+from .restart import RestartResult
 from .plan import KILL, REFUSE, Verdict
 from .requeue import route_of
 from .statefile import Encoder, proc_to_dict, to_document
@@ -423,3 +424,63 @@ def render_requeue(out: Console, err: Console, result: RequeueResult, as_json: b
     out.print(requeue_summary(result), highlight=False)
     return requeue_exit_code(result)
 
+
+# ------------------------------------------------------------------- restart
+
+
+def restart_document(result: RestartResult) -> dict:
+    return {
+        "exit_code": result.exit_code,
+        "processes": result.processes,
+        "phases": [{"name": p.name, "seconds": round(p.seconds, 3), "detail": p.detail} for p in result.phases],
+        "total": round(result.total, 3),
+        "consume_gap": _seconds(result.consume_gap),
+        "consume_gaps": {n: round(s, 3) for n, s in result.consume_gaps.items()},
+        "old_nodes": result.nodes,
+        "new_nodes": {n: _seconds(s) for n, s in result.new_nodes.items()},
+        "stopped": result.stopped,
+        "started": result.started,
+        "drain": drain_document(result.drain) if result.drain is not None else None,
+        "kill": None if result.kill is None else {
+            "summary": {s: len(result.kill.by_status(s)) for s in STATUS_ORDER},
+            "failed": [{**proc_to_dict(o.proc), "reason": o.reason} for o in result.kill.by_status(FAILED)],
+        },
+        "state_file": result.state_file,
+        "problem": result.problem,
+        "warnings": result.warnings,
+    }
+
+
+def render_restart(out: Console, err: Console, result: RestartResult, as_json: bool) -> int:
+    """A phase table on a terminal, one plain line per phase otherwise."""
+    warnings(err, result.warnings)
+    if as_json:
+        emit_json(out, restart_document(result))
+        return result.exit_code
+    if result.drain is not None and not result.drain.drained:
+        render_drain(out, err, result.drain, False)
+    gap = result.consume_gap
+    gap_text = ("consume gap: n/a (no worker was drained, or none answered)" if gap is None else
+                f"consume gap: {gap:.2f}s (old workers' cancels sent -> new workers answer a ping)")
+    if out.is_terminal:
+        table = Table(title=f"celery-supervise restart {' '.join(result.processes)}", title_justify="left")
+        for col, justify in (("phase", "left"), ("time", "right"), ("what happened", "left")):
+            table.add_column(col, justify=justify, overflow="fold")
+        for p in result.phases:
+            table.add_row(p.name, f"{p.seconds:.2f}s", p.detail)
+        table.add_row("[bold]total[/]", f"{result.total:.2f}s", "")
+        out.print(table)
+    else:
+        for p in result.phases:
+            out.print(f"{p.name:<8} {p.seconds:7.2f}s  {p.detail}", highlight=False, markup=False)
+        out.print(f"{'total':<8} {result.total:7.2f}s", highlight=False)
+    out.print(gap_text, highlight=False, markup=False)
+    if result.kill is not None and result.kill.partial:
+        for o in result.kill.by_status(FAILED):
+            out.print(f"  not killed: {o.proc.pid} {display_command(o.proc.cmdline)}: {o.reason}",
+                      highlight=False, markup=False)
+    if result.state_file:
+        out.print(f"record: {result.state_file}", highlight=False, markup=False)
+    if result.problem:
+        out.print(f"not done: {result.problem}", highlight=False, markup=False)
+    return result.exit_code

@@ -66,3 +66,126 @@ def program_processes(url: str, patterns: list[str], username=None, password=Non
         if info.get("statename") in RUNNING_STATES and info.get("pid"):
             found.append(ProgramProcess(name, int(info["pid"]), info["statename"]))
     return int(sup_pid), found
+
+
+# ------------------------------------------------------------------- restart
+
+#: supervisor's own fault codes (``supervisor.xmlrpc.Faults``), without importing it.
+FAULT_NOT_RUNNING = 70
+FAULT_ALREADY_STARTED = 60
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where supervisord listens, and how to log in, as supervisorctl would find it."""
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+    source: str = "--supervisor-url"  # or the config file it was read from
+
+    def proxy(self):
+        return connect(self.url, self.username, self.password)
+
+
+def find_server(url: str | None = None, config: str | None = None) -> Server:
+    """supervisord's URL and credentials, the way supervisorctl finds them.
+
+    An explicit *url* (``--supervisor-url`` or ``SUPERVISOR_SERVER_URL``)
+    wins; credentials then come from *config* only when one is named.
+    Otherwise the ``[supervisorctl]`` section of *config*, or of the first
+    file of supervisorctl's default search (``supervisord.conf``,
+    ``etc/supervisord.conf``, ``/etc/supervisord.conf``,
+    ``/etc/supervisor/supervisord.conf``…), read by supervisor's own
+    :class:`supervisor.options.ClientOptions`, so ``%(here)s``,
+    ``%(ENV_X)s`` and relative socket paths mean what they mean there.
+    """
+    if url and not config:
+        return Server(url)
+    from supervisor.options import ClientOptions
+
+    options = ClientOptions()
+
+    def usage(message):  # ClientOptions would print it and exit(2)
+        raise SupervisorError(config or "supervisorctl's default config", " ".join(str(message).split()))
+
+    options.usage = usage
+    args = ["-c", config] if config else []
+    if url:
+        args += ["-s", url]
+    options.realize(args=args, progname="celery-supervise")
+    source = "--supervisor-url" if url else (options.configfile or "supervisorctl's default URL")
+    return Server(options.serverurl, options.username, options.password, source)
+
+
+def all_process_info(server: Server) -> list[dict]:
+    """``supervisor.getAllProcessInfo()``; :class:`SupervisorError` when unreachable."""
+    return call(server.url, server.proxy().supervisor.getAllProcessInfo)
+
+
+def expand_names(names, infos: list[dict]) -> list[str]:
+    """The name of every process *names* mean, in order, once each.
+
+    Names come back as supervisorctl shows them: ``group:name``, or just
+    ``name`` for a process alone in a group of its own name.
+
+    As supervisorctl understands a name, and a little kinder: ``group:*``
+    is every process of the group, ``group:name`` one process, and a bare
+    name is a whole group (``celery-worker`` for ``celery-worker:*``) or
+    else the one process of that name. An unknown name is an error before
+    anything is touched.
+    """
+    by_group: dict[str, list[str]] = {}
+    by_name: dict[str, list[str]] = {}
+    exact: dict[str, str] = {}
+    for info in infos:
+        full = full_name(info)  # "name" when the group is its one program's, as supervisorctl shows it
+        by_group.setdefault(info["group"], []).append(full)
+        by_name.setdefault(info["name"], []).append(full)
+        exact[f"{info['group']}:{info['name']}"] = full
+    out: list[str] = []
+    unknown = []
+    for name in names:
+        group, sep, proc = name.partition(":")
+        if sep and proc == "*":
+            found = by_group.get(group, [])
+        elif sep:
+            found = [exact[name]] if name in exact else []
+        else:
+            found = by_group.get(name) or by_name.get(name, [])
+            if len(found) > 1 and name not in by_group:
+                raise SupervisorError("supervisord", f"{name!r} names processes of several groups "
+                                      f"({', '.join(found)}); say group:name")
+        if not found:
+            unknown.append(name)
+        out.extend(f for f in found if f not in out)
+    if unknown:
+        known = ", ".join(sorted({f"{i['group']}:*" for i in infos})) or "none"
+        raise SupervisorError("supervisord", f"no such program or process: {', '.join(unknown)} (known: {known})")
+    return out
+
+
+def stop_process(server: Server, name: str) -> bool:
+    """``stopProcess(name, wait=True)``: returns once it has exited; ``False`` if it was not running."""
+    try:
+        server.proxy().supervisor.stopProcess(name, True)
+    except xmlrpc.client.Fault as exc:
+        if exc.faultCode == FAULT_NOT_RUNNING:
+            return False
+        raise SupervisorError(server.url, f"stopProcess({name}): fault {exc.faultCode}: {exc.faultString}") from None
+    except (OSError, xmlrpc.client.ProtocolError) as exc:
+        raise SupervisorError(server.url, f"not reachable ({exc})") from None
+    return True
+
+
+def start_process(server: Server, name: str) -> int:
+    """``startProcess(name, wait=True)`` (RUNNING after ``startsecs``); return its PID."""
+    proxy = server.proxy()
+    try:
+        proxy.supervisor.startProcess(name, True)
+    except xmlrpc.client.Fault as exc:
+        if exc.faultCode != FAULT_ALREADY_STARTED:
+            raise SupervisorError(server.url, f"startProcess({name}): fault {exc.faultCode}: {exc.faultString}") from None
+    except (OSError, xmlrpc.client.ProtocolError) as exc:
+        raise SupervisorError(server.url, f"not reachable ({exc})") from None
+    return int(call(server.url, proxy.supervisor.getProcessInfo, name)["pid"])

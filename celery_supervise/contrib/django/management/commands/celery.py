@@ -1,4 +1,4 @@
-"""``python manage.py celery savepid|kill|status|drain``: the Django shell over the core.
+"""``python manage.py celery savepid|kill|status|drain|restart``: the Django shell over the core.
 
 Same options and output as the ``celery-supervise`` CLI. The Celery app is
 ``settings.CELERY_SUPERVISE_APP`` ("module:attribute"); without it, the
@@ -14,7 +14,7 @@ import os
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from celery_supervise import operations, report
+from celery_supervise import operations, report, restart as restarting, rpc
 from celery_supervise.control import load_app
 from celery_supervise.errors import EXIT_PARTIAL, SuperviseError
 from celery_supervise.plan import Policy
@@ -29,8 +29,8 @@ def default_app_spec() -> str | None:
 
 
 class Command(BaseCommand):
-    help = ("Record, show and kill this host's Celery worker trees, drain the workers, or requeue the tasks "
-            "a stop cut off (celery-supervise).")
+    help = ("Record, show and kill this host's Celery worker trees, drain the workers, restart their "
+            "supervisord programs, or requeue the tasks a stop cut off (celery-supervise).")
 
     #: What an exit code 3 means, per action, for the CommandError line.
     PARTIAL = {
@@ -40,7 +40,8 @@ class Command(BaseCommand):
     }
 
     def add_arguments(self, parser):
-        sub = parser.add_subparsers(dest="action", metavar="{savepid,kill,status,drain,requeue}", required=True)
+        sub = parser.add_subparsers(dest="action", metavar="{savepid,kill,status,drain,restart,requeue}",
+                                    required=True)
 
         def common(p, *, supervisor=False, timeout=False):
             p.add_argument("--spare", metavar="RULES", default=None,
@@ -83,6 +84,24 @@ class Command(BaseCommand):
         p.add_argument("--journal", metavar="DIR", default=None,
                        help="The workers' task journal (default: the one the app installs, or CELERY_SUPERVISE_JOURNAL).")
         p.add_argument("--dry-run", action="store_true", help="Show what would be re-sent; send nothing.")
+        p.add_argument("--json", dest="as_json", action="store_true", help="Print one JSON document.")
+
+        p = sub.add_parser("restart", help="Restart supervisord programs running Celery workers: savepid, drain, "
+                           "stop, kill, start, wait for a ping.")
+        p.add_argument("programs", nargs="+", metavar="PROGRAM", help="NAME, GROUP:NAME or GROUP:*.")
+        p.add_argument("--drain-timeout", type=float, default=operations.DEFAULT_DRAIN_TIMEOUT,
+                       help="Seconds the old workers may take to finish their tasks.")
+        p.add_argument("--grace", type=float, default=operations.DEFAULT_GRACE,
+                       help="Seconds between SIGTERM and SIGKILL for leftovers.")
+        p.add_argument("--start-timeout", type=float, default=restarting.DEFAULT_START_TIMEOUT,
+                       help="Seconds the new workers may take to answer a ping.")
+        p.add_argument("--supervisor-url", default=os.environ.get("SUPERVISOR_SERVER_URL"),
+                       help="supervisord's XML-RPC URL.")
+        p.add_argument("-c", "--configuration", metavar="SUPERVISORD_CONF", default=None,
+                       help="Read supervisord's URL and credentials from this file, as supervisorctl -c does.")
+        p.add_argument("--state", metavar="FILE", default=None, help="Keep the savepid record here.")
+        p.add_argument("--timeout", type=float, default=operations.DEFAULT_TIMEOUT,
+                       help="Seconds to wait for each broker reply.")
         p.add_argument("--json", dest="as_json", action="store_true", help="Print one JSON document.")
 
     def handle(self, *args, action, **options):
@@ -149,3 +168,20 @@ class Command(BaseCommand):
         result = operations.requeue(file, load_app(self._app_spec()), journal_dir=journal, dry_run=dry_run)
         return report.render_requeue(out, err, result, as_json)
 
+    def do_restart(self, out, err, *, programs, drain_timeout, grace, start_timeout, supervisor_url, configuration,
+                   state, timeout, as_json, **_):
+        spec = self._app_spec()
+        server = rpc.find_server(supervisor_url, configuration)
+        drain_progress, wait_progress = report.DrainProgress(err), report.WaitProgress(err)
+        try:
+            result = operations.restart(
+                load_app(spec), spec, programs, server, state_path=state, drain_timeout=drain_timeout, grace=grace,
+                start_timeout=start_timeout, timeout=timeout, on_drain=drain_progress, on_wait=wait_progress,
+            )
+        finally:
+            drain_progress.close()
+            wait_progress.close()
+        code = report.render_restart(out, err, result, as_json)
+        if code == EXIT_PARTIAL:
+            raise CommandError(result.problem, returncode=code)
+        return code

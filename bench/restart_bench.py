@@ -1,0 +1,169 @@
+"""``celery-supervise restart`` against ``supervisorctl restart``, on one worker.
+
+    python bench/restart_bench.py [--brokers filesystem,redis] [--task-seconds 5]
+
+One supervisord (the tests' harness, ``tests/realsupervisor.py``) runs the
+demo worker (``-c 2``, ``stopsignal=TERM``) from a private copy of
+``django_app/``. On each broker, each command restarts that program twice:
+idle, then with a ``mark`` task of ``--task-seconds`` running.
+
+The **consume gap** is how long the worker's queues had nobody taking a
+task:
+
+* ``celery-supervise restart``: its own ``consume_gap`` (the drain's cancels
+  sent -> the new worker answers a ping);
+* ``supervisorctl restart``: from the command's start (the stop signal makes
+  a Celery worker cancel its consumers at once) to the new worker's first
+  answer to a ping, sent with ``destination`` and ``limit`` every 0.25 s.
+
+Each row also says whether the task finished on the old worker. Neither
+restart loses it here (TERM is a warm shutdown), but ``supervisorctl``
+leaves a task's attached children behind; that is what ``kill`` is for and
+is not measured here. Measurements, not tests: nothing is asserted.
+Everything started is marked with ``CELERY_SUPERVISE_TEST_RUN`` and stopped
+through supervisord's shutdown, then swept by that mark, by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the harness lives with the tests
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+BROKERS = {"filesystem": None, "redis": REDIS_URL}
+PING_EVERY = 0.25
+
+
+def _ping_until_answered(client, node: str, deadline: float) -> float | None:
+    """Monotonic time of *node*'s first answer to a ping, or ``None`` at the deadline."""
+    while time.monotonic() < deadline:
+        replies = client.app.control.ping(destination=[node], limit=1, timeout=PING_EVERY)
+        if any(node in r for r in replies or ()):
+            return time.monotonic()
+    return None
+
+
+def _supervisorctl(run, node: str) -> dict:
+    start = time.monotonic()
+    result = run.ctl("restart", "celery-worker:*")
+    # The ctl returns once the new process is RUNNING (startsecs); the
+    # worker answers a little later.
+    answered = _ping_until_answered(run.celery, node, time.monotonic() + 60)
+    return {"ok": result.returncode == 0, "total": time.monotonic() - start,
+            "gap": None if answered is None else answered - start}
+
+
+def _celery_supervise(run, project: Path) -> dict:
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "celery_supervise", "-A", "demo", "restart", "celery-worker",
+         "-c", str(run.conf_path), "--grace", "3", "--json"],
+        cwd=project, env=run.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180,
+    )
+    total = time.monotonic() - start
+    try:
+        doc = json.loads(result.stdout)
+    except ValueError:
+        return {"ok": False, "total": total, "gap": None, "error": result.stderr.strip()[-200:]}
+    return {"ok": result.returncode == 0, "total": total, "gap": doc["consume_gap"],
+            "phases": {p["name"]: round(p["seconds"], 2) for p in doc["phases"]}}
+
+
+def measure(broker: str, task_seconds: float = 5.0) -> list[dict]:
+    """Rows ``{broker, tool, scenario, gap, total, task_done_on_old, ok}`` for one broker."""
+    from realsupervisor import Supervisord, copy_project
+
+    url = BROKERS[broker]
+    uid = uuid.uuid4().hex[:8]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="restart-bench-") as tmp:
+        project = copy_project(Path(tmp) / "project")
+        (Path(tmp) / "sup").mkdir()
+        queue = f"restartbench-{uid}" if url else None
+        run = Supervisord(Path(tmp) / "sup", concurrency=2, stopwaitsecs=max(10, task_seconds + 5),
+                          project_dir=project, broker_url=url, queues=queue,
+                          node_prefix=f"rbench{uid}-" if url else "demo")
+        try:
+            run.start()
+            run.wait_nodes()
+            [node] = run.node_names()
+            for tool in ("supervisorctl", "celery-supervise"):
+                for scenario in ("idle", "busy"):
+                    task = None
+                    old = run.worker_pids()[0]
+                    if scenario == "busy":
+                        task = run.celery.mark(hold=task_seconds, queue=queue)
+                        run.celery.wait_for_mark(task, "started")
+                    row = _supervisorctl(run, node) if tool == "supervisorctl" else _celery_supervise(run, project)
+                    done = run.celery.mark_record(task, "done") if task else None
+                    row.update(broker=broker, tool=tool, scenario=scenario,
+                               task_done_on_old=None if task is None else bool(done and done["worker"] == old))
+                    rows.append(row)
+                    run.wait_nodes()
+        finally:
+            run.stop()
+            if url:
+                _purge_redis(uid)
+    return rows
+
+
+def _purge_redis(uid: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        for key in client.scan_iter(match=f"*{uid}*"):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+def run(brokers=("filesystem", "redis"), task_seconds: float = 5.0) -> list[dict]:
+    """Measure on each broker; every process started is gone when it returns."""
+    from realprocs import RUN_ENV_VAR, reap_leaks
+
+    mark = os.environ.setdefault(RUN_ENV_VAR, "restart-bench-" + uuid.uuid4().hex)
+    os.environ.pop("CELERY_BROKER_URL", None)
+    try:
+        return [row for b in brokers for row in measure(b, task_seconds)]
+    finally:
+        leaked = reap_leaks(mark, exclude={os.getpid()})
+        if leaked:
+            print(f"restart_bench: {leaked}", file=sys.stderr)
+
+
+def table(rows: list[dict]) -> str:
+    def s(v):
+        return "-" if v is None else f"{v:.2f} s"
+
+    lines = ["| broker | command | worker | consume gap | whole restart | task finished on old worker | exit ok |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        task = "-" if r["task_done_on_old"] is None else ("yes" if r["task_done_on_old"] else "no")
+        lines.append(f"| {r['broker']} | {r['tool']} restart | {r['scenario']} | {s(r['gap'])} | {s(r['total'])} "
+                     f"| {task} | {'yes' if r['ok'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/restart_bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--brokers", default="filesystem,redis", help="comma list of filesystem, redis")
+    parser.add_argument("--task-seconds", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    rows = run(tuple(b for b in args.brokers.split(",") if b), args.task_seconds)
+    print(table(rows))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
