@@ -15,15 +15,14 @@ never "empty": that would send everything again.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import time
 from dataclasses import dataclass, field
 
 from . import statefile
-from .errors import StateFileError, SuperviseError
+from .lock import flock_within
+from .errors import StateFileError
 
 KIND = "celery-supervise/requeued"
 SCHEMA = 1
@@ -96,18 +95,8 @@ def exclusive(state_path: str, wait: float = LOCK_WAIT, clock=time.monotonic, sl
         yield
         return
     try:
-        deadline = clock() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if clock() >= deadline:
-                    raise SuperviseError(f"another requeue of {state_path} has been running for {wait:g}s; "
-                                         "giving up") from None
-                sleep(0.05)
+        flock_within(fd, wait, f"another requeue of {state_path} has been running for {wait:g}s; giving up",
+                     clock, sleep)
         yield
     finally:
         os.close(fd)

@@ -28,6 +28,21 @@ def lock_path() -> str:
     return os.environ.get(LOCK_ENV) or os.path.join(tempfile.gettempdir(), f"celery-supervise-{os.geteuid()}.lock")
 
 
+def flock_within(fd: int, wait: float, message: str, clock=time.monotonic, sleep=time.sleep) -> None:
+    """Take an exclusive ``flock`` on *fd*, polling; :class:`SuperviseError` (*message*) after *wait* s."""
+    deadline = clock() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if clock() >= deadline:
+                raise SuperviseError(message) from None
+            sleep(0.05)
+
+
 @contextlib.contextmanager
 def reaper_lock(wait: float = DEFAULT_WAIT, clock=time.monotonic, sleep=time.sleep):
     """Hold the host-wide reaper lock; :class:`SuperviseError` after *wait* seconds."""
@@ -42,19 +57,8 @@ def reaper_lock(wait: float = DEFAULT_WAIT, clock=time.monotonic, sleep=time.sle
         st = os.fstat(fd)
         if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
             raise SuperviseError(f"lock file {path} is not a regular file of ours; refusing")
-        deadline = clock() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if clock() >= deadline:
-                    raise SuperviseError(
-                        f"another celery-supervise kill has held {path} for {wait:g}s; giving up"
-                    ) from None
-                sleep(0.05)
+        flock_within(fd, wait, f"another celery-supervise kill has held {path} for {wait:g}s; giving up",
+                     clock, sleep)
         yield
     finally:
         os.close(fd)  # closing releases the lock
