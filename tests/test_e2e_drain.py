@@ -19,7 +19,6 @@ which tasks ran, where, and when, without a result backend::
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from brokers import RABBITMQ_URL, clean_redis, delete_rabbitmq_queues, require
 from realprocs import WaitTimeout, wait_for
 from realsupervisor import copy_project
 from taskfamily import CLI_TIMEOUT, celery_supervise, json_output
@@ -35,7 +35,6 @@ from taskfamily import CLI_TIMEOUT, celery_supervise, json_output
 pytestmark = pytest.mark.e2e
 
 REDIS_URL = "redis://127.0.0.1:6379/11"  # the tests' own db; each test cleans up its own keys
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 #: How long the two long tasks run: long enough for the drain to start first.
 LONG = (2.5, 3.0)
@@ -66,43 +65,6 @@ class Broker:
         return self.url is not None
 
 
-def clean_redis(uid):
-    """Remove the keys of the test `uid` from Redis: its queues, and its entries in kombu's bindings."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        for key in client.scan_iter(match=f"*{uid}*"):
-            client.delete(key)
-        for key in client.scan_iter(match="_kombu.binding.*"):
-            mine = [m for m in client.sscan_iter(key) if uid.encode() in m]
-            if mine:
-                client.srem(key, *mine)
-    finally:
-        client.close()
-
-
-def delete_rabbitmq_queues(*names):
-    from kombu import Connection
-
-    with Connection(RABBITMQ_URL, connect_timeout=5) as conn:
-        for name in names:
-            with conn.channel() as channel:
-                channel.queue_delete(name)
-
-
-def require(url):
-    """Fail at once, and say why, when a required broker server is not listening."""
-    from kombu.utils.url import url_to_parts
-
-    parts = url_to_parts(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port), timeout=5).close()
-    except OSError as exc:
-        pytest.fail(f"{parts.scheme} broker at {parts.hostname}:{parts.port} is unreachable ({exc}); "
-                    "the drain tests need it (see .ci/run)", pytrace=False)
-
-
 @pytest.fixture(params=["filesystem", "redis", "rabbitmq"])
 def broker(request):
     """The broker a test runs on. Request it before ``supervisor`` so it outlives the workers."""
@@ -112,7 +74,7 @@ def broker(request):
     b = Broker(request.param, url, uuid.uuid4().hex[:8])
     yield b
     if b.name == "redis":
-        clean_redis(b.uid)
+        clean_redis(REDIS_URL, b.uid)
     elif b.name == "rabbitmq":
         delete_rabbitmq_queues(b.queue, f"{b.queue}-0", f"{b.queue}-1")
 

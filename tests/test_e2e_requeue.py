@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import pytest
 
 from realprocs import wait_for
+from brokers import RABBITMQ_URL
 from realsupervisor import copy_project
 from taskfamily import celery_supervise, json_output, shutdown
 
 pytestmark = pytest.mark.e2e
 
 REDIS_URL = "redis://127.0.0.1:6379/12"  # a db of these tests' own, flushed around each test
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 @dataclass

@@ -22,32 +22,16 @@ import uuid
 
 import pytest
 
+from brokers import RABBITMQ_URL, clean_redis, delete_rabbitmq_queues, require
 from realprocs import wait_gone
 from realsupervisor import PROGRAM, copy_project
 from taskfamily import ATTACHED, DETACHED, Family, alive, celery_supervise, worker_tree
-from test_e2e_drain import RABBITMQ_URL, delete_rabbitmq_queues, require
 
 pytestmark = pytest.mark.e2e
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 #: The busy test's task: long enough that the drain visibly waits for it.
 TASK_SECONDS = 5.0
-
-
-def purge_redis(uid):
-    """Remove this test's keys (its queues, its kombu bindings) from db 13."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        for key in client.scan_iter(match=f"*{uid}*"):
-            client.delete(key)
-        for key in client.scan_iter(match="_kombu.binding.*"):
-            mine = [m for m in client.sscan_iter(key) if uid.encode() in m]
-            if mine:
-                client.srem(key, *mine)
-    finally:
-        client.close()
 
 
 @pytest.fixture(params=["filesystem", "redis", "rabbitmq"])
@@ -58,10 +42,10 @@ def broker(request):
     if url:
         require(url)
     if request.param == "redis":
-        purge_redis(uid)
+        clean_redis(REDIS_URL, uid)
     yield url, uid
     if request.param == "redis":
-        purge_redis(uid)
+        clean_redis(REDIS_URL, uid)
     elif request.param == "rabbitmq":
         delete_rabbitmq_queues(f"restart-{uid}")
 
