@@ -22,13 +22,14 @@ class Target:
     median divided by the baseline's must be at most this. Either or both.
     """
 
-    seconds: float | None = None
+    seconds: float | None = None  # in the row's unit: seconds unless the row says otherwise
     ratio: float | None = None
+    unit: str = "s"
 
     def __str__(self) -> str:
         parts = []
         if self.seconds is not None:
-            parts.append(f"ours ≤ {format_seconds(self.seconds)}")
+            parts.append(f"ours ≤ {format_value(self.seconds, self.unit)}")
         if self.ratio is not None:
             parts.append(f"ours ≤ {self.ratio:g}× baseline")
         return ", ".join(parts) or "-"
@@ -53,10 +54,11 @@ class Row:
     baseline: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None  # why the row could not be measured
+    unit: str = "s"  # "s" (seconds), "MB" or "" (a count)
 
     @property
     def ratio(self) -> float | None:
-        if not self.ours or not self.baseline:
+        if not self.ours or not self.baseline or median(self.baseline) <= 0:
             return None
         return median(self.ours) / median(self.baseline)
 
@@ -86,14 +88,20 @@ def format_seconds(s: float) -> str:
     return f"{s:.2f} s"
 
 
-def summary(samples: list[float]) -> str:
+def format_value(v: float, unit: str = "s") -> str:
+    if unit == "s":
+        return format_seconds(v)
+    if unit == "MB":
+        return f"{v:.1f} MB"
+    return f"{v:g}"
+
+
+def summary(samples: list[float], unit: str = "s") -> str:
     """``median (min–max, N=n)``."""
     if not samples:
         return "-"
-    return (
-        f"{format_seconds(median(samples))} "
-        f"({format_seconds(min(samples))}–{format_seconds(max(samples))}, N={len(samples)})"
-    )
+    f = lambda v: format_value(v, unit)  # noqa: E731
+    return f"{f(median(samples))} ({f(min(samples))}–{f(max(samples))}, N={len(samples)})"
 
 
 def table(rows: list[Row]) -> str:
@@ -111,9 +119,9 @@ def table(rows: list[Row]) -> str:
             cells = [
                 row.name + mark,
                 row.ours_label,
-                summary(row.ours),
+                summary(row.ours, row.unit),
                 row.baseline_label,
-                summary(row.baseline),
+                summary(row.baseline, row.unit),
                 f"{ratio:.2f}×" if ratio is not None else "-",
                 str(row.target),
                 row.verdict,

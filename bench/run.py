@@ -1,6 +1,11 @@
-"""Run the benchmarks side by side and print one markdown table.
+"""Run every benchmark and print one markdown table.
 
-    python bench/run.py [--quick] [--only snapshot|kill|savepid]
+    python bench/run.py [--quick] [--only snapshot|kill|savepid|listener|drain|restart|oldscript]
+
+Each row gives our figure, the figure of what a user would otherwise use
+(psutil, raw ``os.kill``, ``celery inspect``, ``supervisorctl restart``,
+the old "save worker_pids, then ``kill -9``" script), their ratio, the
+target and whether it was met.
 
 These are measurements, not tests: a MISS is reported, never raised. Each
 benchmark starts its own processes, with bounded lifetimes, and kills and
@@ -25,18 +30,78 @@ import psutil  # noqa: E402
 
 from bench import kill_cost, savepid_vs_inspect, snapshot_cost  # noqa: E402
 from bench.forest import MARK_ENV  # noqa: E402
-from bench.measure import Row, Target, table  # noqa: E402
+from bench.measure import Row, Target, median, table  # noqa: E402
+
+
+def listener_rows(run_id: str, args) -> list[Row]:
+    from bench import listener_bench
+
+    lat = listener_bench.latency(2 if args.quick else 5)
+    latency = Row(f"listener: supervisord's 'stopped' log line → last attached leftover gone (--grace {lat['grace']:g})",
+                  "eventlistener", "savepid + supervisorctl stop + kill", Target(seconds=lat["target"]),
+                  ours=lat["ours"], baseline=lat["baseline"])
+    latency.notes.append("negative: the leftovers were gone before supervisord logged the stop (the listener "
+                         "reaps on the worker's exit, through a pidfd)")
+    res = listener_bench.rss(2_000 if args.quick else 10_000)
+    mb = [s["rss"] / 2**20 for s in res["samples"]]
+    rss = Row(f"listener RSS over {res['samples'][-1]['events']:,} events", "celery-supervise listener", "-",
+              Target(seconds=res["target"] / 2**20, unit="MB"), ours=mb, unit="MB")
+    rss.notes.append(f"growth from the first to the last sample: {mb[-1] - mb[0]:+.1f} MB; "
+                     f"exit code at end of input {res['exit_code']}")
+    return [latency, rss]
+
+
+def drain_rows(run_id: str, args) -> list[Row]:
+    from bench import drain_bench
+
+    rows = []
+    for broker, sides in drain_bench.run(("redis",) if args.quick else ("filesystem", "redis"),
+                                         1 if args.quick else 3).items():
+        rows.append(Row(f"drain overhead, {broker}: last task done → command exits",
+                        "celery-supervise drain", "cancel_consumer + `celery inspect active` loop",
+                        Target(seconds=drain_bench.TARGET), ours=sides["ours"], baseline=sides["baseline"]))
+    return rows
+
+
+def restart_rows(run_id: str, args) -> list[Row]:
+    from bench import restart_bench
+
+    brokers = ("redis",) if args.quick else ("filesystem", "redis")
+    results = restart_bench.run(brokers, 5.0, 1 if args.quick else 2)
+    rows = []
+    for broker in brokers:
+        for scenario in ("idle", "busy"):
+            mine = [r for r in results if (r["broker"], r["scenario"], r["tool"]) == (broker, scenario, "celery-supervise")]
+            theirs = [r for r in results if (r["broker"], r["scenario"], r["tool"]) == (broker, scenario, "supervisorctl")]
+            startup = [r["startup"] for r in mine if r.get("startup") is not None]
+            target = Target(seconds=median(startup) + 0.5) if startup else Target()
+            row = Row(f"restart consume gap, {broker}, {'idle' if scenario == 'idle' else 'a 5 s task running'}",
+                      "celery-supervise restart", "supervisorctl restart", target,
+                      ours=[r["gap"] for r in mine if r["gap"] is not None],
+                      baseline=[r["gap"] for r in theirs if r["gap"] is not None])
+            row.notes.append(
+                "target: the new worker's own start-up (" + ", ".join(f"{s:.2f} s" for s in startup) + ") + 0.5 s; "
+                + "; ".join(f"{tool}: {sum(r['lost'] for r in rs)} task(s) lost, "
+                            f"{sum(len(r['orphans']) for r in rs)} orphan(s), "
+                            f"{sum(not r['ok'] for r in rs)} failed run(s)"
+                            for tool, rs in (("ours", mine), ("supervisorctl", theirs))))
+            rows.append(row)
+    return rows
+
 
 BENCHMARKS = {
     "snapshot": lambda run_id, args: snapshot_cost.run(run_id, args.quick),
     "kill": lambda run_id, args: kill_cost.run(run_id, args.quick),
     "savepid": lambda run_id, args: savepid_vs_inspect.run(run_id, args.quick, args.project_wait),
+    "listener": listener_rows,
+    "drain": drain_rows,
+    "restart": restart_rows,
 }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, Redis only (under ~2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, Redis only")
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append",
                         help="run only this benchmark (repeatable)")
     parser.add_argument("--project-wait", type=float, default=60.0, metavar="SECONDS",

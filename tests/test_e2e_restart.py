@@ -47,7 +47,7 @@ def broker(request):
     if request.param == "redis":
         clean_redis(REDIS_URL, uid)
     elif request.param == "rabbitmq":
-        delete_rabbitmq_queues(f"restart-{uid}")
+        delete_rabbitmq_queues(f"restart-{uid}", f"restart-{uid}-0", f"restart-{uid}-1")
 
 
 @pytest.fixture
@@ -137,6 +137,50 @@ def test_restart_waits_for_a_running_task_and_loses_nothing(broker, supervisor, 
     assert run.celery.mark_record(task, "started")["worker"] == tree.main.pid
     print(f"{broker[0] or 'filesystem'} busy: " + ", ".join(f"{p['name']} {p['seconds']:.2f}s" for p in doc["phases"])
           + f"; consume gap {doc['consume_gap']:.2f}s")
+    assert real_procs.reap() == []
+
+
+def test_restart_of_two_processes_side_by_side(broker, supervisor, real_procs, project):
+    """``numprocs=2``, named by the bare group: both drained, stopped, cleaned up and started.
+
+    Worker 0 has a finished family's leftovers, worker 1 runs a 4 s task
+    (each worker also consumes a queue of its own, so the test picks
+    where a task runs). The task finishes on the old worker 1, worker 0's
+    attached leftovers die and its detached children live, and both new
+    workers answer, each with a consume gap of its own.
+    """
+    url, uid = broker
+    q = f"restart-{uid}"
+    run = supervisor(numprocs=2, concurrency=1, stopwaitsecs=10, project_dir=project, broker_url=url,
+                     queues=f"{q},{q}-%(process_num)d", node_prefix=f"restart{uid}-")
+    run.wait_nodes()
+    nodes = run.node_names()
+    old = run.group_pids()
+    olds = real_procs.track(*old.values())
+    families = finished_family(run, real_procs, f"{q}-0")
+    task = run.celery.mark(hold=4, queue=f"{q}-1")
+    assert run.celery.wait_for_mark(task, "started")["worker"] == old[f"{PROGRAM}_1"]
+
+    result = restart(run, project, PROGRAM, "-c", str(run.conf_path), "--json", "--grace", "3",
+                     "--drain-timeout", "30")
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    doc = json.loads(result.stdout)
+    assert doc["exit_code"] == 0 and doc["problem"] is None, doc
+    assert sorted(doc["old_nodes"]) == sorted(nodes) and sorted(doc["new_nodes"]) == sorted(nodes)
+    assert sorted(doc["consume_gaps"]) == sorted(nodes) and doc["consume_gap"] == max(doc["consume_gaps"].values())
+    assert run.celery.mark_record(task, "done")["worker"] == old[f"{PROGRAM}_1"]
+    assert doc["kill"]["summary"]["killed"] == len(ATTACHED) and doc["kill"]["summary"]["spared"] == len(DETACHED)
+    for family in families:
+        assert not any(alive(family.procs[r]) for r in ATTACHED), "an attached leftover survived"
+        assert all(alive(family.procs[r]) for r in DETACHED), "a detached child was killed"
+    assert wait_gone(olds, 5) == []
+    new = run.group_pids()
+    assert sorted(new) == sorted(old) and set(new.values()).isdisjoint(old.values())
+    assert set(run.celery.ping(timeout=2)) >= set(nodes)
+    # Each new worker takes tasks from its own queue.
+    for n in (0, 1):
+        t = run.celery.mark(queue=f"{q}-{n}")
+        assert run.celery.wait_for_mark(t, "done")["worker"] == new[f"{PROGRAM}_{n}"]
     assert real_procs.reap() == []
 
 

@@ -1,0 +1,146 @@
+"""Drain overhead: how long after the last running task finishes does a drain return?
+
+    python bench/drain_bench.py [--brokers filesystem,redis] [--repeats 3]
+
+One supervisord (the tests' harness, ``tests/realsupervisor.py``) runs the
+demo worker (``-c 1``) from a private copy of ``django_app/``. Each repeat
+starts a ``mark`` task that holds for 2 s, waits until it has started, then
+drains the worker and measures from the task's ``done`` stamp (written by
+the task itself, wall clock) to the drain command's exit:
+
+* **ours**: ``celery-supervise -A demo drain`` (it cancels the consumers,
+  then polls ``reserved`` + ``active`` with the known number of replies);
+* **baseline**: what a user would otherwise type, ``celery -A demo control
+  cancel_consumer QUEUE`` and then ``celery -A demo inspect active`` in a
+  loop until it lists nothing (no sleep between calls).
+
+After each repeat the consumer is added back (``add_consumer``) for the
+next. Target: ours ≤ 0.5 s. Measurements, not tests: nothing is asserted.
+Everything started carries ``CELERY_SUPERVISE_TEST_RUN`` and is stopped
+through supervisord's shutdown, then swept by that mark, by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the harness lives with the tests
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/7")
+BROKERS = {"filesystem": None, "redis": REDIS_URL}
+HOLD = 2.0
+TARGET = 0.5
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def _ours(run, project: Path) -> float:
+    result = subprocess.run(
+        [sys.executable, "-m", "celery_supervise", "-A", "demo", "drain", "--timeout", "30", "--json"],
+        cwd=project, env=run.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )
+    returned = time.time()
+    if result.returncode != 0 or not json.loads(result.stdout)["drained"]:
+        raise RuntimeError(f"celery-supervise drain exited {result.returncode}: {result.stderr.strip()[-300:]}")
+    return returned
+
+
+def _baseline(run, project: Path, node: str, queue: str) -> float:
+    def celery(*args):
+        return subprocess.run([CELERY, "-A", "demo", *args], cwd=project, env=run.env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=60)
+
+    cancelled = celery("control", "cancel_consumer", queue, "-d", node)
+    if cancelled.returncode != 0:
+        raise RuntimeError(f"celery control cancel_consumer exited {cancelled.returncode}: {cancelled.stderr[-300:]}")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        active = celery("inspect", "active", "-d", node, "--json")
+        # Exit 0 with a reply {"node": []}: the loop a user writes stops
+        # when the reply names no task. No reply (exit 1) means keep going.
+        if active.returncode == 0:
+            try:
+                replies = json.loads(active.stdout)
+            except ValueError:
+                continue
+            if replies and not any(replies.values()):
+                return time.time()
+    raise RuntimeError("celery inspect active still listed the task after 30 s")
+
+
+def measure(broker: str, repeats: int = 3) -> dict:
+    """``{"ours": [s, ...], "baseline": [s, ...]}``: seconds from the task's end to each command's exit."""
+    from realsupervisor import Supervisord, copy_project
+
+    url = BROKERS[broker]
+    uid = uuid.uuid4().hex[:8]
+    out = {"ours": [], "baseline": []}
+    with tempfile.TemporaryDirectory(prefix="drain-bench-") as tmp:
+        project = copy_project(Path(tmp) / "project")
+        (Path(tmp) / "sup").mkdir()
+        queue = f"drainbench-{uid}" if url else "celery"
+        run = Supervisord(Path(tmp) / "sup", concurrency=1, stopsignal="QUIT", stopwaitsecs=5,
+                          project_dir=project, broker_url=url, queues=queue if url else None,
+                          node_prefix=f"dbench{uid}-" if url else "demo")
+        try:
+            run.start()
+            run.wait_nodes()
+            [node] = run.node_names()
+            for i in range(repeats):
+                for side in ("ours", "baseline"):
+                    task = run.celery.mark(hold=HOLD, queue=queue if url else None)
+                    run.celery.wait_for_mark(task, "started")
+                    returned = _ours(run, project) if side == "ours" else _baseline(run, project, node, queue)
+                    done = run.celery.mark_record(task, "done")
+                    if done is None:
+                        raise RuntimeError(f"{side}: the drain returned before the task finished")
+                    out[side].append(returned - done["time"])
+                    print(f"drain bench: {broker} {side} {i + 1}/{repeats}: {out[side][-1]:.2f} s",
+                          file=sys.stderr, flush=True)
+                    replies = run.celery.app.control.add_consumer(queue, destination=[node], reply=True, timeout=10)
+                    if not replies:
+                        raise RuntimeError(f"{node} did not answer add_consumer")
+        finally:
+            run.stop()
+            if url:
+                from brokers import clean_redis
+
+                clean_redis(url, uid)
+    return out
+
+
+def run(brokers=("filesystem", "redis"), repeats: int = 3) -> dict:
+    """``{broker: measure(broker)}``; every process started is gone when it returns."""
+    from realprocs import RUN_ENV_VAR, reap_leaks
+
+    mark = os.environ.setdefault(RUN_ENV_VAR, "drain-bench-" + uuid.uuid4().hex)
+    os.environ.pop("CELERY_BROKER_URL", None)
+    try:
+        return {b: measure(b, repeats) for b in brokers}
+    finally:
+        leaked = reap_leaks(mark, exclude={os.getpid()})
+        if leaked:
+            print(f"drain_bench: {leaked}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/drain_bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--brokers", default="filesystem,redis", help="comma list of filesystem, redis")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    for broker, sides in run(tuple(b for b in args.brokers.split(",") if b), args.repeats).items():
+        for side, samples in sides.items():
+            print(f"{broker:10} {side:8} " + " ".join(f"{s:.2f}" for s in samples))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
