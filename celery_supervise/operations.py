@@ -623,13 +623,15 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     result.warnings += killed.warnings
     phase(restarting.KILL, t, _kill_summary(killed))
 
-    t = clock()
+    t = started_at = clock()
+    # new_nodes counts from here: supervisord spawns the process at once and
+    # only then waits out startsecs, so the worker's own start-up (spawn to
+    # first answer) spans both the start and the ready phases.
     pids = dict(zip(result.processes, _each(rpc.start_process, server, result.processes)))
     result.started = True
     phase(restarting.START, t, ", ".join(f"{name} PID {pid}" for name, pid in pids.items()))
 
     t = clock()
-    started_at = t
 
     def new_nodes():
         for pid in pids.values():
