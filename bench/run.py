@@ -89,6 +89,26 @@ def restart_rows(run_id: str, args) -> list[Row]:
     return rows
 
 
+def oldscript_rows(run_id: str, args) -> list[Row]:
+    from bench import old_script_bench
+
+    res = old_script_bench.run(2 if args.quick else 3)
+    ours, old = res["ours"], res["old"]
+    ours_label = f"savepid + kill --grace {res['grace']:g}"
+    old_label = "inspect().active() → file, kill -9 $(cat file)"
+    timing = Row("old workaround: save + kill wall time (stop not counted)", ours_label, old_label,
+                 Target(ratio=1.0), ours=ours["seconds"], baseline=old["seconds"])
+    left = Row(f"old workaround: attached processes alive {res['settle']:g} s after the kill "
+               f"(of {max(ours['attached'])})", ours_label, old_label, Target(seconds=0, unit=""), unit="",
+               ours=[float(n) for n in ours["attached_left"]], baseline=[float(n) for n in old["attached_left"]])
+    spared = Row(f"old workaround: detached processes killed (of {max(ours['detached'])})", ours_label, old_label,
+                 Target(seconds=0, unit=""), unit="",
+                 ours=[float(n) for n in ours["detached_killed"]], baseline=[float(n) for n in old["detached_killed"]])
+    left.notes.append(f"old: the file holds the busy pool processes' PIDs only ({old['saved'][0]} PIDs, "
+                      f"{old['saved_alive'][0]} still running after the stop)")
+    return [timing, left, spared]
+
+
 BENCHMARKS = {
     "snapshot": lambda run_id, args: snapshot_cost.run(run_id, args.quick),
     "kill": lambda run_id, args: kill_cost.run(run_id, args.quick),
@@ -96,6 +116,7 @@ BENCHMARKS = {
     "listener": listener_rows,
     "drain": drain_rows,
     "restart": restart_rows,
+    "oldscript": oldscript_rows,
 }
 
 
