@@ -14,6 +14,7 @@ Writing is atomic (temp file in the same folder, fsync, rename) with mode
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -187,10 +188,11 @@ def read(path: str, *, host: str, boot_time: float) -> Record | LegacyRecord:
     if not data.strip():
         raise StateFileError(path, "is empty")
     if LEGACY_PIDS.match(data):
-        return LegacyRecord(tuple(_pid(path, "PID list", int(x)) for x in data.split()))
+        return LegacyRecord(tuple(_pid(path, "PID list", _legacy_int(path, x)) for x in data.split()))
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: arrays or objects nested deeper than the interpreter's stack.
         raise StateFileError(
             path, "is neither a celery-supervise state file (not valid JSON; truncated?) nor a list of PIDs"
         ) from None
@@ -239,10 +241,25 @@ def _pid(path: str, where: str, value: Any) -> int:
     return value
 
 
+def _legacy_int(path: str, word: bytes) -> int:
+    try:
+        return int(word)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        raise StateFileError(path, f"PID list: a number of {len(word)} digits is not a PID") from None
+
+
 def _number(path: str, where: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise StateFileError(path, f"{where}: {value!r} is not a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    # json.loads reads NaN and Infinity; a NaN compares false with everything,
+    # so a NaN boot_time would pass the "written before the last boot" check.
+    if not math.isfinite(number):
+        raise StateFileError(path, f"{where}: {value!r} is not a finite number")
+    return number
 
 
 def _int(path: str, where: str, value: Any) -> int:
