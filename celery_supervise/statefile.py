@@ -3,7 +3,8 @@
 A state file is the only input that makes this tool signal processes, so it
 is read defensively: it is refused unless it is a regular file (not a
 symlink), owned by us (by root when we run as root), not group- or
-world-writable, of a known schema, written on this host since the last boot,
+world-writable, in a folder others cannot write (or a sticky one), of a
+known schema, written on this host since the last boot,
 and every PID in it is a positive number other than 1. Any refusal is a
 :class:`StateFileError` before anything is signalled.
 
@@ -174,12 +175,33 @@ def read_bytes(path: str) -> bytes:
         if st.st_uid != euid:
             who = "root" if euid == 0 else f"uid {euid}"
             raise UnsafeStateError(path, f"is owned by uid {st.st_uid}, not {who}; refusing to trust it")
+        _check_folder(path)
         chunks = []
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _check_folder(path: str) -> None:
+    """Refuse a file whose folder others may write without the sticky bit.
+
+    There anyone with write access can rename our file away and put another
+    in its place: one of their own is refused by the owner check, but an
+    older file of ours (a previous deploy's record, renamed in) is not. A
+    sticky folder such as /tmp lets only a file's owner rename or remove it.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        raise StateFileError(path, f"cannot check its folder: {exc.strerror or exc}") from None
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeStateError(
+            path, f"is in {folder}, which others may write (mode {stat.S_IMODE(st.st_mode):04o}, "
+            "no sticky bit); refusing to trust it"
+        )
 
 
 def read(path: str, *, host: str, boot_time: float) -> Record | LegacyRecord:
