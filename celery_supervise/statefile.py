@@ -175,7 +175,7 @@ def read_bytes(path: str) -> bytes:
         if st.st_uid != euid:
             who = "root" if euid == 0 else f"uid {euid}"
             raise UnsafeStateError(path, f"is owned by uid {st.st_uid}, not {who}; refusing to trust it")
-        _check_folder(path)
+        check_folder(path)
         chunks = []
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
@@ -184,8 +184,8 @@ def read_bytes(path: str) -> bytes:
         os.close(fd)
 
 
-def _check_folder(path: str) -> None:
-    """Refuse a file whose folder others may write without the sticky bit.
+def check_folder(path: str) -> None:
+    """Refuse a file (existing or not) whose folder others may write without the sticky bit.
 
     There anyone with write access can rename our file away and put another
     in its place: one of their own is refused by the owner check, but an

@@ -280,3 +280,19 @@ def test_listener_whose_parent_is_not_supervisord(tmp_path):
     assert res.stderr.splitlines() == ["celery-supervise: usage: the listener's parent is not supervisord; "
                                        "run it as an [eventlistener:x] section"]
 
+
+
+def test_listener_state_dir_others_may_write(tmp_path):
+    """Every record there would be refused and nothing ever reaped: the listener will not start."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chmod(folder, 0o777)
+    env = {**os.environ, "SUPERVISOR_SERVER_URL": "unix:///nonexistent.sock", "SUPERVISOR_PROCESS_NAME": "x"}
+    # Run as supervisord would: the listener's parent must be called supervisord.
+    res = subprocess.run(["supervisord", "-c", "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)",
+                          sys.executable, "-m", "celery_supervise", "listener", "--state-dir", str(folder)],
+                         executable=sys.executable, capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL, env=env)
+    assert res.returncode == 1, res.stderr
+    (line,) = res.stderr.splitlines()
+    assert line.startswith("celery-supervise: error: ") and "which others may write (mode 0777" in line
