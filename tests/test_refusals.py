@@ -296,3 +296,21 @@ def test_listener_state_dir_others_may_write(tmp_path):
     assert res.returncode == 1, res.stderr
     (line,) = res.stderr.splitlines()
     assert line.startswith("celery-supervise: error: ") and "which others may write (mode 0777" in line
+
+
+def test_plan_refuses_below_a_protected_main():
+    """The pure rule: a protected main's pool and task processes are refused with it, before any role rule.
+
+    1000 main (protected: PID 1 here)   refuse  PID 1
+    └── 1001 pool                       refuse  below 1000 (PID 1)
+        └── 1010 sleep                  refuse  below 1000 (PID 1)
+    """
+    def proc(pid, ppid, role):
+        return Proc(pid=pid, ppid=ppid, create_time=float(pid), pgid=1000, sid=1000, uid=0, cmdline=("x",),
+                    sighup_ignored=False, role=role)
+
+    main = proc(1000, 1, "main")
+    worker = snapshot.Worker(main=main, procs=(main, proc(1001, 1000, "pool"), proc(1010, 1001, "task")))
+    got = {v.proc.pid: (v.action, v.reason) for v in plan.plan([worker], Policy(), {1000: "PID 1"})}
+    assert got == {1000: ("refuse", "PID 1"), 1001: ("refuse", "below 1000 (PID 1)"),
+                   1010: ("refuse", "below 1000 (PID 1)")}
