@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from typing_extensions import Annotated
 
-from . import operations, report, restart as restarting, rpc
+from . import operations, report, restart as restarting, rpc, statefile
 from .control import load_app
 from .errors import EXIT_ERROR, EXIT_USAGE, SuperviseError
 from .plan import Policy
@@ -253,6 +253,8 @@ def listener(
     policy = Policy.parse(spare)
     supervisor, rpc = listening.from_environment(dict(os.environ))
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    # Every record there would be refused, and no worker ever reaped: say so at once.
+    statefile.check_folder(os.path.join(state_dir, "celery-worker@1.json"))
     return listening.Listener(
         state_dir=state_dir, programs=program or [], grace=grace, policy=policy,
         app=state.celery_app(), app_spec=state.app_spec, supervisor=supervisor, rpc=rpc,

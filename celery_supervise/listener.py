@@ -63,6 +63,9 @@ STOPPING_TASKS_TIMEOUT = 0.5  # a STOPPING event must not hold the listener up f
 # whose tree grew: a worker that crashes (no STOPPING event) is then reaped
 # by a tree at most this old, not one from its start or the last tick.
 REFRESH_INTERVAL = 2.0
+#: Larger than any event we subscribe to (supervisord's own payloads are a
+#: line or two); a header announcing more is malformed.
+MAX_PAYLOAD = 1 << 24
 RECORD_SUFFIX = ".json"
 REPORT_SUFFIX = ".report.json"
 
@@ -549,7 +552,13 @@ class Listener:
         if not line:
             return None
         headers = childutils.get_headers(line)
-        payload = _text(self._input.read(int(headers.get("len", 0))))
+        length = headers.get("len", "0")
+        # Only plain digits: int() also takes "-1" (read(-1) would swallow every
+        # later event until supervisord exits), "٣" and " 5"; and a bound, since a
+        # huge len blocks until that much arrives, or overflows read() itself.
+        if not (length.isascii() and length.isdigit()) or int(length) > MAX_PAYLOAD:
+            raise ValueError(f"malformed header: len {length[:40]!r} is not a payload length")
+        payload = _text(self._input.read(int(length)))
         return headers, payload
 
     def _on_term(self, signum, frame) -> None:

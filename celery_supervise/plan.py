@@ -89,7 +89,8 @@ def decide_worker(worker: Worker, policy: Policy, protected: Mapping[int, str] =
     """One verdict per process of *worker*, parents decided before children.
 
     *protected* maps PIDs that must never be signalled (PID 1, this tool,
-    its ancestors, supervisord) to the reason why.
+    its ancestors, supervisord) to the reason why. Their descendants in the
+    tree are refused too.
     """
     tree = worker.by_pid()
     main = worker.main
@@ -106,11 +107,19 @@ def decide_worker(worker: Worker, policy: Policy, protected: Mapping[int, str] =
 def _decide(proc, tree, main, policy, protected, decided) -> tuple[str, str]:
     if proc.pid in protected:
         return REFUSE, protected[proc.pid]
+    parent = decided.get(proc.ppid)
+    # Below a protected process (supervisord, our own shell, ourselves) a
+    # process is that one's child, not the worker's: supervisord's other
+    # programs, the deploy script's other jobs. A record that names one with
+    # its true identity must not make them "attached to the worker".
+    if parent is not None and parent.action == REFUSE:
+        if parent.reason.startswith("below "):
+            return REFUSE, parent.reason
+        return REFUSE, f"below {parent.proc.pid} ({parent.reason})"
     if proc.role == MAIN:
         return KILL, "worker main process"
     if proc.role == POOL:
         return KILL, "pool process"
-    parent = decided.get(proc.ppid)
     if parent is not None and parent.action == SPARE:
         return SPARE, f"child of spared {parent.proc.pid}"
     if SETSID in policy.spare and proc.sid != main.sid:

@@ -2,6 +2,9 @@
 
 Shared by the CLI and the Django command, so both print the same thing.
 Results go to the *out* console; warnings go to *err* as ``warning:`` lines.
+Every value that comes from outside (a command line, a task name, a state
+file) is passed through :func:`rich.markup.escape`: a ``[/]`` in a task's
+command line would otherwise be read as markup and fail the render.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 from typing import Iterable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
@@ -117,8 +121,8 @@ def render_kill(out: Console, err: Console, report: KillReport, as_json: bool) -
         table.add_column(col, overflow="fold")
     for o in _ordered(report):
         detail = o.reason if o.signal is None else f"{o.reason} ({o.signal})"
-        table.add_row(f"[{STYLE[o.status]}]{o.status}[/]", str(o.proc.pid), o.proc.role, str(o.worker_pid),
-                      display_command(o.proc.cmdline), detail)
+        table.add_row(f"[{STYLE[o.status]}]{o.status}[/]", str(o.proc.pid), escape(o.proc.role), str(o.worker_pid),
+                      escape(display_command(o.proc.cmdline)), escape(detail))
     if report.outcomes:
         out.print(table)
     out.print(summary_line(report), highlight=False)
@@ -163,20 +167,20 @@ def verdict_tree(workers, verdicts: list[Verdict]):
     by_key = {(v.worker_pid, v.proc.pid): v for v in verdicts}
     trees = []
     for w in workers:
-        label = f"[bold]{w.node or 'worker'}[/] main {w.main.pid}"
+        label = f"[bold]{escape(w.node or 'worker')}[/] main {w.main.pid}"
         if w.program:
-            label += f", program {w.program}"
+            label += f", program {escape(w.program)}"
         label += f", {len(w.tasks)} active task(s)"
         root = Tree(label)
         nodes = {}
         for p in w.procs:
             v = by_key.get((w.main.pid, p.pid))
-            verdict = f"[{STYLE.get(v.action, '')}]{v.action}[/] {v.reason}" if v else ""
-            text = f"{p.pid} {p.role:<4} {display_command(p.cmdline)}  {verdict}"
+            verdict = f"[{STYLE.get(v.action, '')}]{v.action}[/] {escape(v.reason)}" if v else ""
+            text = f"{p.pid} {p.role:<4} {escape(display_command(p.cmdline))}  {verdict}"
             parent = nodes.get(p.ppid, root) if p.pid != w.main.pid else root
             nodes[p.pid] = parent.add(text, highlight=False)
         for t in w.tasks:
-            root.add(f"task {t.id} {t.name} on pool {t.worker_pid}", style="dim")
+            root.add(escape(f"task {t.id} {t.name} on pool {t.worker_pid}"), style="dim")
         trees.append(root)
     if len(trees) == 1:
         return trees[0]
@@ -302,7 +306,8 @@ def render_drain(out: Console, err: Console, result: DrainResult, as_json: bool)
         for col in ("node", "task id", "name", "state", "runtime", "pool pid"):
             table.add_column(col, overflow="fold")
         for h in result.held:
-            table.add_row(h.node, h.task.id, h.task.name, h.state, _runtime_text(h, result.finished_at),
+            table.add_row(escape(h.node), escape(h.task.id), escape(h.task.name), h.state,
+                          _runtime_text(h, result.finished_at),
                           str(h.task.worker_pid or "-"))
         out.print(table)
     out.print(drain_summary(result), highlight=False)
@@ -417,8 +422,9 @@ def render_requeue(out: Console, err: Console, result: RequeueResult, as_json: b
     for o in result.outcomes:
         d = o.decision
         # A skipped task has no route to send it on, but the one it came by still tells which it was.
-        table.add_row(f"[{STYLE[o.status]}]{o.status}[/]", d.task.id, d.task.name,
-                      (d.route or route_of(d.task)).describe(), d.recorded.node or "-", o.reason)
+        table.add_row(f"[{STYLE[o.status]}]{o.status}[/]", escape(d.task.id), escape(d.task.name),
+                      escape((d.route or route_of(d.task)).describe()), escape(d.recorded.node or "-"),
+                      escape(o.reason))
     if result.outcomes:
         out.print(table)
     out.print(requeue_summary(result), highlight=False)
@@ -467,7 +473,7 @@ def render_restart(out: Console, err: Console, result: RestartResult, as_json: b
         for col, justify in (("phase", "left"), ("time", "right"), ("what happened", "left")):
             table.add_column(col, justify=justify, overflow="fold")
         for p in result.phases:
-            table.add_row(p.name, f"{p.seconds:.2f}s", p.detail)
+            table.add_row(p.name, f"{p.seconds:.2f}s", escape(p.detail))
         table.add_row("[bold]total[/]", f"{result.total:.2f}s", "")
         out.print(table)
     else:

@@ -3,7 +3,8 @@
 A state file is the only input that makes this tool signal processes, so it
 is read defensively: it is refused unless it is a regular file (not a
 symlink), owned by us (by root when we run as root), not group- or
-world-writable, of a known schema, written on this host since the last boot,
+world-writable, in a folder others cannot write (or a sticky one), of a
+known schema, written on this host since the last boot,
 and every PID in it is a positive number other than 1. Any refusal is a
 :class:`StateFileError` before anything is signalled.
 
@@ -14,6 +15,7 @@ Writing is atomic (temp file in the same folder, fsync, rename) with mode
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -173,6 +175,7 @@ def read_bytes(path: str) -> bytes:
         if st.st_uid != euid:
             who = "root" if euid == 0 else f"uid {euid}"
             raise UnsafeStateError(path, f"is owned by uid {st.st_uid}, not {who}; refusing to trust it")
+        check_folder(path)
         chunks = []
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
@@ -181,16 +184,37 @@ def read_bytes(path: str) -> bytes:
         os.close(fd)
 
 
+def check_folder(path: str) -> None:
+    """Refuse a file (existing or not) whose folder others may write without the sticky bit.
+
+    There anyone with write access can rename our file away and put another
+    in its place: one of their own is refused by the owner check, but an
+    older file of ours (a previous deploy's record, renamed in) is not. A
+    sticky folder such as /tmp lets only a file's owner rename or remove it.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        raise StateFileError(path, f"cannot check its folder: {exc.strerror or exc}") from None
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeStateError(
+            path, f"is in {folder}, which others may write (mode {stat.S_IMODE(st.st_mode):04o}, "
+            "no sticky bit); refusing to trust it"
+        )
+
+
 def read(path: str, *, host: str, boot_time: float) -> Record | LegacyRecord:
     """Read and validate a state file written on *host* since *boot_time*."""
     data = read_bytes(path)
     if not data.strip():
         raise StateFileError(path, "is empty")
     if LEGACY_PIDS.match(data):
-        return LegacyRecord(tuple(_pid(path, "PID list", int(x)) for x in data.split()))
+        return LegacyRecord(tuple(_pid(path, "PID list", _legacy_int(path, x)) for x in data.split()))
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: arrays or objects nested deeper than the interpreter's stack.
         raise StateFileError(
             path, "is neither a celery-supervise state file (not valid JSON; truncated?) nor a list of PIDs"
         ) from None
@@ -239,10 +263,25 @@ def _pid(path: str, where: str, value: Any) -> int:
     return value
 
 
+def _legacy_int(path: str, word: bytes) -> int:
+    try:
+        return int(word)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        raise StateFileError(path, f"PID list: a number of {len(word)} digits is not a PID") from None
+
+
 def _number(path: str, where: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise StateFileError(path, f"{where}: {value!r} is not a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    # json.loads reads NaN and Infinity; a NaN compares false with everything,
+    # so a NaN boot_time would pass the "written before the last boot" check.
+    if not math.isfinite(number):
+        raise StateFileError(path, f"{where}: {value!r} is not a finite number")
+    return number
 
 
 def _int(path: str, where: str, value: Any) -> int:
