@@ -21,6 +21,7 @@ from .procs import Proc
 KILLED = "killed"
 SPARED = "spared"
 GONE = "gone"  # exited on its own before we signalled it
+REUSED_REASON = "PID now held by another process (creation time differs)"
 REFUSED = "refused"  # deliberately not signalled (safety)
 FAILED = "failed"  # could not be signalled, or survived SIGKILL
 WOULD_KILL = "would kill"  # --dry-run
@@ -143,7 +144,17 @@ def execute(
         elif v.action == KILL:
             targets.append(v)
     if dry_run:
-        report.outcomes.extend(Outcome(v.proc, v.worker_pid, WOULD_KILL, v.reason) for v in targets)
+        # Say what the real run would do: it opens a pidfd and re-checks the
+        # creation time before each signal, so a PID that is gone or now
+        # belongs to another process is never "would kill".
+        for v in targets:
+            current = procs.live_identity(v.proc.pid)
+            if current is None:
+                report.outcomes.append(Outcome(v.proc, v.worker_pid, GONE, "already gone"))
+            elif not v.proc.same_process(current):
+                report.outcomes.append(Outcome(v.proc, v.worker_pid, REFUSED, REUSED_REASON))
+            else:
+                report.outcomes.append(Outcome(v.proc, v.worker_pid, WOULD_KILL, v.reason))
         return report
 
     termed = _send_all(bottom_up(targets), signal.SIGTERM, signaller, report)
@@ -174,9 +185,7 @@ def _send_all(targets: list[Verdict], sig: int, signaller, report: KillReport) -
             # we signalled a moment ago, and which exited with it.
             report.outcomes.append(Outcome(v.proc, v.worker_pid, KILLED, f"{v.reason} (exited during the kill)"))
         elif result == REUSED:
-            report.outcomes.append(
-                Outcome(v.proc, v.worker_pid, REFUSED, "PID now held by another process (creation time differs)")
-            )
+            report.outcomes.append(Outcome(v.proc, v.worker_pid, REFUSED, REUSED_REASON))
         else:
             report.outcomes.append(Outcome(v.proc, v.worker_pid, FAILED, f"{result} ({signal.Signals(sig).name})"))
     return sent

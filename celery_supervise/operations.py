@@ -179,6 +179,10 @@ def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
             )
         else:
             live[rec.pid] = cur.with_role(rec.role)
+    # Decided before the walks: a process found below a survivor under the
+    # recorded main's PID is a newcomer that recycled it, not the main (the
+    # main itself failed the check above), and must not be planned as one.
+    main_alive = worker.main.pid in live
     for p in list(live.values()):
         for kid in procs.walk(p):
             live.setdefault(kid.pid, kid)
@@ -188,11 +192,10 @@ def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
         live[orphan.pid] = orphan
         for kid in procs.walk(orphan):
             live.setdefault(kid.pid, kid)
-    main = live.get(worker.main.pid, worker.main)
-    main_alive = main.pid in live
+    main = live[worker.main.pid] if main_alive else worker.main
     rest = []
     for p in live.values():
-        if p.pid == main.pid:
+        if main_alive and p.pid == main.pid:
             continue
         # A pool process forked since the snapshot (maxtasksperchild, a pool
         # restart) runs the main's own command line, like any pool process.

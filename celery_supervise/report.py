@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterable
 
 from rich.console import Console
-from rich.markup import escape
+from rich import markup
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
@@ -27,6 +28,23 @@ from .restart import RestartResult
 from .plan import KILL, REFUSE, Verdict
 from .requeue import route_of
 from .statefile import Encoder, proc_to_dict, to_document
+
+# C0 and C1 controls, and lone surrogates: the undecodable bytes of a
+# /proc cmdline (or of a state file's strings) after Python's surrogateescape.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def escape(text: str) -> str:
+    """Outside text (a command line, a task name), safe to print in a table.
+
+    A control character would drive the user's terminal (an ESC sequence in
+    a task's argv can rewrite the screen) and a lone surrogate would print as
+    a raw, invalid UTF-8 byte; both are shown as ``\\xNN``. Rich markup is
+    escaped too: a ``[/]`` in a command line would otherwise end the report
+    with a MarkupError, after the signals were sent.
+    """
+    return markup.escape(_UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()) & 0xff:02x}", text))
+
 
 STATUS_ORDER = (KILLED, WOULD_KILL, SPARED, GONE, REFUSED, FAILED)
 REQUEUE_ORDER = (RESENT, WOULD_RESEND, REQUEUE_FAILED, SKIPPED)

@@ -459,6 +459,17 @@ PROTECTED_PARENT = {**MARKUP_CMDLINE, "policy": "none", "workers": [{
          "cmdline": [], "role": "main"},
         {"pid": Pid("self"), "ppid": Pid("parent"), "create_time": CreateTime("self"), "pgid": 2, "sid": 2,
          "uid": 0, "cmdline": [], "role": "task"}]}]}
+# Found by this fuzz: the recorded main (the witness, under a creation time
+# not its own) is refused, but the walk below the live "pool" (pytest
+# itself) found the witness again under that PID, and revisit() took it for
+# the main: planned first, before its protected parent, it came out "would
+# kill, attached to the worker".
+RECYCLED_MAIN_BELOW_SELF = {**MARKUP_CMDLINE, "policy": None, "workers": [{
+    "main": Pid("witness"), "procs": [
+        {"pid": Pid("witness"), "ppid": 0, "create_time": CreateTime("witness", -1e9), "pgid": Pid("witness"),
+         "sid": 0, "uid": 0, "cmdline": [], "sighup_ignored": False, "role": "main"},
+        {"pid": Pid("self"), "ppid": 0, "create_time": CreateTime("self"), "pgid": Pid("self"), "sid": 0,
+         "uid": 0, "cmdline": [], "sighup_ignored": False, "role": "pool"}]}]}
 DEEP_ARGS = {**TASK_MARKUP, "workers": [{**TASK_MARKUP["workers"][0], "tasks": [{
     "id": "t1", "name": "t", "args": Nested(900), "kwargs": {},
     "delivery_info": {"exchange": "", "routing_key": "celery"}}]}]}
@@ -474,6 +485,7 @@ DEEP_ARGS = {**TASK_MARKUP, "workers": [{**TASK_MARKUP["workers"][0], "tasks": [
 @example(template=MARKUP_CMDLINE)
 @example(template=TASK_MARKUP)
 @example(template=PROTECTED_PARENT)
+@example(template=RECYCLED_MAIN_BELOW_SELF)
 @example(template=DEEP_ARGS)
 @example(template=Legacy((Pid("self"), Pid("parent"), Pid("witness"))))
 def test_fuzzed_state_file_is_read_or_refused_and_never_signals(template, witness, tmp_path, private_lock):
