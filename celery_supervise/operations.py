@@ -259,7 +259,7 @@ def kill(
 def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillReport:
     # Read under the lock: a reaper that waited sees the world as the
     # previous one left it, and its re-verification reports those as gone.
-    record = statefile.read(path, host=hostname(), boot_time=procs.boot_time())
+    record = statefile.read(path, host=hostname(), boot_time=procs.boot_time(), boot_id=procs.boot_id())
     warnings: list[str] = []
     if isinstance(record, statefile.LegacyRecord):
         warnings.append(
@@ -432,7 +432,7 @@ def requeue(
     if app is None:
         raise UsageError("requeue needs -A APP: the app whose broker the tasks are sent through")
     with ledgers.exclusive(path):
-        record = statefile.read(path, host=hostname(), boot_time=procs.boot_time())
+        record = statefile.read(path, host=hostname(), boot_time=procs.boot_time(), boot_id=procs.boot_id())
         if isinstance(record, statefile.LegacyRecord):
             raise StateFileError(path, "is a bare PID list (the old savepid format): it records no tasks to requeue")
         return _requeue_locked(path, app, record, journal_dir=journal_dir, dry_run=dry_run,
