@@ -468,6 +468,11 @@ def _requeue_locked(path, app, record, *, journal_dir, dry_run, publish, connect
     elif to_send:
         conn = connect(app)  # BrokerError when it is down: nothing sent, ledger untouched
         try:
+            # Write the ledger once before the first send: a folder that
+            # cannot take it (read-only, full) fails here with nothing sent,
+            # not after a send it could not record (a rerun would send that
+            # one twice).
+            ledgers.save(ledger, path)
             failure = None
             for d in to_send:
                 if failure is not None:
