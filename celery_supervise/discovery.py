@@ -27,7 +27,7 @@ from typing import Iterable
 import psutil
 
 from . import control, procs
-from .errors import BrokerError, SupervisorError
+from .errors import BrokerError
 from .snapshot import Task
 
 # A worker's uptime counts from WorkController.__init__, after imports and
@@ -61,6 +61,8 @@ class Discovery:
     workers: list[Found]
     source: str
     warnings: list[str] = field(default_factory=list)
+    # Set when -A was given, workers were found and the broker failed: their tasks are missing.
+    broker_error: str | None = None
 
 
 # ------------------------------------------------------------- command lines
@@ -315,13 +317,14 @@ def discover(
     warnings: list[str] = []
     found: list[Found] | None = None
     source = "scan"
+    broker_error = None
     if supervisor_url:
-        try:
-            found, w = from_supervisor(supervisor_url, list(programs), local, supervisor_auth)
-            warnings += w
-            source = "supervisor"
-        except SupervisorError as exc:
-            warnings.append(f"{exc}; finding workers by scanning processes instead")
+        # No fallback to a scan when supervisord does not answer: the URL is
+        # what says which workers are ours, and without -A a scan would take
+        # every Celery worker on the host, other projects' too, for ours.
+        found, w = from_supervisor(supervisor_url, list(programs), local, supervisor_auth)
+        warnings += w
+        source = "supervisor"
     if found is None:
         found = [Found(pid, cmd) for pid, cmd in sorted(local.items())]
     if app is not None and found:
@@ -331,7 +334,7 @@ def discover(
             if any(f.confirmed for f in found):
                 source = "control" if source == "scan" else f"{source}+control"
         except BrokerError as exc:
-            warnings.append(f"{exc}; recorded the local process trees, but active tasks are missing")
+            broker_error = str(exc)
     if source == "scan" and found:
         warnings.append("found the workers by scanning local processes (no broker or supervisord answered)")
-    return Discovery(found, source, warnings)
+    return Discovery(found, source, warnings, broker_error)

@@ -76,10 +76,15 @@ def read(state_path: str, *, host: str, taken_at: float) -> Ledger:
     return Ledger(path, host, taken_at, {str(k): v if isinstance(v, dict) else {} for k, v in tasks.items()})
 
 
+def save(ledger: Ledger, state_path: str) -> None:
+    """Write *ledger* as it is (atomically, 0600); :class:`StateFileError` if it cannot be."""
+    statefile.write(ledger.path, ledger.document(state_path))
+
+
 def record_sent(ledger: Ledger, state_path: str, task_id: str, **details) -> None:
     """Add *task_id* to the ledger and write it at once (atomically, 0600)."""
     ledger.tasks[task_id] = {"sent_at": round(time.time(), 3), **details}
-    statefile.write(ledger.path, ledger.document(state_path))
+    save(ledger, state_path)
 
 
 @contextlib.contextmanager

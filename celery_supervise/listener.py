@@ -92,6 +92,11 @@ class Identity:
         ct = procs.live_identity(self.pid)
         return ct is not None and abs(ct - self.create_time) <= procs.CREATE_TIME_TOLERANCE
 
+    def same(self, other: "Identity | None") -> bool:
+        """The same process; a record's creation time is rebased, so not always bit for bit equal."""
+        return other is not None and other.pid == self.pid \
+            and abs(other.create_time - self.create_time) <= procs.CREATE_TIME_TOLERANCE
+
 
 def parse_payload(payload: str) -> dict:
     """``key:value`` tokens of a PROCESS_STATE/TICK payload (body ignored)."""
@@ -344,7 +349,7 @@ class Listener:
         """Re-read the trees of the live workers our supervisord runs."""
         for path in self.records():
             rec = self._load(path)
-            if rec is None or not rec.snapshot.workers or self._supervisor_of(path) != self.supervisor:
+            if rec is None or not rec.snapshot.workers or not self._ours(self._supervisor_of(rec)):
                 continue
             worker = rec.snapshot.workers[0]
             if Identity(worker.main.pid, worker.main.create_time).alive():
@@ -352,7 +357,8 @@ class Listener:
 
     def _load(self, path: str):
         try:
-            rec = statefile.read(path, host=snapshot.hostname(), boot_time=procs.boot_time())
+            rec = statefile.read(path, host=snapshot.hostname(), boot_time=procs.boot_time(),
+                                 boot_id=procs.boot_id())
         except SuperviseError as exc:
             if not os.path.lexists(path):
                 return None  # reaped meanwhile (by another listener or a deploy script)
@@ -374,13 +380,17 @@ class Listener:
         except OSError:
             pass
 
-    def _supervisor_of(self, path: str) -> Identity | None:
-        try:
-            with open(path) as f:
-                sup = json.load(f).get("supervisor") or {}
-            return Identity(int(sup["pid"]), float(sup["create_time"]))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
+    def _ours(self, sup: Identity | None) -> bool:
+        """Whether a record's supervisord is ours (both unknown counts, as in tests without one)."""
+        return sup.same(self.supervisor) if sup is not None else self.supervisor is None
+
+    @staticmethod
+    def _supervisor_of(rec: statefile.Record) -> Identity | None:
+        # From the parsed record, not the raw file: its creation time is
+        # rebased like the workers', so a listener started after the clock
+        # was set does not take a live supervisord for a dead one (and
+        # warm-stop its workers as orphans).
+        return Identity(*rec.supervisor) if rec.supervisor else None
 
     def _main_dead(self, path: str) -> bool:
         rec = self._load(path)
@@ -469,10 +479,10 @@ class Listener:
             if not Identity(main.pid, main.create_time).alive():
                 self.reap(path, f"{why}: worker gone")
                 continue
-            sup = self._supervisor_of(path)
+            sup = self._supervisor_of(rec)
             if sup is not None and not sup.alive():
                 orphans.append((path, main, f"{why}: orphaned (its supervisord {sup.pid} is gone)"))
-            elif replaced and sup == self.supervisor:
+            elif replaced and self._ours(sup):
                 orphans.append((path, main, f"{why}: still running"))
         if orphans:
             self.warm_stop([main for _, main, _ in orphans])

@@ -40,6 +40,8 @@ class SaveResult:
     policy: Policy
     verdicts: list[Verdict]
     warnings: list[str] = field(default_factory=list)
+    # The broker failed: the trees are recorded, the active tasks are not (exit 3).
+    broker_error: str | None = None
 
 
 @dataclass
@@ -83,8 +85,8 @@ class Targets:
     supervisor_auth: tuple[str | None, str | None] = (None, None)  # username, password
 
 
-def live_snapshot(targets: Targets) -> tuple[Snapshot, list[str]]:
-    """Discover this host's workers and read their trees."""
+def live_snapshot(targets: Targets) -> tuple[Snapshot, list[str], str | None]:
+    """Discover this host's workers and read their trees; the broker's failure, if any."""
     found: Discovery = discovery.discover(
         app=targets.app, app_spec=targets.app_spec, supervisor_url=targets.supervisor_url,
         programs=list(targets.programs), timeout=targets.timeout, supervisor_auth=targets.supervisor_auth,
@@ -102,7 +104,10 @@ def live_snapshot(targets: Targets) -> tuple[Snapshot, list[str]]:
         )
         if w is not None:  # it exited while we asked the broker
             workers.append(w)
-    return take(workers, found.source, found.warnings), found.warnings
+    warnings = list(found.warnings)
+    if found.broker_error:
+        warnings.append(f"{found.broker_error}; recorded the local process trees, but active tasks are missing")
+    return take(workers, found.source, warnings), warnings, found.broker_error if workers else None
 
 
 def savepid(path: str, targets: Targets, policy: Policy = Policy()) -> SaveResult:
@@ -111,17 +116,18 @@ def savepid(path: str, targets: Targets, policy: Policy = Policy()) -> SaveResul
         raise UsageError("savepid needs -A APP or --supervisor-url to know which workers are yours")
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise StateFileError(path, "its folder does not exist")
-    snapshot, warnings = live_snapshot(targets)
+    snapshot, warnings, broker_error = live_snapshot(targets)
     verdicts = plan(snapshot.workers, policy)
+    # Written even when the broker failed: the trees are what the kill needs.
     statefile.write(path, statefile.to_document(snapshot, policy, verdicts))
     if not snapshot.workers:
         warnings = warnings + ["no Celery worker is running on this host; wrote an empty record"]
-    return SaveResult(path, snapshot, policy, verdicts, warnings)
+    return SaveResult(path, snapshot, policy, verdicts, warnings, broker_error)
 
 
 def status(targets: Targets, policy: Policy = Policy()) -> StatusResult:
     """The live trees with their verdicts; changes nothing."""
-    snapshot, warnings = live_snapshot(targets)
+    snapshot, warnings, _ = live_snapshot(targets)
     protected = protected_pids(w.supervisor_pid for w in snapshot.workers if w.supervisor_pid)
     return StatusResult(snapshot, policy, plan(snapshot.workers, policy, protected), warnings)
 
@@ -262,7 +268,7 @@ def kill(
 def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillReport:
     # Read under the lock: a reaper that waited sees the world as the
     # previous one left it, and its re-verification reports those as gone.
-    record = statefile.read(path, host=hostname(), boot_time=procs.boot_time())
+    record = statefile.read(path, host=hostname(), boot_time=procs.boot_time(), boot_id=procs.boot_id())
     warnings: list[str] = []
     if isinstance(record, statefile.LegacyRecord):
         warnings.append(
@@ -435,7 +441,7 @@ def requeue(
     if app is None:
         raise UsageError("requeue needs -A APP: the app whose broker the tasks are sent through")
     with ledgers.exclusive(path):
-        record = statefile.read(path, host=hostname(), boot_time=procs.boot_time())
+        record = statefile.read(path, host=hostname(), boot_time=procs.boot_time(), boot_id=procs.boot_id())
         if isinstance(record, statefile.LegacyRecord):
             raise StateFileError(path, "is a bare PID list (the old savepid format): it records no tasks to requeue")
         return _requeue_locked(path, app, record, journal_dir=journal_dir, dry_run=dry_run,
@@ -471,6 +477,11 @@ def _requeue_locked(path, app, record, *, journal_dir, dry_run, publish, connect
     elif to_send:
         conn = connect(app)  # BrokerError when it is down: nothing sent, ledger untouched
         try:
+            # Write the ledger once before the first send: a folder that
+            # cannot take it (read-only, full) fails here with nothing sent,
+            # not after a send it could not record (a rerun would send that
+            # one twice).
+            ledgers.save(ledger, path)
             failure = None
             for d in to_send:
                 if failure is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
@@ -109,25 +108,48 @@ def parse_cmdline(data: bytes) -> tuple[str, ...]:
     return tuple(args)
 
 
-_boot = (0.0, 0.0)  # (when read, on the monotonic clock; psutil.boot_time())
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+_base: float | None = None  # the boot time this process computes every identity with
 
 
-def _boot_time() -> float:
-    """psutil's boot time, read at most once a second.
+def boot_time() -> float:
+    """The boot time behind every creation time this process computes.
 
-    psutil re-reads ``/proc/stat`` on every call; a thousand-process walk
-    would read it a thousand times for the same answer.
+    The kernel counts a process's start in clock ticks since boot, which
+    never changes; psutil turns it into wall-clock time by adding
+    ``/proc/stat``'s ``btime``. But ``btime`` is *derived* from the
+    realtime clock (now minus the time since boot), so it moves whenever the
+    clock is set: by hand, by an NTP step, even by a slew across a second
+    boundary. Read fresh each time, the same process would get two
+    creation times and look like a PID reuse. So it is read once per
+    process: every identity this process computes, in a kill's grace wait
+    or over a listener's months, agrees with every other one. A record
+    written by another process carries the base it used, and
+    :func:`celery_supervise.statefile.parse` rebases it to ours.
     """
-    global _boot
-    now = time.monotonic()
-    if now - _boot[0] > 1.0 or not _boot[1]:
-        _boot = (now, psutil.boot_time())
-    return _boot[1]
+    global _base
+    if _base is None:
+        _base = psutil.boot_time()
+    return _base
+
+
+def boot_id() -> str | None:
+    """The kernel's random id of this boot, or ``None`` where it cannot be read.
+
+    Unlike the boot time, it does not move with the clock, and it changes on
+    every boot: it is what tells a record from before a reboot.
+    """
+    try:
+        return _read(BOOT_ID_PATH).decode().strip() or None
+    except OSError:
+        return None
 
 
 def create_time_of(starttime_ticks: int) -> float:
-    """psutil's own formula, so our identities equal ``Process.create_time()``."""
-    return starttime_ticks / CLOCK_TICKS + _boot_time()
+    """psutil's own formula, so our identities equal ``Process.create_time()``
+    (as long as the clock has not been set since :func:`boot_time` was read)."""
+    return starttime_ticks / CLOCK_TICKS + boot_time()
 
 
 def sighup_ignored(pid: int) -> bool:
@@ -157,7 +179,7 @@ def read_proc(pid: int, role: str = TASK) -> Proc | None:
     a worker tree can hold a thousand processes and psutil's per-process
     overhead (object set-up, reuse checks, a file read per accessor) costs
     about 230 us each against about 80 us here. The values are the ones
-    psutil computes; ``create_time_of`` uses psutil's boot time.
+    psutil computes; ``create_time_of`` uses psutil's boot time, read once.
 
     A zombie has already exited: signalling it does nothing and it has no
     children left, so for our purposes it is gone.
@@ -260,10 +282,6 @@ def ancestors(pid: int) -> list[int]:
         return [p.pid for p in psutil.Process(pid).parents()]
     except psutil.NoSuchProcess:
         return []
-
-
-def boot_time() -> float:
-    return psutil.boot_time()
 
 
 def iter_cmdlines(containing: bytes = b"") -> Iterable[tuple[int, int, tuple[str, ...]]]:

@@ -153,14 +153,31 @@ def render_kill(out: Console, err: Console, report: KillReport, as_json: bool) -
 def save_document(result: SaveResult) -> dict:
     doc = to_document(result.snapshot, result.policy, result.verdicts)
     doc["path"] = result.path
+    doc["broker_error"] = result.broker_error
+    doc["exit_code"] = save_exit_code(result)
     return doc
 
 
+def save_exit_code(result: SaveResult) -> int:
+    """3 when the broker failed: the record lacks the tasks a stop would cut off (requeue could not re-send them)."""
+    return EXIT_PARTIAL if result.broker_error else EXIT_OK
+
+
+def save_problem(result: SaveResult) -> str:
+    return (f"the broker failed ({result.broker_error}): {result.path} records the process trees but not the "
+            "active tasks, so requeue could not re-send what a stop cuts off; run savepid again once the "
+            "broker is back (kill works with this record)")
+
+
 def render_save(out: Console, err: Console, result: SaveResult, as_json: bool) -> int:
-    warnings(err, result.warnings)
+    warnings(err, [w for w in result.warnings if not (result.broker_error and w.startswith(result.broker_error))])
+    if result.broker_error:
+        # One line, as every error; the CLI's edge prints SuperviseErrors
+        # the same way, but the record *was* written, so this is exit 3.
+        err.print(f"celery-supervise: error: {save_problem(result)}", highlight=False, soft_wrap=True)
     if as_json:
         emit_json(out, save_document(result))
-        return EXIT_OK
+        return save_exit_code(result)
     snap = result.snapshot
     nprocs = sum(len(w.procs) for w in snap.workers)
     ntasks = sum(len(w.tasks) for w in snap.workers)
@@ -171,7 +188,7 @@ def render_save(out: Console, err: Console, result: SaveResult, as_json: bool) -
     )
     if snap.workers:
         out.print(verdict_tree(snap.workers, result.verdicts))
-    return EXIT_OK
+    return save_exit_code(result)
 
 
 # -------------------------------------------------------------------- status

@@ -70,6 +70,7 @@ class Snapshot:
     workers: tuple[Worker, ...]
     source: str = "scan"  # how the workers were found: control, supervisor, scan
     warnings: tuple[str, ...] = ()
+    boot_id: str | None = None  # the kernel's id of this boot; None in records that predate it
 
     def all_procs(self) -> Iterable[tuple[Worker, Proc]]:
         for w in self.workers:
@@ -132,6 +133,7 @@ def take(workers: Iterable[Worker], source: str, warnings: Iterable[str] = ()) -
         workers=tuple(workers),
         source=source,
         warnings=tuple(warnings),
+        boot_id=procs.boot_id(),
     )
 
 

@@ -8,6 +8,18 @@ known schema, written on this host since the last boot,
 and every PID in it is a positive number other than 1. Any refusal is a
 :class:`StateFileError` before anything is signalled.
 
+"Since the last boot" is decided by the kernel's boot id, which the file
+records (``boot_id``, since this tool's first schema-1 files lacked it).
+The recorded creation times are then *rebased* to the reader's boot time:
+both are psutil's ``ticks / CLK_TCK + btime``, and ``btime`` moves when the
+realtime clock is set (see :func:`celery_supervise.procs.boot_time`), so
+adding the difference of the two ``btime`` readings gives back exactly the
+creation time the reader computes for the same process. A file without a
+boot id is read under the old rule: its boot time must agree with ours
+within :data:`BOOT_TIME_TOLERANCE` (a clock set by more than that since it
+was written makes it look like one from before a reboot: refused, never
+acted on wrongly).
+
 Writing is atomic (temp file in the same folder, fsync, rename) with mode
 0600, so a crash mid-write leaves the old file or the new one, never half.
 """
@@ -20,7 +32,7 @@ import os
 import re
 import stat
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable
 
 from kombu.utils.json import JSONEncoder as _KombuEncoder
@@ -30,10 +42,11 @@ from .plan import Policy, Verdict
 from .procs import ROLES, Proc
 from .snapshot import Snapshot, Task, Worker
 
-SCHEMA = 1
+SCHEMA = 1  # boot_id is an optional addition: older readers ignore it, newer ones fall back without it
 KIND = "celery-supervise/state"
-# Two readings of the boot time agree to well under this; a reboot moves it
-# by at least the previous uptime.
+# Files without a boot id only: two readings of the boot time agree to well
+# under this, unless the clock was set in between; a reboot moves it by at
+# least the previous uptime.
 BOOT_TIME_TOLERANCE = 2.0
 
 LEGACY_PIDS = re.compile(rb"\A\s*[0-9]+(?:\s+[0-9]+)*\s*\Z")
@@ -46,6 +59,10 @@ class Record:
     snapshot: Snapshot
     policy: Policy
     verdicts: tuple[dict, ...] = ()
+    # The listener's records: (pid, creation time) of the supervisord that ran the worker.
+    supervisor: tuple[int, float] | None = None
+    # What was added to every recorded creation time (reader's boot time - writer's).
+    rebased_by: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,7 @@ def to_document(snapshot: Snapshot, policy: Policy, verdicts: Iterable[Verdict])
         "kind": KIND,
         "host": snapshot.host,
         "boot_time": snapshot.boot_time,
+        "boot_id": snapshot.boot_id,
         "taken_at": snapshot.taken_at,
         "source": snapshot.source,
         "policy": str(policy),
@@ -204,8 +222,12 @@ def check_folder(path: str) -> None:
         )
 
 
-def read(path: str, *, host: str, boot_time: float) -> Record | LegacyRecord:
-    """Read and validate a state file written on *host* since *boot_time*."""
+def read(path: str, *, host: str, boot_time: float, boot_id: str | None) -> Record | LegacyRecord:
+    """Read and validate a state file written on *host* during boot *boot_id*.
+
+    *boot_time* is the base the reader computes creation times with
+    (:func:`celery_supervise.procs.boot_time`); the record's are rebased to it.
+    """
     data = read_bytes(path)
     if not data.strip():
         raise StateFileError(path, "is empty")
@@ -218,10 +240,10 @@ def read(path: str, *, host: str, boot_time: float) -> Record | LegacyRecord:
         raise StateFileError(
             path, "is neither a celery-supervise state file (not valid JSON; truncated?) nor a list of PIDs"
         ) from None
-    return parse(path, doc, host=host, boot_time=boot_time)
+    return parse(path, doc, host=host, boot_time=boot_time, boot_id=boot_id)
 
 
-def parse(path: str, doc: Any, *, host: str, boot_time: float) -> Record:
+def parse(path: str, doc: Any, *, host: str, boot_time: float, boot_id: str | None) -> Record:
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
         raise StateFileError(path, "is not a celery-supervise state file")
     if doc.get("schema") != SCHEMA:
@@ -229,8 +251,20 @@ def parse(path: str, doc: Any, *, host: str, boot_time: float) -> Record:
     if doc.get("host") != host:
         raise UnsafeStateError(path, f"was written on host {doc.get('host')!r}, this is {host!r}")
     recorded_boot = _number(path, "boot_time", doc.get("boot_time"))
-    if abs(recorded_boot - boot_time) > BOOT_TIME_TOLERANCE:
-        raise UnsafeStateError(path, "was written before the last boot; its PIDs mean nothing now")
+    recorded_id = doc.get("boot_id")
+    if recorded_id is not None and not isinstance(recorded_id, str):
+        raise StateFileError(path, f"boot_id: {recorded_id!r} is not a string")
+    if recorded_id and boot_id:
+        if recorded_id != boot_id:
+            raise UnsafeStateError(path, "was written before the last boot (its boot id differs); "
+                                   "its PIDs mean nothing now")
+    elif abs(recorded_boot - boot_time) > BOOT_TIME_TOLERANCE:
+        raise UnsafeStateError(path, "was written before the last boot (or the clock was set by more than "
+                               f"{BOOT_TIME_TOLERANCE:g}s since, and the file has no boot id to tell); "
+                               "its PIDs mean nothing now")
+    # Same boot: the creation times were computed with the writer's btime.
+    # Moved onto ours, they equal what we compute for the same processes.
+    shift = boot_time - recorded_boot
     try:
         policy = Policy.parse(doc.get("policy"))
     except Exception:
@@ -244,13 +278,41 @@ def parse(path: str, doc: Any, *, host: str, boot_time: float) -> Record:
     warnings = doc.get("warnings", [])
     snapshot = Snapshot(
         host=host,
-        boot_time=recorded_boot,
+        boot_time=boot_time,
         taken_at=_number(path, "taken_at", doc.get("taken_at")),
-        workers=tuple(_worker(path, i, w) for i, w in enumerate(workers)),
+        workers=tuple(_rebased(_worker(path, i, w), shift) for i, w in enumerate(workers)),
         source=str(doc.get("source", "?")),
         warnings=tuple(str(w) for w in warnings) if isinstance(warnings, list) else (),
+        boot_id=recorded_id,
     )
-    return Record(snapshot, policy, tuple(v for v in verdicts if isinstance(v, dict)))
+    verdicts = tuple(
+        {**v, "create_time": v["create_time"] + shift} if isinstance(v.get("create_time"), (int, float)) else v
+        for v in verdicts if isinstance(v, dict)
+    )
+    return Record(snapshot, policy, verdicts, _supervisor(doc.get("supervisor"), shift), shift)
+
+
+def _rebased(worker: Worker, shift: float) -> Worker:
+    if not shift:
+        return worker
+    moved = tuple(replace(p, create_time=p.create_time + shift) for p in worker.procs)
+    return replace(worker, main=moved[0], procs=moved)
+
+
+def _supervisor(value: Any, shift: float) -> tuple[int, float] | None:
+    """The listener's record of its supervisord (which may well be PID 1 in a container).
+
+    Only ever compared with live processes, never signalled; a malformed
+    one counts as unknown, as it always has.
+    """
+    try:
+        pid, create_time = value["pid"], value["create_time"]
+    except (TypeError, KeyError):
+        return None
+    if isinstance(pid, bool) or not isinstance(pid, int) or isinstance(create_time, bool) \
+            or not isinstance(create_time, (int, float)):
+        return None
+    return pid, float(create_time) + shift
 
 
 def _pid(path: str, where: str, value: Any) -> int:

@@ -368,7 +368,7 @@ def write_file(path: str, data: bytes) -> None:
 def read_state(path: str, env: Env):
     """statefile.read, which must return a record or raise our own error."""
     try:
-        return statefile.read(path, host=env.host, boot_time=env.boot_time)
+        return statefile.read(path, host=env.host, boot_time=env.boot_time, boot_id=procs.boot_id())
     except SuperviseError as exc:
         assert "\n" not in str(exc)
         return exc

@@ -13,7 +13,7 @@ import os
 import psutil
 import pytest
 
-from celery_supervise import snapshot, statefile
+from celery_supervise import procs, snapshot, statefile
 from celery_supervise.listener import Listener, parse_payload
 from celery_supervise.plan import Policy, plan
 
@@ -250,7 +250,7 @@ def test_a_record_never_forgets_a_live_process(tmp_path, real_procs):
     mid.kill()
     wait_for(lambda: kid.ppid() != mid.pid, 10, "kid to be re-parented")
     listener.record("w", main.pid, "tick")  # a rewrite, as on a tick or STOPPING
-    rec = statefile.read(listener.record_path("w", main.pid), host=snapshot.hostname(), boot_time=psutil.boot_time())
+    rec = statefile.read(listener.record_path("w", main.pid), host=snapshot.hostname(), boot_time=procs.boot_time(), boot_id=procs.boot_id())
     assert kid.pid in {p.pid for p in rec.snapshot.workers[0].procs}
     assert kid.pid not in {p.pid for p in snapshot.read_worker(main.pid).procs}
 

@@ -273,8 +273,14 @@ def test_a_dead_broker_is_one_line_and_exit_1(run, prefix, tmp_path):
 def test_a_ledger_that_cannot_be_written_after_a_send_says_so_and_exits_3(app, tmp_path, monkeypatch):
     state = write_record(tmp_path / "state.json", reply("cut"))
 
+    real_write, writes = statefile.write, []
+
     def full_disk(path, document):
-        raise StateFileError(path, "cannot write: No space left on device")
+        # The first write (the ledger as it was, before any send) still fits.
+        writes.append(path)
+        if len(writes) > 1:
+            raise StateFileError(path, "cannot write: No space left on device")
+        real_write(path, document)
 
     monkeypatch.setattr(statefile, "write", full_disk)
     with pytest.raises(PartialError, match="task cut was re-sent, but the ledger could not record it") as info:

@@ -10,7 +10,7 @@ import os
 import psutil
 import pytest
 
-from celery_supervise import plan, snapshot, statefile
+from celery_supervise import plan, procs, snapshot, statefile
 from celery_supervise.plan import Policy
 
 from test_kill import cli
@@ -54,7 +54,10 @@ CASES = {
     "json but not ours": (raw("[1, 2, 3]"), "not a celery-supervise state file"),
     "unknown schema": (set_key("schema", 99), "unknown schema version 99"),
     "other host": (set_key("host", "elsewhere.example"), "was written on host 'elsewhere.example'"),
-    "before last boot": (lambda doc: {**doc, "boot_time": doc["boot_time"] - 86400}, "before the last boot"),
+    "before last boot": (set_key("boot_id", "00000000-0000-0000-0000-000000000000"), "before the last boot"),
+    "before last boot, no boot id": (lambda doc: {**{k: v for k, v in doc.items() if k != "boot_id"},
+                                                  "boot_time": doc["boot_time"] - 86400}, "before the last boot"),
+    "boot id not a string": (set_key("boot_id", 42), "boot_id: 42 is not a string"),
     "pid 1": (spoil_main_pid(1), "names PID 1"),
     "pid 0": (spoil_main_pid(0), "is not positive"),
     "negative pid": (spoil_main_pid(-5), "is not positive"),
@@ -119,8 +122,37 @@ def test_symlink(good_file, canary, tmp_path):
 
 def test_written_file_is_private_and_readable(good_file, canary):
     assert os.stat(good_file).st_mode & 0o777 == 0o600
-    record = statefile.read(str(good_file), host=snapshot.hostname(), boot_time=psutil.boot_time())
+    record = statefile.read(str(good_file), host=snapshot.hostname(), boot_time=procs.boot_time(),
+                            boot_id=procs.boot_id())
     assert record.snapshot.workers[0].main == canary.main
+    assert record.snapshot.boot_id == procs.boot_id() and record.rebased_by == 0
+
+
+def test_creation_times_are_rebased_to_the_readers_boot_time(good_file, canary):
+    """The clock was set between write and read: btime moved, the identities move with it.
+
+    The real clock jump is in test_faults.py; here the reader's boot time is
+    simply given as another.
+    """
+    record = statefile.read(str(good_file), host=snapshot.hostname(), boot_time=procs.boot_time() + 30,
+                            boot_id=procs.boot_id())
+    (main,) = record.snapshot.workers[0].procs
+    assert record.rebased_by == 30
+    assert abs(main.create_time - (canary.main.create_time + 30)) < 1e-6
+    assert record.verdicts[0]["create_time"] == main.create_time
+
+
+def test_a_file_without_boot_id_is_read_under_the_old_rule(good_file, canary):
+    """Files written before boot ids were recorded: the boot time must agree within the tolerance."""
+    doc = json.loads(good_file.read_text())
+    del doc["boot_id"]
+    good_file.write_text(json.dumps(doc))
+    near = statefile.read(str(good_file), host=snapshot.hostname(), boot_time=procs.boot_time() + 1,
+                          boot_id=procs.boot_id())
+    assert near.rebased_by == 1 and near.snapshot.boot_id is None
+    with pytest.raises(statefile.UnsafeStateError, match="before the last boot"):
+        statefile.read(str(good_file), host=snapshot.hostname(), boot_time=procs.boot_time() + 30,
+                       boot_id=procs.boot_id())
 
 
 def test_usage_errors_exit_2(good_file):

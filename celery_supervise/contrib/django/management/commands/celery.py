@@ -34,6 +34,7 @@ class Command(BaseCommand):
 
     #: What an exit code 3 means, per action, for the CommandError line.
     PARTIAL = {
+        "savepid": "the broker failed: the record has the process trees but not the active tasks (see above)",
         "kill": "some processes could not be killed (see the table)",
         "drain": "the drain timed out with tasks still running (see the table)",
         "requeue": "the broker failed before every task was re-sent (see the table); run requeue again",
