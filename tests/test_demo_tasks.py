@@ -59,7 +59,7 @@ def test_spawn_family_leaves_its_children_running(demo_tasks, real_procs, tmp_pa
         assert not sighup_ignored(family[role].pid), role
     assert not (marker_dir / "nohup.out").exists()
     assert sorted(p.name for p in marker_dir.iterdir()) == [
-        "t1.json", "t1.plain_grandchild", "t1.setsid_grandchild",
+        "t1.done", "t1.json", "t1.plain_grandchild", "t1.setsid_grandchild",
     ]
 
 

@@ -48,8 +48,9 @@ def spawn_family(self, marker_dir, hold=60, lifetime=120):
             └── sleep             setsid_grandchild
 
     Then ``<marker_dir>/<task id>.json`` appears, atomically, with the PIDs,
-    and the task sleeps `hold` seconds.  It never waits for its children nor
-    kills them.
+    and the task sleeps `hold` seconds; once it has, ``<task id>.done``
+    appears (so a soak can count it as finished without a result backend).
+    It never waits for its children nor kills them.
     """
     task_id = self.request.id
     prefix = os.path.join(marker_dir, task_id)
@@ -61,6 +62,13 @@ def spawn_family(self, marker_dir, hold=60, lifetime=120):
         cwd=marker_dir,
     )
 
+    # A task sent again (requeue) runs with the same id: a PID file of the
+    # first run would be read as this run's grandchild.
+    for stale in (prefix + ".plain_grandchild", prefix + ".setsid_grandchild"):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
     plain = subprocess.Popen(["sleep", lifetime], **quiet)
     plain_grandparent = subprocess.Popen(
         ["sh", "-c", _GRANDPARENT_SCRIPT, "sh", lifetime, prefix + ".plain_grandchild"],
@@ -101,6 +109,7 @@ def spawn_family(self, marker_dir, hold=60, lifetime=120):
     deadline = time.monotonic() + hold
     while (remaining := deadline - time.monotonic()) > 0:
         time.sleep(min(remaining, 0.5))
+    _write_atomically(prefix + ".done", json.dumps({"time": time.time(), "pool_pid": os.getpid()}))
     return marker
 
 

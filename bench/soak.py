@@ -1,0 +1,673 @@
+"""Soak: restart a real worker under a real supervisord, again and again, and count what went wrong.
+
+    python bench/soak.py [--cycles 200] [--quick] [--broker redis|filesystem] [--seed 1] [--json]
+
+One supervisord (the tests' harness, ``tests/realsupervisor.py``) runs the
+demo worker (``-c 3``, ``stopsignal=TERM``, ``stopwaitsecs=30``) from a
+private copy of ``django_app/``, the celery-supervise eventlistener as
+``conf/supervisord.conf`` configures it (priority 100 below the worker's
+200, ``--grace 10``) and a non-Celery ``bystander`` program (``sleep``).
+Each cycle sends tasks, restarts the worker one of four ways, in turn:
+
+1. ``deploy``: ``scripts/deploy.sh -c CONF -A demo -s STATE`` (savepid,
+   ``supervisorctl shutdown``, kill, a new daemonized supervisord), then
+   ``celery-supervise requeue STATE``;
+2. ``restart``: ``celery-supervise restart celery-worker --state STATE``,
+   then ``requeue STATE``;
+3. ``supervisorctl``: ``supervisorctl restart celery-worker:*``; the listener
+   reaps the old tree when the old worker exits (no state file, no requeue);
+4. ``kill-9``: SIGKILL of supervisord (the worker and its tree are orphaned,
+   the listener exits at end of input), ``celery-supervise savepid STATE``
+   of the orphan, a new supervisord; its listener's start sweep warm-stops
+   the orphan (``--grace``) and kills its leftovers (README, "The
+   eventlistener"); then ``requeue STATE``.
+
+and then counts, once the new worker answers and every task has had its
+chance to finish:
+
+* **attached leaked**: the old worker's main and pool processes and the
+  attached children of its tasks (``spawn_family``'s plain ones) still
+  alive 15 s after the cycle settled, plus any other process carrying the
+  run's environment mark that is neither under the current supervisord nor
+  one the soak watches;
+* **detached killed**: ``nohup``'d and ``setsid``'d task children (all
+  ever started, checked at every cycle's end until they are retired) found
+  gone before their own lifetime (``sleep LIFETIME``) ran out, by PID +
+  creation time;
+* **tasks lost**: tasks sent whose ``.done`` marker never appeared (60 s
+  after the cycle settled); a task ``requeue`` sent again counts as done
+  only once its re-run has written the marker;
+* **innocents killed**: bystanders, each cycle a ``sleep`` child of the
+  soak and a ``setsid``'d one, and the ``bystander`` program's ``sleep``
+  (in ``kill-9`` cycles the orphaned one), found gone before their lifetime.
+
+Every count must be 0: the exit status is 1 otherwise, 2 when a cycle could
+not be carried out (a command failed, a worker never answered). Times are
+per mode: the restart (the command, up to the new worker answering and the
+old tree reaped) and the whole cycle.
+
+The broker is Redis db 14 (``redis://127.0.0.1:6379/14``), flushed once at
+the start and never touched elsewhere, with queue and node names of this
+run's own; ``--broker filesystem`` uses the guarded filesystem transport
+in the run's folder instead. Everything started carries
+``CELERY_SUPERVISE_TEST_RUN`` in its environment; at the end supervisord is
+shut down, what the soak spared and watched is killed by PID, and a final
+sweep kills, by PID, anything else still carrying the mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the harness lives with the tests
+
+import psutil  # noqa: E402
+
+from realprocs import RUN_ENV_VAR, WaitTimeout, is_gone, marked_processes, reap, reap_leaks, wait_for, wait_gone  # noqa: E402
+from realsupervisor import BIN, PROGRAM, Supervisord, SupervisordFailed, copy_project  # noqa: E402
+from taskfamily import ATTACHED, DETACHED, Family  # noqa: E402
+
+#: The soak's own Redis database: flushed at the start, nothing else is touched.
+REDIS_URL = "redis://127.0.0.1:6379/14"
+MODES = ("deploy", "restart", "supervisorctl", "kill-9")
+LISTENER = "celery-supervise"
+BYSTANDER = "bystander"
+#: As conf/supervisord.conf: the listener's --grace.
+LISTENER_GRACE = 10
+#: The leftovers' grace for deploy.sh (-g) and restart (--grace).
+KILL_GRACE = 5
+
+#: How long the old tree may take to be gone once a cycle has settled.
+LEAK_TIMEOUT = 15.0
+#: How long a task may take to finish once a cycle has settled.
+TASK_TIMEOUT = 60.0
+#: How long a restart may take, the new worker answering included.
+SETTLE_TIMEOUT = 90.0
+#: A watched process that dies this close to its lifetime's end died of old age.
+LIFETIME_SLACK = 5.0
+#: A detached child is killed by the soak once this many cycle ends found it alive.
+RETIRE_AFTER = 2
+
+LISTENER_SECTION = """
+[eventlistener:{listener}]
+command={exe} -A demo listener --state-dir %(here)s/state --grace {grace}
+directory={directory}
+events=PROCESS_STATE,SUPERVISOR_STATE_CHANGE,TICK_60
+priority=100
+autostart=true
+autorestart=true
+startsecs=1
+stopwaitsecs=30
+stopsignal=TERM
+buffer_size=50
+stdout_logfile=NONE
+stderr_logfile=%(here)s/listener.log
+
+[program:{bystander}]
+; not a Celery worker: nothing of celery-supervise may ever touch it
+command=sleep {lifetime}
+autostart=true
+autorestart=true
+startsecs=0
+priority=300
+stdout_logfile=NONE
+"""
+
+
+class CycleFailed(Exception):
+    """A cycle could not be carried out: a command failed, or something never happened."""
+
+
+@dataclass
+class Config:
+    cycles: int = 200
+    broker: str = "redis"
+    seed: int = 1
+    #: Every task child and bystander runs ``sleep LIFETIME``.
+    lifetime: int = 600
+    #: Range of the tasks' hold times (they are running at the restart).
+    hold: tuple[float, float] = (1.0, 4.0)
+    short_marks: int = 2
+    modes: tuple[str, ...] = MODES
+    #: Keep the run's folder (logs, state files, markers) instead of removing it.
+    keep: bool = False
+
+
+@dataclass
+class Watched:
+    """A process that must outlive the cycle: a detached task child or a bystander."""
+
+    proc: psutil.Process
+    what: str
+    lifetime: float
+    checks: int = 0
+
+    def died_early(self) -> bool:
+        """Gone (by PID + creation time) before its own ``sleep`` could have ended."""
+        if not is_gone(self.proc):
+            return False
+        try:
+            born = self.proc.create_time()
+        except psutil.Error:  # pragma: no cover - psutil keeps it from the first lookup
+            born = 0.0
+        return time.time() < born + self.lifetime - LIFETIME_SLACK
+
+
+@dataclass
+class CycleResult:
+    number: int
+    mode: str
+    restart_seconds: float
+    cycle_seconds: float
+    attached_leaked: list[str] = field(default_factory=list)
+    detached_killed: list[str] = field(default_factory=list)
+    tasks_lost: list[str] = field(default_factory=list)
+    innocents_killed: list[str] = field(default_factory=list)
+    sent: int = 0
+    requeued: int = 0
+    ran_twice: int = 0
+
+
+@dataclass
+class SoakResult:
+    config: Config
+    cycles: list[CycleResult] = field(default_factory=list)
+    error: str | None = None
+    final_leftovers: str | None = None
+    listener_problems: list[dict] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {name: sum(len(getattr(c, name)) for c in self.cycles)
+                for name in ("attached_leaked", "detached_killed", "tasks_lost", "innocents_killed")}
+
+    def exit_code(self) -> int:
+        if self.error is not None:
+            return 2
+        return 1 if any(self.counts().values()) else 0
+
+    def times(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{mode: {"restart"|"cycle": {"n", "median", "min", "max"}}}``."""
+        out = {}
+        for mode in MODES:
+            mine = [c for c in self.cycles if c.mode == mode]
+            if not mine:
+                continue
+            out[mode] = {}
+            for key in ("restart", "cycle"):
+                values = [getattr(c, f"{key}_seconds") for c in mine]
+                out[mode][key] = {"n": len(values), "median": statistics.median(values),
+                                  "min": min(values), "max": max(values)}
+        return out
+
+    def document(self) -> dict:
+        return {"cycles": len(self.cycles), "broker": self.config.broker, "seed": self.config.seed,
+                "counts": self.counts(), "exit_code": self.exit_code(), "error": self.error,
+                "sent": sum(c.sent for c in self.cycles), "requeued": sum(c.requeued for c in self.cycles),
+                "ran_twice": sum(c.ran_twice for c in self.cycles), "times": self.times(),
+                "final_leftovers": self.final_leftovers, "listener_problems": self.listener_problems,
+                "details": [c.__dict__ for c in self.cycles
+                            if c.attached_leaked or c.detached_killed or c.tasks_lost or c.innocents_killed]}
+
+
+# ---------------------------------------------------------------- the soak
+
+
+class Soak:
+    """One supervisord, its worker, and everything the cycles must account for."""
+
+    def __init__(self, config: Config, workdir: Path, log=print):
+        self.config = config
+        self.dir = workdir
+        self.log = log
+        self.rng = random.Random(config.seed)
+        self.uid = uuid.uuid4().hex[:8]
+        self.url = REDIS_URL if config.broker == "redis" else None
+        self.queue = f"soak-{self.uid}" if self.url else None
+        self.project = copy_project(workdir / "project")
+        (workdir / "sup").mkdir()
+        extra = LISTENER_SECTION.format(listener=LISTENER, exe=BIN / "celery-supervise", grace=LISTENER_GRACE,
+                                        directory=self.project, bystander=BYSTANDER, lifetime=config.lifetime)
+        self.run = Supervisord(
+            workdir / "sup", concurrency=3, stopsignal="TERM", stopwaitsecs=30, project_dir=self.project,
+            broker_url=self.url, queues=self.queue, node_prefix=f"soak{self.uid}-", priority=200, extra=extra,
+            # A reaper lock of our own: other sessions on this host may be reaping.
+            env={"CELERY_SUPERVISE_LOCK": str(workdir / "reaper.lock")},
+            # deploy.sh starts supervisord again with `supervisord -c`: it must daemonize.
+            nodaemon=False,
+        )
+        self.run.extra_logs.append("listener.log")
+        [self.node] = self.run.node_names()
+        self.states = workdir / "states"
+        self.states.mkdir(mode=0o700)
+        self.watched: list[Watched] = []  # detached task children, until retired
+        self.families: list[Family] = []  # of the current worker, not yet restarted
+        self.sent: dict[str, str] = {}  # task id -> name, of the current cycle
+        #: What the cycle under way started or orphaned: killed by PID at close if it fails.
+        self.pending: list[psutil.Process] = []
+        #: The kernel's boot time as psutil reads it (/proc/stat btime): a
+        #: wall-clock step moves it, and state files carry it.
+        self.btime = psutil.boot_time()
+
+    # -- supervisord and the worker
+
+    def supervisord_pid(self) -> int:
+        return self.run.proxy().supervisor.getPID()
+
+    def process_pid(self, group: str) -> int | None:
+        for info in self.run.proxy().supervisor.getAllProcessInfo():
+            if info["group"] == group and info["statename"] == "RUNNING" and info["pid"]:
+                return info["pid"]
+        return None
+
+    def start(self) -> None:
+        if self.url:
+            import redis
+
+            client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+            try:
+                client.flushdb()  # db 14 only, and only here
+            finally:
+                client.close()
+        self.run.start()
+        self.wait_worker()
+
+    def wait_worker(self, timeout: float = SETTLE_TIMEOUT) -> psutil.Process:
+        """Wait until supervisord runs the worker and its node answers a ping; return its main."""
+
+        def answering():
+            pid = self.process_pid(PROGRAM)
+            replies = self.run.celery.app.control.ping(destination=[self.node], limit=1, timeout=0.5) if pid else []
+            return pid if any(self.node in r for r in replies or ()) else None
+
+        try:
+            return psutil.Process(wait_for(answering, timeout, f"{PROGRAM} ({self.node}) to answer a ping",
+                                           interval=0.1))
+        except WaitTimeout as exc:
+            raise CycleFailed(f"{exc}\n{self.run.diagnostics()}") from None
+
+    def cli(self, *args, timeout=120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "celery-supervise"), "-A", "demo", *args], cwd=self.project,
+                              env=self.run.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def listener_entries(self) -> list[dict]:
+        path = self.run.dir / "listener.log"
+        out = []
+        if path.exists():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    out.append({"action": "not-json", "line": line[:300]})
+        return out
+
+    def wait_reaped(self, main_pid: int, timeout: float = SETTLE_TIMEOUT) -> dict:
+        """Wait for the listener's ``reaped`` line of the record of worker *main_pid*."""
+        record = f"{PROGRAM}_{PROGRAM}_0@{main_pid}.json"
+
+        def reaped():
+            return next((e for e in self.listener_entries()
+                         if e.get("action") == "reaped" and e.get("record") == record), None)
+
+        try:
+            return wait_for(reaped, timeout, f"the listener to reap {record}", interval=0.1)
+        except WaitTimeout as exc:
+            raise CycleFailed(f"{exc}\n{self.run.diagnostics()}") from None
+
+    # -- tasks
+
+    def send_tasks(self) -> list[Family]:
+        """Two ``spawn_family`` and one long ``mark`` running, short ``mark``s queued; the families."""
+        client, lo_hi = self.run.celery, self.config.hold
+        self.sent = {}
+        family_ids = [client.spawn_family(hold=self.rng.uniform(*lo_hi), lifetime=self.config.lifetime,
+                                          queue=self.queue) for _ in range(2)]
+        long_mark = client.mark(hold=self.rng.uniform(*lo_hi), queue=self.queue)
+        shorts = [client.mark(hold=0, queue=self.queue) for _ in range(self.config.short_marks)]
+        self.sent.update({t: "spawn_family" for t in family_ids})
+        self.sent.update({t: "mark" for t in [long_mark, *shorts]})
+        families = []
+        for task_id in family_ids:
+            marker = client.wait_for_marker(task_id, timeout=30)
+            families.append(self.adopt(marker))
+        client.wait_for_mark(long_mark, "started", timeout=30)
+        return families
+
+    def adopt(self, marker: dict) -> Family:
+        """Track a family's children: the detached ones are watched from now on."""
+        procs = {}
+        for role, pid in marker["children"].items():
+            try:
+                procs[role] = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                raise CycleFailed(f"a child of task {marker['task_id']} died before it was seen: {role} {pid}")
+        family = Family(marker, procs)
+        for role in DETACHED:
+            self.watched.append(Watched(procs[role], f"{role} {procs[role].pid} of task {family.task_id}",
+                                        self.config.lifetime))
+        return family
+
+    def done(self, task_id: str) -> bool:
+        return (self.run.marker_dir / f"{task_id}.done").exists()
+
+    def runs(self, task_id: str) -> int:
+        try:
+            return len((self.run.marker_dir / f"{task_id}.runs").read_text().splitlines())
+        except FileNotFoundError:
+            return 0
+
+    def requeue(self, state: Path) -> list[str]:
+        """``celery-supervise requeue STATE``; the ids it sent again."""
+        if not state.exists():
+            raise CycleFailed(f"no state file {state} to requeue from")
+        result = self.cli("requeue", str(state), "--json")
+        if result.returncode != 0:
+            raise CycleFailed(f"requeue exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return [t["id"] for t in json.loads(result.stdout)["tasks"] if t["status"] == "re-sent"]
+
+    # -- bystanders
+
+    def bystanders(self) -> list[tuple[Watched, psutil.Popen]]:
+        """A ``sleep`` child of the soak and a ``setsid``'d one, both of the same user."""
+        out = []
+        for what, new_session in (("sleep child of the soak", False), ("setsid'd sleep", True)):
+            proc = psutil.Popen(["sleep", str(self.config.lifetime)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=new_session)
+            out.append((Watched(proc, f"{what} {proc.pid}", self.config.lifetime), proc))
+            self.pending.append(proc)
+        return out
+
+    def bystander_program(self) -> Watched | None:
+        pid = self.process_pid(BYSTANDER)
+        if pid is None:
+            return None
+        return Watched(psutil.Process(pid), f"supervisord program {BYSTANDER} ({pid})", self.config.lifetime)
+
+    # -- the four ways to restart
+
+    def restart(self, mode: str, number: int) -> tuple[list[str], list[Watched]]:
+        """Restart the worker one way; wait until the new one answers and the old tree is dealt with.
+
+        Returns the task ids ``requeue`` sent again and the innocents that
+        must still be alive after the restart.
+        """
+        old_main = psutil.Process(self.process_pid(PROGRAM))
+        state = self.states / f"cycle{number}.json"
+        program = self.bystander_program()
+        innocents = []
+        if mode == "deploy":
+            # supervisorctl shutdown stops the bystander program too: rightly.
+            env = dict(self.run.env, PATH=f"{BIN}{os.pathsep}{self.run.env['PATH']}")
+            result = subprocess.run(
+                ["bash", str(REPO / "scripts" / "deploy.sh"), "-c", str(self.run.conf_path), "-A", "demo",
+                 "-s", str(state), "-g", str(KILL_GRACE)],
+                cwd=self.project, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+            self._collect_old_supervisord()
+            if result.returncode != 0:
+                raise CycleFailed(f"deploy.sh exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+            self.wait_worker()
+            return self.requeue(state), innocents
+        if program is not None:
+            innocents.append(program)
+            self.pending.append(program.proc)
+        if mode == "restart":
+            result = self.cli("restart", PROGRAM, "-c", str(self.run.conf_path), "--grace", str(KILL_GRACE),
+                              "--state", str(state), "--json", timeout=300)
+            if result.returncode != 0:
+                raise CycleFailed(f"restart exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+            self.wait_worker()
+            return self.requeue(state), innocents
+        if mode == "supervisorctl":
+            result = self.run.ctl("restart", f"{PROGRAM}:*", timeout=120)
+            if result.returncode != 0:
+                raise CycleFailed(f"supervisorctl restart exited {result.returncode}:\n{result.stdout}{result.stderr}")
+            self.wait_reaped(old_main.pid)
+            self.wait_worker()
+            return [], innocents
+        if mode == "kill-9":
+            sup = psutil.Process(self.supervisord_pid())
+            listener = self.process_pid(LISTENER)
+            listener = psutil.Process(listener) if listener else None
+            os.kill(sup.pid, signal.SIGKILL)
+            self._collect_old_supervisord()
+            # The old listener reads end of input and leaves, touching nothing.
+            if wait_gone([p for p in (sup, listener) if p is not None], 15):
+                raise CycleFailed(f"supervisord {sup.pid} or its listener outlived SIGKILL + 15 s")
+            # What an operator who wants the cut-off tasks back records first.
+            saved = self.cli("savepid", str(state), "--json")
+            if saved.returncode != 0:
+                raise CycleFailed(f"savepid of the orphan exited {saved.returncode}:\n{saved.stderr}")
+            try:
+                self.run.start()
+            except (SupervisordFailed, WaitTimeout) as exc:
+                raise CycleFailed(str(exc)) from None
+            self.wait_reaped(old_main.pid)
+            self.wait_worker()
+            return self.requeue(state), innocents
+        raise ValueError(f"unknown mode {mode!r}")
+
+    def _collect_old_supervisord(self) -> None:
+        """Collect our `supervisord -n` child once it has exited (a daemon is init's to collect)."""
+        proc = self.run.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                pass  # not exited: for deploy.sh, it said so already
+
+    # -- one cycle
+
+    def cycle(self, number: int, mode: str) -> CycleResult:
+        started = time.monotonic()
+        main = psutil.Process(self.process_pid(PROGRAM))
+        pools = main.children()
+        soak_bystanders = self.bystanders()
+        self.families.extend(self.send_tasks())
+        families, self.families = self.families, []
+
+        restart_started = time.monotonic()
+        requeued, innocents = self.restart(mode, number)
+        restart_seconds = time.monotonic() - restart_started
+        result = CycleResult(number, mode, restart_seconds, 0.0, sent=len(self.sent), requeued=len(requeued))
+
+        # Lost: never finished, even after requeue sent it again.
+        waiting = set(self.sent)
+        try:
+            wait_for(lambda: not [t for t in waiting if not self.done(t)], TASK_TIMEOUT, "every task to finish",
+                     interval=0.1)
+        except WaitTimeout:
+            pass
+        result.tasks_lost = [f"{self.sent[t]} {t}" for t in sorted(waiting) if not self.done(t)]
+        result.ran_twice = sum(1 for t, name in self.sent.items() if name == "mark" and self.runs(t) > 1)
+        # A spawn_family sent again ran on the new worker: its children are
+        # the new worker's, to be handled by the next cycle.
+        for task_id in requeued:
+            if self.sent.get(task_id) == "spawn_family" and self.done(task_id):
+                marker = json.loads((self.run.marker_dir / f"{task_id}.json").read_text())
+                if marker["pool_pid"] not in {f.pool_pid for f in families}:
+                    self.families.append(self.adopt(marker))
+
+        # Attached: the old tree and its tasks' attached children are gone.
+        should_die = [main, *pools, *(f.procs[r] for f in families for r in ATTACHED)]
+        left = wait_gone(should_die, LEAK_TIMEOUT)
+        result.attached_leaked = [_describe(p) for p in left]
+        reap(left)
+        # Anything else carrying the mark, outside the current supervisord and the watched ones.
+        result.attached_leaked += [_describe(p) for p in self.strays(innocents, soak_bystanders)]
+
+        # Detached and innocents: alive unless their lifetime is over.
+        for w in self.watched:
+            w.checks += 1
+        result.detached_killed = [w.what for w in self.watched if w.died_early()]
+        self.watched = [w for w in self.watched if not is_gone(w.proc)]
+        everyone = innocents + [w for w, _ in soak_bystanders]
+        result.innocents_killed = [w.what for w in everyone if w.died_early()]
+        # The bystander program the current supervisord runs goes on; an
+        # orphaned one (kill-9) and the soak's own are the soak's to kill.
+        current = self.supervisord_pid()
+        self.retire([w.proc for w in everyone if not is_gone(w.proc) and _ppid(w.proc) != current])
+        for _, popen in soak_bystanders:
+            popen.wait()
+        retired = [w for w in self.watched if w.checks >= RETIRE_AFTER]
+        self.watched = [w for w in self.watched if w.checks < RETIRE_AFTER]
+        self.retire([w.proc for w in retired])
+        self.pending = []
+        result.cycle_seconds = time.monotonic() - started
+        btime = psutil.boot_time()
+        if btime != self.btime:
+            self.log(f"soak: the kernel's boot time moved by {btime - self.btime:+.0f} s (a wall-clock step)")
+            self.btime = btime
+        return result
+
+    def strays(self, innocents: list[Watched], bystanders) -> list[psutil.Process]:
+        """Live marked processes that nobody accounts for; killed by PID."""
+        keep = {os.getpid()}
+        try:
+            sup = psutil.Process(self.supervisord_pid())
+            keep.add(sup.pid)
+            keep.update(p.pid for p in sup.children(recursive=True))
+        except (OSError, psutil.Error):
+            pass
+        keep.update(w.proc.pid for w in self.watched)
+        keep.update(w.proc.pid for w in innocents)
+        keep.update(w.proc.pid for w, _ in bystanders)
+        found = [p for p in marked_processes(os.environ[RUN_ENV_VAR], exclude=keep)]
+        reap(found)
+        return found
+
+    def retire(self, procs: list[psutil.Process]) -> None:
+        """Kill processes the soak is done with, by PID, the youngest (grandchildren) first."""
+        def born(p):
+            try:
+                return p.create_time()
+            except psutil.Error:
+                return 0.0
+
+        reap(sorted(procs, key=born, reverse=True))
+
+    def close(self) -> str | None:
+        """Shut supervisord down; kill what the soak watched; sweep the mark. Describes what the sweep found."""
+        try:
+            self.run.stop()
+        finally:
+            # The in-flight cycle's bystanders: the program's is supervisord's own,
+            # unless it was orphaned; both are gone or killed by PID here.
+            self.retire([w.proc for w in self.watched] + self.pending)
+            self.watched, self.pending = [], []
+        return reap_leaks(os.environ[RUN_ENV_VAR], exclude={os.getpid()})
+
+
+def _ppid(proc: psutil.Process) -> int | None:
+    try:
+        return proc.ppid()
+    except psutil.Error:
+        return None
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid} {' '.join(proc.cmdline())[:120]}"
+    except psutil.Error:
+        return f"{proc.pid} (gone)"
+
+
+def run(config: Config, log=print) -> SoakResult:
+    """Run the soak; every process it started is gone when it returns."""
+    os.environ.setdefault(RUN_ENV_VAR, "soak-" + uuid.uuid4().hex)
+    os.environ.pop("CELERY_BROKER_URL", None)
+    result = SoakResult(config)
+    workdir = Path(tempfile.mkdtemp(prefix="soak-"))
+    soak = None
+    try:
+        soak = Soak(config, workdir, log=log)
+        soak.start()
+        for number in range(1, config.cycles + 1):
+            mode = config.modes[(number - 1) % len(config.modes)]
+            cycle = soak.cycle(number, mode)
+            result.cycles.append(cycle)
+            bad = {k: getattr(cycle, k) for k in ("attached_leaked", "detached_killed", "tasks_lost",
+                                                   "innocents_killed") if getattr(cycle, k)}
+            log(f"cycle {number:3d} {mode:13s} restart {cycle.restart_seconds:5.2f}s cycle {cycle.cycle_seconds:5.2f}s"
+                f" sent {cycle.sent} requeued {cycle.requeued}" + (f"  PROBLEMS {bad}" if bad else ""))
+        result.listener_problems = [e for e in soak.listener_entries()
+                                    if e.get("action") in ("error", "refused", "malformed", "not-json")]
+    except (CycleFailed, WaitTimeout, SupervisordFailed, subprocess.TimeoutExpired, OSError) as exc:
+        result.error = f"cycle {len(result.cycles) + 1}: {type(exc).__name__}: {exc}"
+    finally:
+        if soak is not None:
+            result.final_leftovers = soak.close()
+        if config.keep or result.exit_code():
+            log(f"soak: kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def summary(result: SoakResult) -> str:
+    doc = result.document()
+    lines = [f"soak: {doc['cycles']} cycle(s) on {doc['broker']}, seed {doc['seed']}: "
+             f"{doc['sent']} task(s) sent, {doc['requeued']} re-sent by requeue, {doc['ran_twice']} ran twice",
+             "", "| count | value |", "|---|---|"]
+    lines += [f"| {name.replace('_', ' ')} | {value} |" for name, value in doc["counts"].items()]
+    lines += ["", "| mode | cycles | restart median (min–max) | whole cycle median (min–max) |", "|---|---|---|---|"]
+    for mode, t in doc["times"].items():
+        r, c = t["restart"], t["cycle"]
+        lines.append(f"| {mode} | {r['n']} | {r['median']:.2f} s ({r['min']:.2f}–{r['max']:.2f}) "
+                     f"| {c['median']:.2f} s ({c['min']:.2f}–{c['max']:.2f}) |")
+    for d in doc["details"]:
+        lines.append(f"cycle {d['number']} ({d['mode']}): " + "; ".join(
+            f"{k}: {d[k]}" for k in ("attached_leaked", "detached_killed", "tasks_lost", "innocents_killed") if d[k]))
+    if doc["listener_problems"]:
+        lines.append(f"listener problems: {doc['listener_problems']}")
+    if doc["final_leftovers"]:
+        lines.append(f"final sweep: {doc['final_leftovers']}")
+    if doc["error"]:
+        lines.append(f"ERROR: {doc['error']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/soak.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cycles", type=int, default=None, help="restart cycles (default 200; --quick: 4)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one cycle per mode, shorter tasks and lifetimes (for CI)")
+    parser.add_argument("--broker", choices=("redis", "filesystem"), default="redis",
+                        help=f"redis: {REDIS_URL} (flushed at the start); filesystem: a folder of the run's own")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the tasks' hold times")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma list of the modes to alternate, in order (default {','.join(MODES)})")
+    parser.add_argument("--keep", action="store_true", help="keep the run's folder (logs, state files, markers)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
+    args = parser.parse_args(argv)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - set(MODES):
+        parser.error(f"--modes: a comma list of {', '.join(MODES)}")
+    config = Config(broker=args.broker, seed=args.seed, modes=modes, keep=args.keep)
+    if args.quick:
+        config.cycles, config.lifetime, config.hold, config.short_marks = 4, 120, (0.5, 2.0), 1
+    if args.cycles is not None:
+        if args.cycles < 1:
+            parser.error("--cycles must be at least 1")
+        config.cycles = args.cycles
+    log = (lambda line: print(line, file=sys.stderr, flush=True))
+    result = run(config, log=log)
+    print(json.dumps(result.document(), default=str) if args.json else summary(result))
+    return result.exit_code()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
