@@ -160,8 +160,10 @@ def test_savepid_without_broker_records_local_trees_and_warns(supervisor, real_p
     """The worker is on its filesystem broker; savepid is pointed at a dead Redis.
 
     It still records the tree it finds by scanning (pool processes known by
-    their command line), warns that the tasks are missing, and exits 0; the
-    kill of that record still does the job.
+    their command line), says in one error line that the tasks are missing,
+    and exits 3 (partial: a deploy script under ``set -e`` stops before the
+    stop, see "Faults and what happens"); the kill of that record still does
+    the job.
     """
     run = supervisor(stopwaitsecs=2, project_dir=project)
     run.wait_ready()
@@ -171,10 +173,12 @@ def test_savepid_without_broker_records_local_trees_and_warns(supervisor, real_p
 
     env = dict(run.env, CELERY_BROKER_URL=DEAD_BROKER)
     result = celery_supervise("-A", "demo", "savepid", str(state), "--json", cwd=project, env=env)
-    record = json_output(result)
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert result.returncode == 3, result.stderr
+    record = json.loads(result.stdout)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("celery-supervise: error: ")]
+    assert len(errors) == 1 and "the broker failed" in errors[0], result.stderr
     # kombu masks the URL's password, so match on the address.
-    assert any("127.0.0.1:1/0 did not answer" in w and "active tasks are missing" in w for w in warnings), result.stderr
+    assert "127.0.0.1:1/0 did not answer" in record["broker_error"]
     assert record["source"] == "scan"
     [worker] = record["workers"]
     assert worker["main"] == tree.main.pid
