@@ -62,20 +62,6 @@ RSS_TARGET = 60 * 2**20  # bytes
 PROGRAM = "celery-worker"  # the harness's worker program
 ATTACHED = ("plain", "plain_grandparent", "plain_grandchild")
 
-LISTENER_SECTION = """
-[eventlistener:celery-supervise]
-command={exe} -A demo listener --state-dir %(here)s/state --grace {grace}
-directory={directory}
-events=PROCESS_STATE,SUPERVISOR_STATE_CHANGE,TICK_60
-priority=100
-startsecs=1
-stopwaitsecs=30
-buffer_size=50
-stdout_logfile=NONE
-stderr_logfile=%(here)s/listener.log
-"""
-
-
 def _harness():
     """The tests' real-process helpers (tests/ is not a package)."""
     if str(TESTS) not in sys.path:
@@ -208,7 +194,7 @@ def latency(repeats: int = 5) -> dict:
         # finds our workers as "workers of this project", nor we theirs.
         project = realsupervisor.copy_project(workdir / "project")
         for side, with_listener in (("ours", True), ("baseline", False)):
-            extra = LISTENER_SECTION.format(exe=CELERY_SUPERVISE, grace=GRACE, directory=project)
+            extra = realsupervisor.listener_section(CELERY_SUPERVISE, GRACE, project, autorestart="unexpected")
             directory = workdir / side
             directory.mkdir()
             run = realsupervisor.Supervisord(

@@ -78,7 +78,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the harness lives with the te
 import psutil  # noqa: E402
 
 from realprocs import RUN_ENV_VAR, WaitTimeout, is_gone, marked_processes, reap, reap_leaks, wait_for, wait_gone  # noqa: E402
-from realsupervisor import BIN, PROGRAM, Supervisord, SupervisordFailed, copy_project  # noqa: E402
+from realsupervisor import BIN, PROGRAM, Supervisord, SupervisordFailed, copy_project, listener_section  # noqa: E402
 from taskfamily import ATTACHED, DETACHED, Family  # noqa: E402
 
 #: The soak's own Redis database: flushed at the start, nothing else is touched.
@@ -102,21 +102,7 @@ LIFETIME_SLACK = 5.0
 #: A detached child is killed by the soak once this many cycle ends found it alive.
 RETIRE_AFTER = 2
 
-LISTENER_SECTION = """
-[eventlistener:{listener}]
-command={exe} -A demo listener --state-dir %(here)s/state --grace {grace}
-directory={directory}
-events=PROCESS_STATE,SUPERVISOR_STATE_CHANGE,TICK_60
-priority=100
-autostart=true
-autorestart=true
-startsecs=1
-stopwaitsecs=30
-stopsignal=TERM
-buffer_size=50
-stdout_logfile=NONE
-stderr_logfile=%(here)s/listener.log
-
+BYSTANDER_SECTION = """
 [program:{bystander}]
 ; not a Celery worker: nothing of celery-supervise may ever touch it
 command=sleep {lifetime}
@@ -239,8 +225,9 @@ class Soak:
         self.queue = f"soak-{self.uid}" if self.url else None
         self.project = copy_project(workdir / "project")
         (workdir / "sup").mkdir()
-        extra = LISTENER_SECTION.format(listener=LISTENER, exe=BIN / "celery-supervise", grace=LISTENER_GRACE,
-                                        directory=self.project, bystander=BYSTANDER, lifetime=config.lifetime)
+        extra = (listener_section(BIN / "celery-supervise", LISTENER_GRACE, self.project, name=LISTENER,
+                                  stopsignal="TERM")
+                 + BYSTANDER_SECTION.format(bystander=BYSTANDER, lifetime=config.lifetime))
         self.run = Supervisord(
             workdir / "sup", concurrency=3, stopsignal="TERM", stopwaitsecs=30, project_dir=self.project,
             broker_url=self.url, queues=self.queue, node_prefix=f"soak{self.uid}-", priority=200, extra=extra,

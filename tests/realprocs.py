@@ -244,6 +244,27 @@ class RealProcs:
             wait_for(lambda: child.name() == "sh", HANDSHAKE_TIMEOUT, "nohup to exec sh")
         return Chain(child=child, grandchild=grandchild)
 
+    def spawn_on_pid(self, pid, created, lifetime=None):
+        """Start a ``sleep`` that the kernel gives the PID *pid* again; return it.
+
+        *pid* belonged to a process created at *created* (epoch seconds)
+        that has exited. Creation times have clock-tick (10 ms) resolution
+        and a real PID reuse needs the PID space to wrap, which takes far
+        longer than a tick: wait, on the clock creation times count (ticks
+        since boot), until a tick has passed, then point
+        ``/proc/sys/kernel/ns_last_pid`` (root only) just below *pid*.
+        Another process may grab the PID first: try again, 20 times.
+        """
+        wait_for(lambda: psutil.boot_time() + time.clock_gettime(time.CLOCK_BOOTTIME) > created + 0.03,
+                 5, "a later clock tick")
+        for _ in range(20):
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(pid - 1))
+            candidate = self.spawn(["sleep", str(lifetime or self.lifetime)], process_group=0)
+            if candidate.pid == pid:
+                return candidate
+        raise AssertionError("could not make the kernel reuse the PID")
+
     def track(self, *procs):
         """Register processes started elsewhere, by PID or psutil.Process.
 

@@ -74,6 +74,30 @@ stdout_logfile=%(here)s/%(program_name)s_%(process_num)d.log
 """
 
 
+def listener_section(exe, grace, directory, name="celery-supervise", **options):
+    """An ``[eventlistener:NAME]`` section running ``celery-supervise listener``.
+
+    The settings of ``conf/supervisord.conf`` (state in ``%(here)s/state``,
+    priority 100, below the worker's), with the listener's stderr in
+    ``%(here)s/listener.log``; *options* override or add settings.
+    """
+    settings = {
+        "command": f"{exe} -A demo listener --state-dir %(here)s/state --grace {grace}",
+        "directory": directory,
+        "events": "PROCESS_STATE,SUPERVISOR_STATE_CHANGE,TICK_60",
+        "priority": 100,
+        "autostart": "true",
+        "autorestart": "true",
+        "startsecs": 1,
+        "stopwaitsecs": 30,
+        "buffer_size": 50,
+        "stdout_logfile": "NONE",
+        "stderr_logfile": "%(here)s/listener.log",
+        **options,
+    }
+    return f"\n[eventlistener:{name}]\n" + "".join(f"{key}={value}\n" for key, value in settings.items())
+
+
 def copy_project(dest):
     """Copy the demo project (``django_app/`` without ``var/``) to `dest`; return it.
 

@@ -38,7 +38,7 @@ import psutil
 import pytest
 
 from realprocs import is_gone, wait_for, wait_gone
-from realsupervisor import BIN, PROGRAM, copy_project
+from realsupervisor import BIN, PROGRAM, copy_project, listener_section
 
 pytestmark = pytest.mark.e2e
 
@@ -51,22 +51,6 @@ STOP_TIMEOUT = 20
 #: The listener sweeps when it starts, after supervisord answers RPC; an
 #: orphan's sweep adds a warm stop (GRACE) and the kill (up to GRACE + 2 s).
 SWEEP_TIMEOUT = 40
-
-LISTENER_SECTION = """
-[eventlistener:{name}]
-command={exe} -A demo listener --state-dir %(here)s/state --grace {grace}
-directory={directory}
-events=PROCESS_STATE,SUPERVISOR_STATE_CHANGE,TICK_60
-priority=100
-autostart=true
-autorestart=true
-startsecs=1
-stopwaitsecs=30
-buffer_size=50
-stdout_logfile=%(here)s/listener.stdout
-stderr_logfile=%(here)s/listener.log
-"""
-
 
 @dataclass
 class Family:
@@ -230,8 +214,8 @@ def listening(supervisor, real_procs, tmp_path):
 
     def start(**options):
         options.setdefault("stopwaitsecs", 2)
-        extra = LISTENER_SECTION.format(name=LISTENER, exe=BIN / "celery-supervise", grace=GRACE,
-                                        directory=project)
+        extra = listener_section(BIN / "celery-supervise", GRACE, project, name=LISTENER,
+                                 stdout_logfile="%(here)s/listener.stdout")
         # A lock of our own: other test sessions on this host may be reaping.
         env = {"CELERY_SUPERVISE_LOCK": str(tmp_path / "reaper.lock")}
         run = supervisor(priority=200, extra=extra, env=env, project_dir=project, **options)

@@ -202,17 +202,7 @@ def test_pid_recycled_between_savepid_and_kill_is_refused_and_named(real_procs, 
     created = victim.create_time()
     victim.kill()
     victim.wait(10)
-    # Creation times have clock-tick resolution: the stranger must start a tick later at least.
-    wait_for(lambda: psutil.boot_time() + time.clock_gettime(time.CLOCK_BOOTTIME) > created + 0.03, 5, "a later tick")
-    stranger = None
-    for _ in range(20):  # another process may grab the PID first; try again
-        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-            f.write(str(victim.pid - 1))
-        candidate = real_procs.spawn(["sleep", str(LIFETIME)], process_group=0)
-        if candidate.pid == victim.pid:
-            stranger = candidate
-            break
-    assert stranger is not None, "could not make the kernel reuse the PID"
+    stranger = real_procs.spawn_on_pid(victim.pid, created, LIFETIME)
 
     res = run(project, "kill", str(state), "--grace", "1")
     assert res.returncode == 0, res.stderr

@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -183,21 +182,7 @@ def test_pid_reuse_is_never_signalled(tmp_path, real_procs):
     state = write_state(tmp_path / "state.json", recorded)
     victim.kill()
     victim.wait(10)
-    # Creation times have clock-tick (10 ms) resolution. A real PID reuse
-    # needs the PID space to wrap, which takes far longer than a tick; the
-    # forced one here must not be faster than that either.
-    # Creation times count clock ticks since boot, so wait on that clock.
-    wait_for(lambda: psutil.boot_time() + time.clock_gettime(time.CLOCK_BOOTTIME) > recorded.main.create_time + 0.03,
-             5, "a later clock tick")
-    stranger = None
-    for _ in range(20):  # another process may grab the PID first; try again
-        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-            f.write(str(victim.pid - 1))
-        candidate = real_procs.spawn(["sleep", str(LIFETIME)], process_group=0)
-        if candidate.pid == victim.pid:
-            stranger = candidate
-            break
-    assert stranger is not None, "could not make the kernel reuse the PID"
+    stranger = real_procs.spawn_on_pid(victim.pid, recorded.main.create_time, LIFETIME)
     res = cli("kill", state, "--grace", "1", "--json")
     assert res.returncode == 0, res.stderr
     (entry,) = json.loads(res.stdout)["processes"]
