@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 from . import control, discovery, drain as draining, fs_transport, journal as journaling, ledger as ledgers, procs
@@ -103,7 +103,7 @@ def live_snapshot(targets: Targets) -> tuple[Snapshot, list[str], str | None]:
             tasks=f.tasks,
         )
         if w is not None:  # it exited while we asked the broker
-            workers.append(w)
+            workers.append(with_group_orphans(w))
     warnings = list(found.warnings)
     if found.broker_error:
         warnings.append(f"{found.broker_error}; recorded the local process trees, but active tasks are missing")
@@ -165,6 +165,36 @@ def _orphans_in_group(main: Proc, known: set[int]) -> list[Proc]:
     return found
 
 
+def adopt_group_orphans(main: Proc, live: dict[int, Proc]) -> None:
+    """Add the orphans in *main*'s process group, and their descendants, to *live* (by PID)."""
+    for orphan in _orphans_in_group(main, set(live)):
+        if orphan.pid in live:
+            continue
+        live[orphan.pid] = orphan
+        for kid in procs.walk(orphan):
+            live.setdefault(kid.pid, kid)
+
+
+def with_group_orphans(worker: Worker) -> Worker:
+    """*worker* as just read, plus what it already orphaned (savepid, status).
+
+    A task's child whose parent exited (an intermediate shell, a daemon
+    that double-forked without ``setsid``) is re-parented to PID 1 or a
+    subreaper while the worker runs, so it is no longer below the worker,
+    but it is still in the worker's process group and still the worker's
+    to clean up. The kill finds it the same way (:func:`revisit`); finding
+    it here too lets status show it and savepid record it, with its verdict.
+    """
+    live = worker.by_pid()
+    adopt_group_orphans(worker.main, live)
+    if len(live) == len(worker.procs):
+        return worker
+    known = worker.by_pid()
+    # Creation order puts each parent ahead of its children, as the plan expects.
+    found = sorted((p for pid, p in live.items() if pid not in known), key=lambda p: p.create_time)
+    return replace(worker, procs=worker.procs + tuple(found))
+
+
 def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
     """Today's view of a recorded worker, plus what is already settled.
 
@@ -192,12 +222,7 @@ def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
     for p in list(live.values()):
         for kid in procs.walk(p):
             live.setdefault(kid.pid, kid)
-    for orphan in _orphans_in_group(worker.main, set(live)):
-        if orphan.pid in live:
-            continue
-        live[orphan.pid] = orphan
-        for kid in procs.walk(orphan):
-            live.setdefault(kid.pid, kid)
+    adopt_group_orphans(worker.main, live)
     main = live[worker.main.pid] if main_alive else worker.main
     rest = []
     for p in live.values():

@@ -198,6 +198,12 @@ def status_document(result: StatusResult) -> dict:
     return to_document(result.snapshot, result.policy, result.verdicts)
 
 
+def already_orphaned(worker) -> set[int]:
+    """PIDs of *worker*'s processes whose parent is outside its tree (re-parented to PID 1 or a subreaper)."""
+    pids = {p.pid for p in worker.procs}
+    return {p.pid for p in worker.procs if p.pid != worker.main.pid and p.ppid not in pids}
+
+
 def verdict_tree(workers, verdicts: list[Verdict]):
     by_key = {(v.worker_pid, v.proc.pid): v for v in verdicts}
     trees = []
@@ -206,12 +212,17 @@ def verdict_tree(workers, verdicts: list[Verdict]):
         if w.program:
             label += f", program {escape(w.program)}"
         label += f", {len(w.tasks)} active task(s)"
+        orphans = already_orphaned(w)
+        if orphans:
+            label += f", {len(orphans)} process(es) already orphaned"
         root = Tree(label)
         nodes = {}
         for p in w.procs:
             v = by_key.get((w.main.pid, p.pid))
             verdict = f"[{STYLE.get(v.action, '')}]{v.action}[/] {escape(v.reason)}" if v else ""
             text = f"{p.pid} {p.role:<4} {escape(display_command(p.cmdline))}  {verdict}"
+            if p.pid in orphans:
+                text += f" [dim](orphaned: parent now PID {p.ppid})[/]"
             parent = nodes.get(p.ppid, root) if p.pid != w.main.pid else root
             nodes[p.pid] = parent.add(text, highlight=False)
         for t in w.tasks:
