@@ -237,6 +237,45 @@ def restart(
     return report.render_restart(out, err, result, as_json)
 
 
+@app.command("print-config")
+def print_config(
+    ctx: typer.Context,
+    program: Annotated[
+        Optional[str], typer.Option("--program", metavar="NAME",
+                                    help="The worker's supervisord program name. [default: APP-worker]"),
+    ] = None,
+    command: Annotated[
+        Optional[str],
+        typer.Option("--command", metavar="CMD",
+                     help="The worker's command line. [default: the celery beside this tool's Python, "
+                     "-A APP worker -l info -n NAME@%h]"),
+    ] = None,
+    directory: Annotated[
+        Optional[str], typer.Option("--directory", metavar="DIR",
+                                    help="Where -A APP is importable. [default: the current folder]"),
+    ] = None,
+    user: Annotated[Optional[str], typer.Option("--user", metavar="USER", help="Run the worker and the listener as USER.")] = None,
+    numprocs: Annotated[int, typer.Option("--numprocs", metavar="N", min=1, help="How many worker processes.")] = 1,
+    state_dir: Annotated[
+        Optional[str], typer.Option("--state-dir", metavar="DIR",
+                                    help="The listener's records. [default: /var/lib/celery-supervise/NAME]"),
+    ] = None,
+    log_dir: Annotated[
+        Optional[str], typer.Option("--log-dir", metavar="DIR",
+                                    help="Write the worker's and the listener's logs here. [default: supervisord's childlogdir]"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """Print a conf.d snippet for your supervisord: the worker's [program:] and the eventlistener."""
+    from .commands import print_config as printing
+
+    request = printing.Request(app=ctx.obj.app_spec, program=program, command=command, directory=directory,
+                               user=user, numprocs=numprocs, state_dir=state_dir, log_dir=log_dir)
+    result = printing.print_config(request)
+    out, err = consoles()
+    return report.render_print_config(out, err, result, as_json)
+
+
 @app.command()
 def listener(
     ctx: typer.Context,

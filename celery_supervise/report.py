@@ -536,3 +536,17 @@ def render_restart(out: Console, err: Console, result: RestartResult, as_json: b
     if result.problem:
         out.print(f"not done: {result.problem}", highlight=False, markup=False)
     return result.exit_code
+
+
+# -------------------------------------------------------------- print-config
+
+
+def render_print_config(out: Console, err: Console, result, as_json: bool) -> int:
+    """The snippet exactly as built (no rich markup or wrapping), or its document."""
+    warnings(err, result.warnings)
+    if as_json:
+        emit_json(out, result.to_document())
+    else:
+        out.file.write(result.text)
+        out.file.flush()
+    return result.exit_code
