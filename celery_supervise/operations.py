@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
@@ -65,9 +65,14 @@ def protected_pids(extra: Iterable[int] = ()) -> dict[int, str]:
     for pid in extra:
         out.setdefault(pid, "supervisord")
     for pid, _ppid, cmdline in procs.iter_cmdlines(b"supervisord"):
-        if any(os.path.basename(a) == "supervisord" for a in cmdline[:2]):
+        if is_supervisord(cmdline):
             out.setdefault(pid, "supervisord")
     return out
+
+
+def is_supervisord(cmdline) -> bool:
+    """Whether a command line runs supervisord (``supervisord …`` or ``python …/supervisord …``)."""
+    return any(os.path.basename(a) == "supervisord" for a in tuple(cmdline)[:2])
 
 
 # ------------------------------------------------------------------ snapshot
@@ -477,7 +482,7 @@ def _requeue_locked(path, app, record, *, journal_dir, dry_run, publish, connect
     snap = record.snapshot
     recorded = [requeuing.Recorded(t, w.node, w.main.pid) for w in snap.workers for t in w.tasks]
     warnings: list[str] = []
-    if snap.workers and snap.source != "control":
+    if snap.workers and "control" not in snap.source.split("+"):
         warnings.append(f"{path} was recorded without the broker's answer (workers found by {snap.source}): "
                         "it holds no running task, so there is nothing to requeue")
     ledger = ledgers.read(path, host=snap.host, taken_at=snap.taken_at)
@@ -652,7 +657,7 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     t = clock()
     # One call per process, all at once: each blocks until its process has
     # exited (or started), and one slow worker should not hold up the rest.
-    was_running = [name for name, running in zip(result.processes, _each(rpc.stop_process, server, result.processes))
+    was_running = [name for name, running in zip(result.processes, side_by_side(rpc.stop_process, server, result.processes))
                    if running]
     result.stopped = True
     phase(restarting.STOP, t, f"{len(was_running)} of {len(result.processes)} process(es) were running")
@@ -666,22 +671,13 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     # new_nodes counts from here: supervisord spawns the process at once and
     # only then waits out startsecs, so the worker's own start-up (spawn to
     # first answer) spans both the start and the ready phases.
-    pids = dict(zip(result.processes, _each(rpc.start_process, server, result.processes)))
+    pids = dict(zip(result.processes, side_by_side(rpc.start_process, server, result.processes)))
     result.started = True
     phase(restarting.START, t, ", ".join(f"{name} PID {pid}" for name, pid in pids.items()))
 
     t = clock()
-
-    def new_nodes():
-        for pid in pids.values():
-            main = discovery.worker_main_under(pid, app_spec)
-            p = procs.read_proc(main) if main else None
-            command = discovery.parse_worker_cmdline(p.cmdline) if p else None
-            if command is not None:
-                yield command.node
-
     with remote_factory(app) as remote:
-        answered, silent = restarting.wait_answering(remote.ping, lambda: list(new_nodes()),
+        answered, silent = restarting.wait_answering(remote.ping, lambda: worker_nodes(pids.values(), app_spec),
                                                      started_at + start_timeout, clock=clock)
     result.new_nodes = {n: at - started_at for n, at in answered.items()}
     result.new_nodes.update({n: None for n in silent})
@@ -697,13 +693,43 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     result.problem = "; ".join(problems) or None
 
 
-def _each(call, server, names: list[str]) -> list:
-    """``[call(server, name) for name in names]``, run side by side; the first error is raised."""
-    if len(names) < 2:
+def side_by_side(call, server, names: list[str], *, on_wait: Callable[[int, float], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> list:
+    """``[call(server, name) for name in names]``, run side by side; the first error is raised.
+
+    Each call of supervisord's ``stopProcess``/``startProcess`` with
+    ``wait=True`` blocks until its process has stopped (or started), and one
+    slow worker should not hold up the rest. *on_wait(left, elapsed)* is
+    called about once a second while calls are still running.
+    """
+    if len(names) < 2 and on_wait is None:
         return [call(server, name) for name in names]
-    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+    started = clock()
+    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
         futures = [pool.submit(call, server, name) for name in names]
+        while on_wait is not None:
+            _, pending = wait(futures, timeout=1.0)
+            if not pending:
+                break
+            on_wait(len(pending), clock() - started)
         return [f.result() for f in futures]
+
+
+def worker_nodes(pids: Iterable[int], app_spec: str | None) -> list[str]:
+    """Node names of the Celery workers of *app_spec* running at, or below, each of *pids*.
+
+    A supervisord program may run the worker through a shell or wrapper; a
+    process that has not exec'd Celery yet has no node name, so callers ask
+    again until every one has.
+    """
+    nodes = []
+    for pid in pids:
+        main = discovery.worker_main_under(pid, app_spec)
+        p = procs.read_proc(main) if main else None
+        command = discovery.parse_worker_cmdline(p.cmdline) if p else None
+        if command is not None and command.node not in nodes:
+            nodes.append(command.node)
+    return nodes
 
 
 def _kill_summary(report: KillReport) -> str:
@@ -712,4 +738,4 @@ def _kill_summary(report: KillReport) -> str:
 
 
 __all__ = ["Targets", "savepid", "kill", "status", "drain", "restart", "SaveResult", "StatusResult",
-           "protected_pids"]
+           "protected_pids", "is_supervisord", "side_by_side", "worker_nodes", "with_group_orphans"]
