@@ -143,6 +143,20 @@ def default_program(app: str) -> str:
     return f"{name}-worker"
 
 
+def _words(command: str) -> list[str]:
+    try:
+        return shlex.split(command)
+    except ValueError:
+        return []
+
+
+def runs_celery(command: str) -> bool:
+    """Whether *command* runs ``celery`` itself (``…/celery …``, ``…/python -m celery …``), not a wrapper."""
+    words = _words(command)
+    first = os.path.basename(words[0]) if words else ""
+    return first == "celery" or (first.startswith("python") and words[1:3] == ["-m", "celery"])
+
+
 def listener_command(worker_command: str, bin_dir: str) -> list[str]:
     """How to run celery-supervise with the worker's own Python.
 
@@ -151,10 +165,7 @@ def listener_command(worker_command: str, bin_dir: str) -> list[str]:
     ``/venv/bin/python -m celery_supervise``; anything else (a wrapper
     script) -> the one beside the Python that runs print-config.
     """
-    try:
-        words = shlex.split(worker_command)
-    except ValueError:
-        words = []
+    words = _words(worker_command)
     first = words[0] if words else ""
     if os.path.basename(first) == "celery":
         return [os.path.join(os.path.dirname(first), "celery-supervise")]
@@ -245,8 +256,9 @@ def plan(request: Request, *, executable: str = sys.executable, cwd: str | None 
 
     listen_settings = [
         Setting("command", listen_line,
-                "celery-supervise beside the worker's celery, so it loads -A as the worker does; "
-                f"it watches {watch} only"),
+                ("celery-supervise of the worker's Python, so it loads -A as the worker does"
+                 if runs_celery(command) else "celery-supervise of this tool's Python (the worker runs a wrapper)")
+                + f"; it watches {watch} only"),
         Setting("directory", directory, f"where -A {request.app} is importable, as for the worker"),
         *([Setting("user", request.user,
                    f"the worker's user, who may signal what its tasks start (create {state_dir} for it, 0700)")]
