@@ -581,7 +581,8 @@ class DeployProgress:
     def __init__(self, err: Console, name: str):
         self.err = err
         self.name = name
-        self.said: dict[str, float] = {}
+        self.said = 0.0  # elapsed time of the wait's last line
+        self.last = 0.0  # elapsed time last reported: a smaller one starts a new wait
 
     def line(self, text: str) -> None:
         self.err.print(f"{self.name}: {text}", highlight=False, markup=False, soft_wrap=True)
@@ -593,10 +594,12 @@ class DeployProgress:
         self.line(text)
 
     def waiting(self, what: str, elapsed: float, timeout: float | None) -> None:
-        kind = what.split(":")[0]
-        if elapsed - self.said.get(kind, 0.0) < self.EVERY:
+        if elapsed < self.last:
+            self.said = 0.0
+        self.last = elapsed
+        if elapsed - self.said < self.EVERY:
             return
-        self.said[kind] = elapsed
+        self.said = elapsed
         self.line(f"   waiting {what}: {int(elapsed)}s" + (f" of {timeout:g}s" if timeout else ""))
 
 

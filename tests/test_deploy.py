@@ -173,8 +173,11 @@ def test_progress_says_how_long_a_wait_has_lasted_every_five_seconds(capsys):
     progress.step(2, 4, "supervisorctl shutdown (supervisord PID 42)")
     for tenth in range(0, 121):
         progress.waiting("for supervisord to exit", tenth / 10, 120)
+    for second in range(0, 7):  # a wait of its own, with a count that changes
+        progress.waiting(f"for {3 - second // 3} process(es) to stop", second, None)
     assert capsys.readouterr().err.splitlines() == [
         "deploy.sh: 2/4 supervisorctl shutdown (supervisord PID 42)",
         "deploy.sh:    waiting for supervisord to exit: 5s of 120s",
         "deploy.sh:    waiting for supervisord to exit: 10s of 120s",
+        "deploy.sh:    waiting for 2 process(es) to stop: 5s",
     ]
