@@ -71,6 +71,18 @@ def kept_record(path):
     return path
 
 
+def check_summary(out, families=2):
+    """The kill's summary: each family's 3 attached killed and 3 detached spared; the worker's 3 processes gone.
+
+    Or killed: a pool process can still be dying of its main's SIGKILL
+    (PR_SET_PDEATHSIG) when the kill comes right after the stop, and then
+    the kill finishes it.
+    """
+    [(killed, gone)] = re.findall(rf"^killed (\d+), spared {3 * families}, already gone (\d+), refused 0, failed 0$",
+                                  out, re.M)
+    assert int(killed) >= 3 * families and int(killed) + int(gone) == 3 * families + 3, out
+
+
 def check_processes(tree, families):
     assert wait_gone([tree.main, *tree.pools], timeout=5) == []
     assert wait_gone([f.procs[role] for f in families for role in ATTACHED], timeout=5) == []
@@ -110,7 +122,7 @@ def test_deploy_restarts_cleanly_and_names_the_tasks_the_stop_cut_off(supervisor
         assert f"{PREFIX}{line}\n" in err, output(result)
     [new_pid] = re.findall(rf"^{PREFIX}done: supervisord is running \(PID (\d+)\), 1 worker\(s\) answered a ping$",
                            err, re.M)
-    assert "killed 6, spared 6, already gone 3, refused 0, failed 0" in out, output(result)
+    check_summary(out)
     assert [line.split()[0] for line in out.splitlines() if re.match(r"^\w+ +\d+\.\d\ds  ", line)] == [
         "savepid", "shutdown", "kill", "start", "ready"], output(result)
 
@@ -147,7 +159,7 @@ def test_deploy_json_on_redis(supervisor, real_procs, project, redis_db1):
     assert doc["save"]["workers"] == 1 and doc["save"]["tasks"] == 2 and doc["save"]["source"] == "supervisor+control"
     assert doc["processes"] == ["celery-worker:celery-worker_0"]
     summary = doc["kill"]["summary"]
-    assert (summary["killed"], summary["spared"], summary["gone"], summary["failed"]) == (6, 6, 3, 0)
+    assert (summary["spared"], summary["failed"], summary["killed"] + summary["gone"]) == (6, 0, 9)
     statuses = {p["pid"]: p["status"] for p in doc["kill"]["processes"]}
     for family in families:
         assert {statuses[pid] for pid in family.pids(*ATTACHED)} == {"killed"}
@@ -244,7 +256,7 @@ def test_deploy_no_shutdown_restarts_the_programs_and_keeps_supervisord(supervis
                  "3/4 killing what the workers left behind (grace 5s)", f"4/4 starting {name}",
                  f"done: {name} running again under supervisord (PID {run.pid}), 1 worker(s) answered a ping"):
         assert f"{PREFIX}{line}\n" in err, output(result)
-    assert "killed 6, spared 6, already gone 3, refused 0, failed 0" in result.stdout, output(result)
+    check_summary(result.stdout)
     assert [line.split()[0] for line in result.stdout.splitlines() if re.match(r"^\w+ +\d+\.\d\ds  ", line)] == [
         "savepid", "stop", "kill", "start", "ready"], output(result)
     [state] = re.findall(r"^record: (\S+)$", result.stdout, re.M)  # the tasks were cut off: kept
