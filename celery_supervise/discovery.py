@@ -27,7 +27,7 @@ from typing import Iterable
 import psutil
 
 from . import control, procs
-from .errors import BrokerError
+from .errors import BrokerError, SupervisorError
 from .snapshot import Task
 
 # A worker's uptime counts from WorkController.__init__, after imports and
@@ -232,6 +232,15 @@ def from_supervisor(url: str, programs: list[str], local: dict[int, WorkerComman
     from . import rpc  # supervisor's XML-RPC stack is slow to import; most runs never need it
 
     sup_pid, running = rpc.program_processes(url, programs, *auth)
+    sup = procs.read_proc(sup_pid)
+    if sup is None or not procs.runs_supervisord(sup.cmdline):
+        # A supervisord in another PID namespace (a container's socket
+        # reached from the host, or the other way round) gives PIDs that
+        # name other processes here, or none.
+        here = "no process" if sup is None else f"{sup.name!r}"
+        raise SupervisorError(url, f"says its PID is {sup_pid}, but PID {sup_pid} here is {here}, not supervisord: "
+                              "it runs in another PID namespace (a container?), whose PIDs mean something else "
+                              "here; run this command inside it")
     found, warnings = [], []
     for pp in running:
         mains = [pp.pid] if pp.pid in local else []

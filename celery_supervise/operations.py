@@ -24,7 +24,7 @@ from .lock import reaper_lock
 from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, KillReport, Outcome, execute
 from .plan import Policy, Verdict, plan
 from .procs import MAIN, POOL, TASK, Proc
-from .snapshot import Snapshot, Worker, hostname, read_worker, take
+from .snapshot import Snapshot, Worker, read_worker, take
 
 
 # Defaults shared by every shell (CLI, Django command, listener).
@@ -64,8 +64,8 @@ def protected_pids(extra: Iterable[int] = ()) -> dict[int, str]:
         out.setdefault(pid, "an ancestor of this tool")
     for pid in extra:
         out.setdefault(pid, "supervisord")
-    for pid, _ppid, cmdline in procs.iter_cmdlines(b"supervisord"):
-        if any(os.path.basename(a) == "supervisord" for a in cmdline[:2]):
+    for pid, _ppid, cmdline in procs.iter_cmdlines(b"supervisor"):
+        if procs.runs_supervisord(cmdline):
             out.setdefault(pid, "supervisord")
     return out
 
@@ -268,7 +268,7 @@ def kill(
 def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillReport:
     # Read under the lock: a reaper that waited sees the world as the
     # previous one left it, and its re-verification reports those as gone.
-    record = statefile.read(path, host=hostname(), boot_time=procs.boot_time(), boot_id=procs.boot_id())
+    record = statefile.read_here(path)
     warnings: list[str] = []
     if isinstance(record, statefile.LegacyRecord):
         warnings.append(
@@ -441,7 +441,7 @@ def requeue(
     if app is None:
         raise UsageError("requeue needs -A APP: the app whose broker the tasks are sent through")
     with ledgers.exclusive(path):
-        record = statefile.read(path, host=hostname(), boot_time=procs.boot_time(), boot_id=procs.boot_id())
+        record = statefile.read_here(path)
         if isinstance(record, statefile.LegacyRecord):
             raise StateFileError(path, "is a bare PID list (the old savepid format): it records no tasks to requeue")
         return _requeue_locked(path, app, record, journal_dir=journal_dir, dry_run=dry_run,
