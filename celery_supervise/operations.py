@@ -22,7 +22,7 @@ from .discovery import Discovery
 from .errors import PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
 from .lock import reaper_lock
 from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, KillReport, Outcome, execute
-from .plan import Policy, Verdict, plan
+from .plan import Policy, Verdict, orphans, plan
 from .procs import MAIN, POOL, TASK, Proc
 from .snapshot import Snapshot, Worker, read_worker, take
 
@@ -136,33 +136,15 @@ def status(targets: Targets, policy: Policy = Policy()) -> StatusResult:
 
 
 def _orphans_in_group(main: Proc, known: set[int]) -> list[Proc]:
-    """Processes born into the worker's process group that we have not seen.
+    """Processes born into the recorded worker's process group that we have not seen.
 
-    These are what appears at shutdown: task children re-parented to PID 1
-    that keep the old worker's PID as their pgid. Only a worker that leads
-    its own group (supervisord makes every program a group leader) is
-    scanned, since otherwise the group is shared with strangers. Linux never
-    hands out a PID that is still some live process's pgid, so while any
-    member lives the number cannot have been recycled; if a *different*
-    process now holds the number, the old group died out and this one is
-    somebody else's.
+    The rules are :func:`celery_supervise.plan.orphans`; this reads the
+    candidates. Only a group leader's group is scanned at all.
     """
     if main.pgid != main.pid:
         return []
-    current = procs.live_identity(main.pid)
-    if current is not None and not main.same_process(current):
-        return []
-    found = []
-    for pid in procs.pids_in_group(main.pgid):
-        if pid in known:
-            continue
-        p = procs.read_proc(pid)
-        # Joining a process group is only possible inside one session, and
-        # a process born before the worker cannot be its child.
-        if p is None or p.sid != main.sid or p.create_time < main.create_time:
-            continue
-        found.append(p)
-    return found
+    candidates = (procs.read_proc(pid) for pid in procs.pids_in_group(main.pgid) if pid not in known)
+    return orphans(main, procs.live_identity(main.pid), (p for p in candidates if p is not None), known)
 
 
 def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
