@@ -18,6 +18,7 @@ that mean something else here (PID 1 included) and are ignored.
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import sys
 import time
@@ -138,10 +139,22 @@ def app_names_match(worker_app: str | None, wanted: str) -> bool:
 
 
 def app_root(spec: str) -> str | None:
-    """The folder our app's top-level package was imported from, if loaded."""
+    """The folder our app's top-level package was imported from, or would be.
+
+    Where it was, if loaded; else where an import would find it, the
+    current directory first (as ``celery -A`` and
+    :func:`celery_supervise.control.load_app` look), without running it.
+    ``None`` when it cannot be found.
+    """
     top = app_module(spec).split(".")[0]
     mod = sys.modules.get(top)
     path = getattr(mod, "__file__", None)
+    if mod is None and top:
+        try:
+            found = importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path])
+        except (ImportError, ValueError):
+            found = None
+        path = found.origin if found is not None and found.has_location else None
     if not path:
         return None
     path = os.path.dirname(os.path.realpath(path))

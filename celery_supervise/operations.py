@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import psutil
+
 from . import control, discovery, drain as draining, fs_transport, journal as journaling, ledger as ledgers, procs
 from . import requeue as requeuing, restart as restarting, statefile
 from .discovery import Discovery
@@ -203,27 +205,60 @@ def legacy_workers(pids: Iterable[int], app_spec: str | None) -> tuple[list[Work
     """Trees rooted at the old script's PIDs, when they are live Celery workers.
 
     The old file has no creation times, so the only guard against a
-    recycled PID is that the process is a Celery worker (of our app, when
-    we know it). Its live descendants get the usual verdicts.
+    recycled PID is that the process is a Celery worker, and, when we know
+    our app (``-A``), one of our project: as savepid's scan tells them
+    apart, the same app name and, where the worker's folder holds the
+    app's package, the folder ours is imported from. Its live descendants
+    get the usual verdicts.
     """
+    root = discovery.app_root(app_spec) if app_spec else None
     workers, settled = [], []
     for pid in dict.fromkeys(pids):
         p = procs.read_proc(pid)
         if p is None:
             settled.append(Outcome(_unknown(pid), pid, GONE, "already gone"))
             continue
-        command = discovery.parse_worker_cmdline(p.cmdline)
+        command = discovery.parse_worker_cmdline(p.cmdline, _environ(pid, p.cmdline))
         if command is None:
             settled.append(Outcome(p, pid, REFUSED, "not a Celery worker (PID recycled?)"))
             continue
-        if app_spec and not discovery.app_names_match(command.app, app_spec):
-            settled.append(Outcome(p, pid, REFUSED, f"a worker of another app ({command.app})"))
-            continue
+        if app_spec:
+            refusal = _other_project(pid, command, app_spec, root)
+            if refusal:
+                settled.append(Outcome(p, pid, REFUSED, refusal))
+                continue
         parent = procs.read_proc(p.ppid)
         role = POOL if parent is not None and parent.cmdline == p.cmdline else MAIN
-        root = p.with_role(role)
-        workers.append(Worker(main=root, procs=(root, *procs.walk(root))))
+        root_proc = p.with_role(role)
+        workers.append(Worker(main=root_proc, procs=(root_proc, *procs.walk(root_proc))))
     return workers, settled
+
+
+def _environ(pid: int, cmdline: tuple[str, ...]) -> dict | None:
+    """The environment of a worker whose command line names no app (it may come from CELERY_APP)."""
+    if any(a in ("-A", "--app") or a.startswith(("--app=", "-A")) for a in cmdline):
+        return None
+    try:
+        return psutil.Process(pid).environ()
+    except psutil.Error:
+        return None
+
+
+def _other_project(pid: int, command, app_spec: str, root: str | None) -> str | None:
+    """Why the worker *pid* is not one of *app_spec*'s project, or ``None`` if it is."""
+    if not discovery.app_names_match(command.app, app_spec):
+        return f"a worker of another app ({command.app})"
+    if root is None:
+        return (f"cannot tell whose project it is: -A {app_spec} cannot be found from here "
+                "(run kill from your project's folder, as for `celery -A`)")
+    try:
+        proc = psutil.Process(pid)
+        if discovery.same_project(proc, command, app_spec, root):
+            return None
+        folder = proc.cwd()
+    except psutil.NoSuchProcess:
+        return "exited while being looked at"
+    return f"a worker of another project ({command.app} in {folder}, ours is in {root})"
 
 
 def _unknown(pid: int) -> Proc:
