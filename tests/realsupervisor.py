@@ -206,13 +206,17 @@ class Supervisord:
     def pid(self):
         return self.proc.pid
 
+    def command(self):
+        """How :meth:`start` runs supervisord (in the foreground: ``-n``)."""
+        return [_find_executable("supervisord"), "-n", "-c", str(self.conf_path)]
+
     def start(self):
         """Start supervisord and wait until it answers XML-RPC."""
         # Appended to: a test may start supervisord again in the same folder.
         output = open(self.dir / "supervisord.output", "ab")
         with output:
             self.proc = subprocess.Popen(
-                [_find_executable("supervisord"), "-n", "-c", str(self.conf_path)],
+                self.command(),
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                 cwd=self.dir, env=self.env,
             )
