@@ -54,6 +54,48 @@ def require_tini():
     return path
 
 
+class Namespace:
+    """A PID namespace, known by its PID 1 (*init*, a host process): PIDs translated, commands run inside."""
+
+    def __init__(self, init, env):
+        self.init = init
+        self.env = env
+        assert ns_pids(init.pid)[-1] == 1, ns_pids(init.pid)
+        self._ns = pid_namespace(init.pid)
+
+    @classmethod
+    def of(cls, unshare, env):
+        """The namespace that ``unshare --fork`` (a host process) made for its child."""
+        init = wait_for(lambda: psutil.Process(unshare.pid).children(), 10, "unshare to fork PID 1")[0]
+        return cls(init, env)
+
+    def ns_pid(self, host_pid):
+        """The PID that host process *host_pid* has inside."""
+        if pid_namespace(host_pid) != self._ns:
+            raise AssertionError(f"host PID {host_pid} is not in the namespace")
+        return ns_pids(host_pid)[-1]
+
+    def host_pid(self, ns_pid):
+        """The host's PID of the process *ns_pid* inside."""
+        for pid in psutil.pids():
+            try:
+                if ns_pids(pid)[-1] == ns_pid and pid_namespace(pid) == self._ns:
+                    return pid
+            except (OSError, ValueError):
+                continue  # exited meanwhile
+        raise LookupError(f"no process {ns_pid} in the namespace")
+
+    def host_process(self, ns_pid):
+        return psutil.Process(self.host_pid(ns_pid))
+
+    def inside(self, argv, *, cwd, timeout=90):
+        """Run *argv* inside (its PID namespace and /proc), from *cwd*; the CompletedProcess."""
+        return subprocess.run(
+            ["nsenter", "-t", str(self.init.pid), "-p", "-m", f"--wd={cwd}", "--", *argv],
+            env=self.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+        )
+
+
 class Container(Supervisord):
     """A :class:`realsupervisor.Supervisord` that is PID 1 of a PID namespace (or the child of *init* there).
 
@@ -66,52 +108,33 @@ class Container(Supervisord):
     def __init__(self, directory, *, init=(), **options):
         super().__init__(directory, **options)
         self.init_argv = list(init)
-        self.init = None
+        self.namespace = None
+
+    @property
+    def init(self):
+        return self.namespace.init
 
     def command(self):
         return [*UNSHARE, *self.init_argv, *super().command()]
 
     def start(self):
         super().start()
-        self.init = wait_for(lambda: psutil.Process(self.proc.pid).children(), 5, "unshare to fork PID 1")[0]
-        assert ns_pids(self.init.pid)[-1] == 1, ns_pids(self.init.pid)
-        self._ns = pid_namespace(self.init.pid)
+        self.namespace = Namespace.of(self.proc, self.env)
         return self
 
-    # -- PIDs
-
     def ns_pid(self, host_pid):
-        """The PID that host process *host_pid* has inside the container."""
-        if pid_namespace(host_pid) != self._ns:
-            raise AssertionError(f"host PID {host_pid} is not in the container's PID namespace")
-        return ns_pids(host_pid)[-1]
+        return self.namespace.ns_pid(host_pid)
 
     def host_pid(self, ns_pid):
-        """The host's PID of the container's process *ns_pid*."""
-        for pid in psutil.pids():
-            try:
-                if ns_pids(pid)[-1] == ns_pid and pid_namespace(pid) == self._ns:
-                    return pid
-            except (OSError, ValueError):
-                continue  # exited meanwhile
-        raise LookupError(f"no process {ns_pid} in the container")
+        return self.namespace.host_pid(ns_pid)
 
     def host_process(self, ns_pid):
-        return psutil.Process(self.host_pid(ns_pid))
+        return self.namespace.host_process(ns_pid)
 
     def supervisord(self):
         """supervisord as the host sees it (PID 1 inside, or tini's child)."""
         return self.host_process(self.rpc.supervisor.getPID())
 
-    # -- running things inside
-
-    def inside(self, argv, *, cwd, timeout=90):
-        """Run *argv* inside the container (its PID namespace and /proc), from *cwd*; the CompletedProcess."""
-        return subprocess.run(
-            ["nsenter", "-t", str(self.init.pid), "-p", "-m", f"--wd={cwd}", "--", *argv],
-            env=self.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-        )
-
     def celery_supervise(self, *args, cwd, timeout=90):
         """``celery-supervise ARGS`` run inside the container."""
-        return self.inside([str(BIN / "celery-supervise"), *args], cwd=cwd, timeout=timeout)
+        return self.namespace.inside([str(BIN / "celery-supervise"), *args], cwd=cwd, timeout=timeout)
