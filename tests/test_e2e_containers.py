@@ -169,8 +169,6 @@ def test_supervisord_pid_1_listener_and_savepid_over_xmlrpc_on_supervisorctl_res
     [entry] = box.listening.wait_entries("reaped", record=f"{PROGRAM}_{PROGRAM}_0@{old_ns}.json")
     report = box.listening.reports()[entry["report"].rsplit("/", 1)[-1]]
     assert_reaped(report, family)
-    plain = outcome_by_ns_pid(report)[family.ns("plain")]
-    assert (plain["ppid"], plain["reason"]) == (1, "attached orphan of the worker")
     box.listening.check_log()  # no record refused, no error
     assert list(box.listening.state_dir.glob("*.invalid")) == []
 
@@ -202,29 +200,39 @@ def test_restart_inside_a_container_whose_pid_1_is_supervisord(container, real_p
     assert real_procs.reap() == []
 
 
-def test_tini_as_pid_1_supervisord_below_it_listener_on_supervisorctl_stop(container, real_procs):
-    """tini is PID 1 and the orphans' new parent; supervisord is PID 2. Stop, reap, start again."""
-    box = container(init=[require_tini(), "--"])
-    assert box.run.ns_pid(box.run.supervisord().pid) == 2
+@pytest.mark.parametrize("init", ["supervisord", "tini"])
+def test_orphans_re_parented_to_pid_1_are_killed_by_savepid_stop_kill(init, container, real_procs, tmp_path):
+    """The plain flow, with PID 1 the orphans' new parent: supervisord itself, or tini above it.
+
+    savepid through XML-RPC, ``supervisorctl stop`` (SIGKILL after
+    stopwaitsecs: the task holds), and only once the attached children
+    have been re-parented to PID 1, ``kill``: they are found by the process
+    group scan and killed; supervisord's other program, also PID 1's
+    child (or, under tini, supervisord's), in a group of its own, is not.
+    """
+    box = container(init=[require_tini(), "--"] if init == "tini" else (), listener=False)
+    assert box.run.ns_pid(box.run.supervisord().pid) == (2 if init == "tini" else 1)
     old_ns, old = box.main()
     family = box.family(real_procs, hold=60)
     real_procs.track(old, *old.children())
-    box.listening.wait_entries("recorded", pid=old_ns, processes=lambda n: n >= 8)
+    state = tmp_path / "state.json"
+    saved = box.inside("-A", "demo", "savepid", str(state), "--supervisor-url", f"unix://{box.run.socket}",
+                       "--program", f"{PROGRAM}:*", "--json")
+    assert saved.returncode == 0, saved.stderr
+    assert [w["supervisor_pid"] for w in json.loads(saved.stdout)["workers"]] == [box.run.ns_pid(box.run.supervisord().pid)]
 
     result = box.run.ctl("stop", f"{PROGRAM}:*")
     assert result.returncode == 0, result.stdout + result.stderr
-    [entry] = box.listening.wait_entries("reaped", record=f"{PROGRAM}_{PROGRAM}_0@{old_ns}.json")
-    report = box.listening.reports()[entry["report"].rsplit("/", 1)[-1]]
-    assert_reaped(report, family)
-    plain = outcome_by_ns_pid(report)[family.ns("plain")]
-    assert (plain["ppid"], plain["reason"]) == (1, "attached orphan of the worker")  # tini's now
-    box.listening.check_log()
+    wait_for(lambda: family.procs["plain"].ppid() == box.run.init.pid, 10, "the orphan to be re-parented to PID 1")
+    killed = box.inside("-A", "demo", "kill", str(state), "--grace", "2", "--json")
+    assert killed.returncode == 0, killed.stderr
+    doc = json.loads(killed.stdout)
+    assert_reaped(doc, family)
+    plain = outcome_by_ns_pid(doc)[family.ns("plain")]
+    assert (plain["status"], plain["ppid"], plain["reason"]) == ("killed", 1, "attached orphan of the worker")
     box.assert_untouched(family)
-    supervisord = box.run.supervisord()
-    assert box.run.ns_pid(supervisord.pid) == 2 and supervisord.ppid() == box.run.init.pid
 
     result = box.run.ctl("start", f"{PROGRAM}:*")
     assert result.returncode == 0, result.stdout + result.stderr
-    new_ns = box.wait_new_worker(old_ns)
-    box.listening.wait_recorded([new_ns])
+    box.wait_new_worker(old_ns)
     assert real_procs.reap() == []
