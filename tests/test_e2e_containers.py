@@ -33,7 +33,7 @@ import pytest
 from realcontainer import Container, require_tini
 from realprocs import is_gone, wait_for, wait_gone
 from realsupervisor import BIN, PROGRAM, copy_project, listener_section
-from taskfamily import ATTACHED, DETACHED
+from taskfamily import ATTACHED, DETACHED, celery_supervise
 from test_e2e_listener import Listening
 from test_fuzz import WITNESS, Witness
 
@@ -159,6 +159,11 @@ def test_supervisord_pid_1_listener_and_savepid_over_xmlrpc_on_supervisorctl_res
     # main, pool and the six children: the tree the listener must have before the stop
     box.listening.wait_entries("recorded", pid=old_ns, processes=lambda n: n >= 8)
     state = tmp_path / "state.json"
+    # From the host, the container's supervisord says its PID is 1, and its PIDs name strangers here.
+    outside = celery_supervise("-A", "demo", "savepid", str(state), "--supervisor-url", f"unix://{box.run.socket}",
+                               cwd=box.project, env=box.run.env)
+    assert outside.returncode == 1 and "runs in another PID namespace" in outside.stderr, outside.stderr
+    assert not state.exists()
     saved = box.inside("-A", "demo", "savepid", str(state), "--supervisor-url", f"unix://{box.run.socket}",
                        "--program", f"{PROGRAM}:*", "--json")
     assert saved.returncode == 0, saved.stderr
