@@ -408,11 +408,16 @@ class DemoClient:
         )
         return result.id
 
-    def mark(self, hold=0.0, queue=None):
-        """Send ``demo.tasks.mark`` (to `queue`); return the task id."""
-        result = self.app.send_task(
-            "demo.tasks.mark", kwargs={"marker_dir": str(self.marker_dir), "hold": hold}, queue=queue,
-        )
+    def mark(self, hold=0.0, queue=None, gate=None):
+        """Send ``demo.tasks.mark`` (to `queue`); return the task id.
+
+        With a `gate` file, the task holds until that file is removed (at
+        most `hold` seconds).
+        """
+        kwargs = {"marker_dir": str(self.marker_dir), "hold": hold}
+        if gate is not None:
+            kwargs["gate"] = str(gate)
+        result = self.app.send_task("demo.tasks.mark", kwargs=kwargs, queue=queue)
         return result.id
 
     def mark_record(self, task_id, stage):
