@@ -168,7 +168,7 @@ def drain(
     ] = None,
     all_workers: Annotated[bool, typer.Option("--all", help="Drain every worker that answers on the app's broker.")] = False,
     timeout: Annotated[
-        float, typer.Option("--timeout", min=0.1, help="Seconds to wait, in all, for the workers to finish their tasks.")
+        float, typer.Option("--drain-timeout", "--timeout", min=0.1, help="Seconds to wait, in all, for the workers to finish their tasks.")
     ] = operations.DEFAULT_DRAIN_TIMEOUT,
     as_json: JsonOpt = False,
 ) -> int:

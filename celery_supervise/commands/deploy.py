@@ -552,7 +552,7 @@ def running_supervisord(server: rpc.Server) -> procs.Proc | None:
         raise SupervisorError(server.url, "is PID 1 here: its shutdown would end the container; "
                               "use --no-shutdown to restart its worker programs instead")
     proc = procs.read_proc(pid)
-    if proc is None or not operations.is_supervisord(proc.cmdline):
+    if proc is None or not procs.runs_supervisord(proc.cmdline):
         raise SupervisorError(server.url, f"says it is PID {pid}, which is no supervisord on this host (another "
                               "PID namespace?): run deploy where supervisord runs, or use --no-shutdown")
     return proc
