@@ -79,11 +79,11 @@ stop_supervisord() {
   start=${start#* }
   say "shutting down supervisord (PID $pid); an idle worker takes about 5 s to stop"
   ctl shutdown >/dev/null || true
-  for ((i = 0; i < 900; i++)); do  # 90 s: the worker's stopwaitsecs is 60
+  for ((i = 0; i < 600; i++)); do  # 60 s: the worker's stopwaitsecs is 30
     still_running "$pid" "$start" || { say "supervisord has exited"; return 0; }
     sleep 0.1
   done
-  say "supervisord (PID $pid) is still running after 90 s; stop it with: supervisorctl -c $conf shutdown" >&2
+  say "supervisord (PID $pid) is still running after 60 s; stop it with: supervisorctl -c $conf shutdown" >&2
   return 1
 }
 

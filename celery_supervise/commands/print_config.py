@@ -38,7 +38,8 @@ HOST_SECTIONS = ("supervisord", "unix_http_server", "inet_http_server", "supervi
 DEFAULT_STATE_ROOT = "/var/lib/celery-supervise"
 WORKER_PRIORITY = 200
 LISTENER_PRIORITY = 100
-STOPWAITSECS = 60
+STOPWAITSECS = 30
+STARTSECS = 2
 LISTENER_GRACE = 10
 LISTENER_STOPWAITSECS = 30
 BUFFER_SIZE = 50
@@ -240,10 +241,12 @@ def plan(request: Request, *, executable: str = sys.executable, cwd: str | None 
                 "the listener last"),
         Setting("autostart", "true", "start with supervisord"),
         Setting("autorestart", "true", "start again whenever it exits, even cleanly (`celery control shutdown`)"),
+        Setting("startsecs", str(STARTSECS), "RUNNING once up this long: a worker whose app fails to import is "
+                "retried, then FATAL"),
         Setting("stopsignal", "TERM", "a warm shutdown: take no new task, let the running ones finish "
                 "(QUIT would cut them off)"),
         Setting("stopwaitsecs", str(STOPWAITSECS),
-                "time for that (an idle worker needs ~5 s); then supervisord SIGKILLs the main process"),
+                "time for that (an idle worker needs ~5 s; raise it for longer tasks), then SIGKILL of the main"),
         Setting("stopasgroup", "false", "signal the main process only: its group also holds what tasks "
                 "nohup'd on purpose"),
         Setting("killasgroup", "false", "no SIGKILL to the group either: the listener kills what is attached, "
