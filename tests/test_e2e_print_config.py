@@ -41,7 +41,8 @@ def test_the_printed_snippet_runs_under_a_real_supervisord(supervisor, real_proc
     run = supervisor(project_dir=project, config=host_config(f"{conf_d}/*.conf"))
     run.extra_logs += [f"../{PROGRAM}.log", f"../{PROGRAM}-supervise.log"]
     run.wait_ready()
-    assert run.states() == {f"{PROGRAM}:{PROGRAM}": "RUNNING", f"{PROGRAM}-supervise:{PROGRAM}-supervise": "RUNNING"}
+    running = {f"{PROGRAM}:{PROGRAM}": "RUNNING", f"{PROGRAM}-supervise:{PROGRAM}-supervise": "RUNNING"}
+    wait_for(lambda: run.states() == running, 15, f"both programs RUNNING (startsecs), not {run.states()}")
     [main_pid] = run.group_pids(PROGRAM).values()
     [main] = real_procs.track(main_pid)
     real_procs.track(*main.children())
