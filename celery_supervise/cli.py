@@ -56,6 +56,9 @@ SpareOpt = Annotated[
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout", min=0.05, help="Seconds to wait for each broker reply.")
 ]
+ReplyTimeoutOpt = Annotated[
+    float, typer.Option("--reply-timeout", metavar="SECONDS", min=0.05, help="Seconds to wait for each broker reply.")
+]
 SupervisorUrlOpt = Annotated[
     Optional[str],
     typer.Option("--supervisor-url", metavar="URL", envvar="SUPERVISOR_SERVER_URL",
@@ -235,6 +238,103 @@ def restart(
         drain_progress.close()
         wait_progress.close()
     return report.render_restart(out, err, result, as_json)
+
+
+@app.command()
+def deploy(
+    ctx: typer.Context,
+    configuration: Annotated[
+        Optional[str],
+        typer.Option("-c", "--configuration", metavar="SUPERVISORD_CONF", envvar="SUPERVISORD_CONF",
+                     help="supervisord's config: `supervisord -c` starts it again, and its [supervisorctl] section "
+                     "says where it listens. [default: supervisorctl's search, with --no-shutdown]"),
+    ] = None,
+    supervisor_url: SupervisorUrlOpt = None,
+    program: ProgramOpt = None,
+    state: Annotated[
+        Optional[str],
+        typer.Option("--state", metavar="FILE", help="Keep the savepid record here. [default: a private temporary "
+                     "file, kept (and printed) when tasks are left to re-send or something went wrong]"),
+    ] = None,
+    grace: Annotated[float, typer.Option("--grace", min=0, metavar="SECONDS",
+                                         help="Seconds between SIGTERM and SIGKILL for the leftovers.")] = operations.DEFAULT_GRACE,
+    shutdown_timeout: Annotated[
+        float, typer.Option("--shutdown-timeout", min=0.1, metavar="SECONDS",
+                            help="How long supervisord may take to shut down.")
+    ] = 120.0,
+    start_timeout: Annotated[
+        float, typer.Option("--start-timeout", min=0.1, metavar="SECONDS",
+                            help="How long supervisord and the new workers may take to answer.")
+    ] = restarting.DEFAULT_START_TIMEOUT,
+    reply_timeout: ReplyTimeoutOpt = operations.DEFAULT_TIMEOUT,
+    no_shutdown: Annotated[
+        bool, typer.Option("--no-shutdown", help="Keep supervisord running (in a container it is PID 1): stop, "
+                           "clean up and start its worker programs only.")
+    ] = False,
+    no_start: Annotated[bool, typer.Option("--no-start", help="Do not start supervisord (or the programs) again.")] = False,
+    requeue: Annotated[bool, typer.Option("--requeue", help="Re-send the tasks the stop cut off (after the kill).")] = False,
+    journal: JournalOpt = None,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Restart the workers for a deploy: savepid, supervisorctl shutdown, kill, supervisord (exit 0/1/2/3)."""
+    from .commands import deploy as deploying
+
+    state_: State = ctx.obj
+    plan = deploying.plan(deploying.Options(
+        app_spec=state_.app_spec, configuration=configuration, supervisor_url=supervisor_url, state=state,
+        grace=grace, shutdown_timeout=shutdown_timeout, start_timeout=start_timeout, reply_timeout=reply_timeout,
+        start=not no_start, dry_run=dry_run, requeue=requeue, journal=journal, shutdown=not no_shutdown,
+        programs=tuple(program or ()),
+    ))
+    out, err = consoles()
+    name = os.environ.get(deploying.LOG_NAME_ENV) or deploying.LOG_NAME
+    kill_progress = report.WaitProgress(err)
+    try:
+        result = deploying.deploy(plan, load_app=state_.celery_app, progress=report.DeployProgress(err, name),
+                                  on_wait=kill_progress)
+    finally:
+        kill_progress.close()
+    return report.render_deploy(out, err, result, as_json, name)
+
+
+@app.command("print-config")
+def print_config(
+    ctx: typer.Context,
+    program: Annotated[
+        Optional[str], typer.Option("--program", metavar="NAME",
+                                    help="The worker's supervisord program name. [default: APP-worker]"),
+    ] = None,
+    command: Annotated[
+        Optional[str],
+        typer.Option("--command", metavar="CMD",
+                     help="The worker's command line. [default: the celery beside this tool's Python, "
+                     "-A APP worker -l info -n NAME@%h]"),
+    ] = None,
+    directory: Annotated[
+        Optional[str], typer.Option("--directory", metavar="DIR",
+                                    help="Where -A APP is importable. [default: the current folder]"),
+    ] = None,
+    user: Annotated[Optional[str], typer.Option("--user", metavar="USER", help="Run the worker and the listener as USER.")] = None,
+    numprocs: Annotated[int, typer.Option("--numprocs", metavar="N", min=1, help="How many worker processes.")] = 1,
+    state_dir: Annotated[
+        Optional[str], typer.Option("--state-dir", metavar="DIR",
+                                    help="The listener's records. [default: /var/lib/celery-supervise/NAME]"),
+    ] = None,
+    log_dir: Annotated[
+        Optional[str], typer.Option("--log-dir", metavar="DIR",
+                                    help="Write the worker's and the listener's logs here. [default: supervisord's childlogdir]"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """Print a conf.d snippet for your supervisord: the worker's [program:] and the eventlistener."""
+    from .commands import print_config as printing
+
+    request = printing.Request(app=ctx.obj.app_spec, program=program, command=command, directory=directory,
+                               user=user, numprocs=numprocs, state_dir=state_dir, log_dir=log_dir)
+    result = printing.print_config(request)
+    out, err = consoles()
+    return report.render_print_config(out, err, result, as_json)
 
 
 @app.command()

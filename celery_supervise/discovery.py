@@ -256,17 +256,23 @@ def from_supervisor(url: str, programs: list[str], local: dict[int, WorkerComman
                               "here; run this command inside it")
     found, warnings = [], []
     for pp in running:
-        mains = [pp.pid] if pp.pid in local else []
-        if not mains:
-            # A program may run a shell or wrapper that starts the worker.
-            root = procs.read_proc(pp.pid)
-            if root is not None:
-                mains = [p.pid for p in procs.walk(root) if p.pid in local]
+        mains = workers_under(pp.pid, local)
         if not mains:
             warnings.append(f"program {pp.name} (PID {pp.pid}) runs no Celery worker of this app; skipped")
         for pid in mains:
             found.append(Found(pid, local[pid], program=pp.name, supervisor_pid=sup_pid))
     return found, warnings
+
+
+def workers_under(pid: int, local: dict[int, WorkerCommand]) -> list[int]:
+    """The worker mains of *local* that a supervisord process *pid* runs: itself, or below it.
+
+    A program may run a shell or wrapper that starts the worker.
+    """
+    if pid in local:
+        return [pid]
+    root = procs.read_proc(pid)
+    return [] if root is None else [p.pid for p in procs.walk(root) if p.pid in local]
 
 
 # ----------------------------------------------------------------- confirm

@@ -12,8 +12,8 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import psutil
@@ -105,7 +105,7 @@ def live_snapshot(targets: Targets) -> tuple[Snapshot, list[str], str | None]:
             tasks=f.tasks,
         )
         if w is not None:  # it exited while we asked the broker
-            workers.append(w)
+            workers.append(with_group_orphans(w))
     warnings = list(found.warnings)
     if found.broker_error:
         warnings.append(f"{found.broker_error}; recorded the local process trees, but active tasks are missing")
@@ -149,6 +149,36 @@ def _orphans_in_group(main: Proc, known: set[int]) -> list[Proc]:
     return orphans(main, procs.live_identity(main.pid), (p for p in candidates if p is not None), known)
 
 
+def adopt_group_orphans(main: Proc, live: dict[int, Proc]) -> None:
+    """Add the orphans in *main*'s process group, and their descendants, to *live* (by PID)."""
+    for orphan in _orphans_in_group(main, set(live)):
+        if orphan.pid in live:
+            continue
+        live[orphan.pid] = orphan
+        for kid in procs.walk(orphan):
+            live.setdefault(kid.pid, kid)
+
+
+def with_group_orphans(worker: Worker) -> Worker:
+    """*worker* as just read, plus what it already orphaned (savepid, status).
+
+    A task's child whose parent exited (an intermediate shell, a daemon
+    that double-forked without ``setsid``) is re-parented to PID 1 or a
+    subreaper while the worker runs, so it is no longer below the worker,
+    but it is still in the worker's process group and still the worker's
+    to clean up. The kill finds it the same way (:func:`revisit`); finding
+    it here too lets status show it and savepid record it, with its verdict.
+    """
+    live = worker.by_pid()
+    adopt_group_orphans(worker.main, live)
+    if len(live) == len(worker.procs):
+        return worker
+    known = worker.by_pid()
+    # Creation order puts each parent ahead of its children, as the plan expects.
+    found = sorted((p for pid, p in live.items() if pid not in known), key=lambda p: p.create_time)
+    return replace(worker, procs=worker.procs + tuple(found))
+
+
 def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
     """Today's view of a recorded worker, plus what is already settled.
 
@@ -176,12 +206,7 @@ def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
     for p in list(live.values()):
         for kid in procs.walk(p):
             live.setdefault(kid.pid, kid)
-    for orphan in _orphans_in_group(worker.main, set(live)):
-        if orphan.pid in live:
-            continue
-        live[orphan.pid] = orphan
-        for kid in procs.walk(orphan):
-            live.setdefault(kid.pid, kid)
+    adopt_group_orphans(worker.main, live)
     main = live[worker.main.pid] if main_alive else worker.main
     rest = []
     for p in live.values():
@@ -469,7 +494,7 @@ def _requeue_locked(path, app, record, *, journal_dir, dry_run, publish, connect
     snap = record.snapshot
     recorded = [requeuing.Recorded(t, w.node, w.main.pid) for w in snap.workers for t in w.tasks]
     warnings: list[str] = []
-    if snap.workers and snap.source != "control":
+    if snap.workers and "control" not in snap.source.split("+"):
         warnings.append(f"{path} was recorded without the broker's answer (workers found by {snap.source}): "
                         "it holds no running task, so there is nothing to requeue")
     ledger = ledgers.read(path, host=snap.host, taken_at=snap.taken_at)
@@ -644,7 +669,7 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     t = clock()
     # One call per process, all at once: each blocks until its process has
     # exited (or started), and one slow worker should not hold up the rest.
-    was_running = [name for name, running in zip(result.processes, _each(rpc.stop_process, server, result.processes))
+    was_running = [name for name, running in zip(result.processes, side_by_side(rpc.stop_process, server, result.processes))
                    if running]
     result.stopped = True
     phase(restarting.STOP, t, f"{len(was_running)} of {len(result.processes)} process(es) were running")
@@ -658,22 +683,13 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     # new_nodes counts from here: supervisord spawns the process at once and
     # only then waits out startsecs, so the worker's own start-up (spawn to
     # first answer) spans both the start and the ready phases.
-    pids = dict(zip(result.processes, _each(rpc.start_process, server, result.processes)))
+    pids = dict(zip(result.processes, side_by_side(rpc.start_process, server, result.processes)))
     result.started = True
     phase(restarting.START, t, ", ".join(f"{name} PID {pid}" for name, pid in pids.items()))
 
     t = clock()
-
-    def new_nodes():
-        for pid in pids.values():
-            main = discovery.worker_main_under(pid, app_spec)
-            p = procs.read_proc(main) if main else None
-            command = discovery.parse_worker_cmdline(p.cmdline) if p else None
-            if command is not None:
-                yield command.node
-
     with remote_factory(app) as remote:
-        answered, silent = restarting.wait_answering(remote.ping, lambda: list(new_nodes()),
+        answered, silent = restarting.wait_answering(remote.ping, lambda: worker_nodes(pids.values(), app_spec),
                                                      started_at + start_timeout, clock=clock)
     result.new_nodes = {n: at - started_at for n, at in answered.items()}
     result.new_nodes.update({n: None for n in silent})
@@ -689,13 +705,43 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     result.problem = "; ".join(problems) or None
 
 
-def _each(call, server, names: list[str]) -> list:
-    """``[call(server, name) for name in names]``, run side by side; the first error is raised."""
-    if len(names) < 2:
+def side_by_side(call, server, names: list[str], *, on_wait: Callable[[int, float], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> list:
+    """``[call(server, name) for name in names]``, run side by side; the first error is raised.
+
+    Each call of supervisord's ``stopProcess``/``startProcess`` with
+    ``wait=True`` blocks until its process has stopped (or started), and one
+    slow worker should not hold up the rest. *on_wait(left, elapsed)* is
+    called about once a second while calls are still running.
+    """
+    if len(names) < 2 and on_wait is None:
         return [call(server, name) for name in names]
-    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+    started = clock()
+    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
         futures = [pool.submit(call, server, name) for name in names]
+        while on_wait is not None:
+            _, pending = wait(futures, timeout=1.0)
+            if not pending:
+                break
+            on_wait(len(pending), clock() - started)
         return [f.result() for f in futures]
+
+
+def worker_nodes(pids: Iterable[int], app_spec: str | None) -> list[str]:
+    """Node names of the Celery workers of *app_spec* running at, or below, each of *pids*.
+
+    A supervisord program may run the worker through a shell or wrapper; a
+    process that has not exec'd Celery yet has no node name, so callers ask
+    again until every one has.
+    """
+    nodes = []
+    for pid in pids:
+        main = discovery.worker_main_under(pid, app_spec)
+        p = procs.read_proc(main) if main else None
+        command = discovery.parse_worker_cmdline(p.cmdline) if p else None
+        if command is not None and command.node not in nodes:
+            nodes.append(command.node)
+    return nodes
 
 
 def _kill_summary(report: KillReport) -> str:
@@ -704,4 +750,4 @@ def _kill_summary(report: KillReport) -> str:
 
 
 __all__ = ["Targets", "savepid", "kill", "status", "drain", "restart", "SaveResult", "StatusResult",
-           "protected_pids"]
+           "protected_pids", "side_by_side", "worker_nodes", "with_group_orphans"]

@@ -133,6 +133,12 @@ def render_kill(out: Console, err: Console, report: KillReport, as_json: bool) -
     if as_json:
         emit_json(out, kill_document(report))
         return kill_exit_code(report)
+    print_kill(out, report)
+    return kill_exit_code(report)
+
+
+def print_kill(out: Console, report: KillReport) -> None:
+    """The kill's table (what was killed, spared, refused… and why) and its summary line."""
     title = "celery-supervise kill (dry run: nothing signalled)" if report.dry_run else "celery-supervise kill"
     table = Table(title=title, title_justify="left")
     for col in ("outcome", "pid", "role", "worker", "command", "reason"):
@@ -144,7 +150,6 @@ def render_kill(out: Console, err: Console, report: KillReport, as_json: bool) -
     if report.outcomes:
         out.print(table)
     out.print(summary_line(report), highlight=False)
-    return kill_exit_code(report)
 
 
 # ------------------------------------------------------------------- savepid
@@ -156,6 +161,15 @@ def save_document(result: SaveResult) -> dict:
     doc["broker_error"] = result.broker_error
     doc["exit_code"] = save_exit_code(result)
     return doc
+
+
+def save_summary(result: SaveResult) -> dict:
+    """What savepid recorded, in numbers (the record itself is the state file)."""
+    workers = result.snapshot.workers
+    return {"path": result.path, "source": result.snapshot.source, "workers": len(workers),
+            "processes": sum(len(w.procs) for w in workers),
+            "already_orphaned": sum(len(already_orphaned(w)) for w in workers),
+            "tasks": sum(len(w.tasks) for w in workers), "policy": str(result.policy)}
 
 
 def save_exit_code(result: SaveResult) -> int:
@@ -198,6 +212,12 @@ def status_document(result: StatusResult) -> dict:
     return to_document(result.snapshot, result.policy, result.verdicts)
 
 
+def already_orphaned(worker) -> set[int]:
+    """PIDs of *worker*'s processes whose parent is outside its tree (re-parented to PID 1 or a subreaper)."""
+    pids = {p.pid for p in worker.procs}
+    return {p.pid for p in worker.procs if p.pid != worker.main.pid and p.ppid not in pids}
+
+
 def verdict_tree(workers, verdicts: list[Verdict]):
     by_key = {(v.worker_pid, v.proc.pid): v for v in verdicts}
     trees = []
@@ -206,12 +226,17 @@ def verdict_tree(workers, verdicts: list[Verdict]):
         if w.program:
             label += f", program {escape(w.program)}"
         label += f", {len(w.tasks)} active task(s)"
+        orphans = already_orphaned(w)
+        if orphans:
+            label += f", {len(orphans)} process(es) already orphaned"
         root = Tree(label)
         nodes = {}
         for p in w.procs:
             v = by_key.get((w.main.pid, p.pid))
             verdict = f"[{STYLE.get(v.action, '')}]{v.action}[/] {escape(v.reason)}" if v else ""
             text = f"{p.pid} {p.role:<4} {escape(display_command(p.cmdline))}  {verdict}"
+            if p.pid in orphans:
+                text += f" [dim](orphaned: parent now PID {p.ppid})[/]"
             parent = nodes.get(p.ppid, root) if p.pid != w.main.pid else root
             nodes[p.pid] = parent.add(text, highlight=False)
         for t in w.tasks:
@@ -524,4 +549,103 @@ def render_restart(out: Console, err: Console, result: RestartResult, as_json: b
         out.print(f"record: {result.state_file}", highlight=False, markup=False)
     if result.problem:
         out.print(f"not done: {result.problem}", highlight=False, markup=False)
+    return result.exit_code
+
+
+# -------------------------------------------------------------- print-config
+
+
+def render_print_config(out: Console, err: Console, result, as_json: bool) -> int:
+    """The snippet exactly as built (no rich markup or wrapping), or its document."""
+    warnings(err, result.warnings)
+    if as_json:
+        emit_json(out, result.to_document())
+    else:
+        out.file.write(result.text)
+        out.file.flush()
+    return result.exit_code
+
+
+# -------------------------------------------------------------------- deploy
+
+
+class DeployProgress:
+    """A deploy's progress on stderr: one line per step, as scripts/deploy.sh printed them.
+
+    Every line starts with *name* (``celery-supervise deploy``, or the name a
+    wrapper script sets); waits say how long so far every 5 seconds.
+    """
+
+    EVERY = 5.0
+
+    def __init__(self, err: Console, name: str):
+        self.err = err
+        self.name = name
+        self.said = 0.0  # elapsed time of the wait's last line
+        self.last = 0.0  # elapsed time last reported: a smaller one starts a new wait
+
+    def line(self, text: str) -> None:
+        self.err.print(f"{self.name}: {text}", highlight=False, markup=False, soft_wrap=True)
+
+    def step(self, number: int, total: int, text: str) -> None:
+        self.line(f"{number}/{total} {text}")
+
+    def note(self, text: str) -> None:
+        self.line(text)
+
+    def waiting(self, what: str, elapsed: float, timeout: float | None) -> None:
+        if elapsed < self.last:
+            self.said = 0.0
+        self.last = elapsed
+        if elapsed - self.said < self.EVERY:
+            return
+        self.said = elapsed
+        self.line(f"   waiting {what}: {int(elapsed)}s" + (f" of {timeout:g}s" if timeout else ""))
+
+
+def deploy_tasks_lines(result) -> list[str]:
+    """The summary's word on every recorded task that did not finish, and how to re-send it."""
+    tasks = result.tasks
+    if result.save is None:
+        return []
+    if not tasks:
+        return ["tasks: none was running at savepid"]
+    if result.dry_run:
+        lines = [f"tasks: {len(tasks)} running now (a stop may cut them off):"]
+    else:
+        unfinished = [t for t in tasks if not t.finished]
+        unknown = sum(1 for t in unfinished if t.fate == "unknown")
+        lines = [f"tasks: {len(tasks)} running at savepid; finished since: {len(tasks) - len(unfinished)}; "
+                 f"did not finish: {len(unfinished) - unknown}" + (f"; unknown: {unknown}" if unknown else "")
+                 + (":" if unfinished else "")]
+        tasks = unfinished
+    for t in tasks:
+        action = "" if t.action in ("-", SKIPPED) else f" [{t.action}]"
+        lines.append(f"  {t.fate:<17} {t.id} {t.name} ({t.node or '?'}): {t.reason}{action}")
+    if result.requeue_command:
+        lines.append(f"re-send them with: {result.requeue_command}")
+    return lines
+
+
+def render_deploy(out: Console, err: Console, result, as_json: bool, name: str) -> int:
+    """stdout: the kill's table, the phases, the tasks that did not finish; stderr ends with the error, if any."""
+    warnings(err, result.warnings)
+    if result.cause:
+        err.print(f"{name}: {result.cause}", highlight=False, markup=False, soft_wrap=True)
+    if as_json:
+        emit_json(out, result.to_document())
+    else:
+        if result.kill is not None:
+            print_kill(out, result.kill)
+        for p in result.phases:
+            out.print(f"{p.name:<9} {p.seconds:7.2f}s  {p.detail}", highlight=False, markup=False)
+        if result.phases:
+            out.print(f"{'total':<9} {result.total:7.2f}s", highlight=False)
+        for line in deploy_tasks_lines(result):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        if result.kept and result.save is not None:
+            out.print(f"record: {result.state_file}", highlight=False, markup=False, soft_wrap=True)
+    out.file.flush()
+    if result.problem:
+        err.print(f"{name}: error: {result.problem}", highlight=False, markup=False, soft_wrap=True)
     return result.exit_code

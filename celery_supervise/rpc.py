@@ -56,16 +56,23 @@ def program_processes(url: str, patterns: list[str], username=None, password=Non
     proxy = connect(url, username, password)
     sup_pid = call(url, proxy.supervisor.getPID)
     infos = call(url, proxy.supervisor.getAllProcessInfo)
-    found = []
-    for info in infos:
-        name = full_name(info)
-        if patterns and not any(
-            fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(info.get("name", ""), pat) for pat in patterns
-        ):
-            continue
-        if info.get("statename") in RUNNING_STATES and info.get("pid"):
-            found.append(ProgramProcess(name, int(info["pid"]), info["statename"]))
-    return int(sup_pid), found
+    return int(sup_pid), running_processes(infos, patterns)
+
+
+def matches(info: dict, patterns) -> bool:
+    """Whether a process (``getProcessInfo``) matches one of the glob *patterns* (all, if none).
+
+    A pattern is matched against ``group:name`` and against ``name``.
+    """
+    name = full_name(info)
+    return not patterns or any(
+        fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(info.get("name", ""), pat) for pat in patterns)
+
+
+def running_processes(infos: list[dict], patterns=()) -> list[ProgramProcess]:
+    """The processes of *infos* matching *patterns* that are running (they have a PID)."""
+    return [ProgramProcess(full_name(info), int(info["pid"]), info["statename"]) for info in infos
+            if matches(info, patterns) and info.get("statename") in RUNNING_STATES and info.get("pid")]
 
 
 # ------------------------------------------------------------------- restart

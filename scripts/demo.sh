@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The celery-supervise demo, in one command, on the embedded filesystem broker.
 #
-# Starts supervisord with conf/supervisord.conf (the demo worker of
-# django_app/), runs two tasks that each start plain, nohup'd and setsid'd
+# Starts supervisord with conf/supervisord.conf (which includes
+# conf/conf.d/celery.conf: the demo worker of django_app/ and the
+# eventlistener, as print-config prints them), runs two tasks that each start plain, nohup'd and setsid'd
 # children, shows the tree as celery-supervise sees it, runs
 # scripts/deploy.sh, and shows which children were killed and which were
 # spared. Then it shuts the new supervisord down and kills the spared demo
@@ -78,7 +79,7 @@ stop_supervisord() {
   start=${start#* }
   say "shutting down supervisord (PID $pid); an idle worker takes about 5 s to stop"
   ctl shutdown >/dev/null || true
-  for ((i = 0; i < 600; i++)); do  # 60 s: stopwaitsecs is 30
+  for ((i = 0; i < 600; i++)); do  # 60 s: the worker's stopwaitsecs is 30
     still_running "$pid" "$start" || { say "supervisord has exited"; return 0; }
     sleep 0.1
   done
@@ -129,10 +130,10 @@ step "5. the deploy: scripts/deploy.sh -c conf/supervisord.conf -A demo -g 5"
 (cd "$root/django_app" && "$root/scripts/deploy.sh" -c "$conf" -A demo -g 5 -s "$work/state.json")
 
 step "6. what became of the tasks' children"
-if grep -q '^\[eventlistener:celery-supervise\]' "$conf"; then
-  say "conf/supervisord.conf also runs celery-supervise's eventlistener, which reaps a worker's leftovers"
+if grep -q '^\[eventlistener:celery-worker-supervise\]' "$root/conf/conf.d/celery.conf"; then
+  say "conf/conf.d/celery.conf also runs celery-supervise's eventlistener, which reaps a worker's leftovers"
   say "as soon as it has stopped; what it killed, the deploy's kill then found already gone."
-  "$python" "$root/scripts/demo_tasks.py" listener-log "$var/celery-supervise.log" --since "$started"
+  "$python" "$root/scripts/demo_tasks.py" listener-log "$var/celery-worker-supervise.log" --since "$started"
 fi
 "$python" "$root/scripts/demo_tasks.py" report "$work"
 

@@ -74,6 +74,38 @@ stdout_logfile=%(here)s/%(program_name)s_%(process_num)d.log
 """
 
 
+HOST_CONFIG = """\
+[unix_http_server]
+file={socket}
+
+[supervisord]
+logfile=%(here)s/supervisord.log
+pidfile=%(here)s/supervisord.pid
+childlogdir=%(here)s
+loglevel=info
+nodaemon={nodaemon}
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{socket}
+
+[include]
+files = {include}
+"""
+
+
+def host_config(include, nodaemon=True):
+    """``config=`` for :class:`Supervisord`: a host's own part, including the files *include* names.
+
+    The way a user's supervisord.conf includes ``conf.d/*.conf``; *include*
+    is a glob (absolute, or relative to the config's folder).
+    """
+    return lambda socket: HOST_CONFIG.format(socket=socket, include=include,
+                                             nodaemon="true" if nodaemon else "false")
+
+
 def listener_section(exe, grace, directory, name="celery-supervise", **options):
     """An ``[eventlistener:NAME]`` section running ``celery-supervise listener``.
 
@@ -154,7 +186,7 @@ class Supervisord:
     def __init__(self, directory, *, stopsignal="TERM", stopwaitsecs=30, numprocs=1,
                  concurrency=2, extra="", broker_url=None, autorestart=False, priority=None,
                  env=None, project_dir=None, broker_dir=None, nodaemon=True,
-                 own_queues=False, queues=None, node_prefix="demo"):
+                 own_queues=False, queues=None, node_prefix="demo", config=None, bin_dir=None):
         self.dir = Path(directory)
         #: The Django project the worker runs from (its ``directory=``).
         self.project_dir = Path(project_dir or DJANGO_APP)
@@ -170,26 +202,31 @@ class Supervisord:
         self._socket_dir = tempfile.mkdtemp(prefix="csup-")
         self.socket = os.path.join(self._socket_dir, "supervisor.sock")
         self.conf_path = self.dir / "supervisord.conf"
-        self.conf_path.write_text(CONFIG_TEMPLATE.format(
-            socket=self.socket,
-            program=PROGRAM,
-            celery=_find_executable("celery"),
-            concurrency=concurrency,
-            directory=self.project_dir,
-            numprocs=numprocs,
-            stopsignal=stopsignal,
-            stopwaitsecs=stopwaitsecs,
-            autorestart="true" if autorestart else "false",
-            # Each process also consumes a queue of its own, worker<N>, so a
-            # test can choose which process runs a task.
-            queues=f" -Q {queues}" if queues else " -Q celery,worker%(process_num)d" if own_queues else "",
-            node_prefix=node_prefix,
-            priority="" if priority is None else f"priority={priority}",
-            extra=textwrap.dedent(extra),
-            # start() always passes -n; with nodaemon=false in the file, a
-            # plain `supervisord -c FILE` (as scripts/deploy.sh runs it) daemonizes.
-            nodaemon="true" if nodaemon else "false",
-        ))
+        #: Where supervisord and supervisorctl are (another virtualenv's, for the wheel test).
+        self.bin_dir = Path(bin_dir) if bin_dir else None
+        if config is not None:
+            self.conf_path.write_text(config(self.socket))
+        else:
+            self.conf_path.write_text(CONFIG_TEMPLATE.format(
+                socket=self.socket,
+                program=PROGRAM,
+                celery=_find_executable("celery"),
+                concurrency=concurrency,
+                directory=self.project_dir,
+                numprocs=numprocs,
+                stopsignal=stopsignal,
+                stopwaitsecs=stopwaitsecs,
+                autorestart="true" if autorestart else "false",
+                # Each process also consumes a queue of its own, worker<N>, so a
+                # test can choose which process runs a task.
+                queues=f" -Q {queues}" if queues else " -Q celery,worker%(process_num)d" if own_queues else "",
+                node_prefix=node_prefix,
+                priority="" if priority is None else f"priority={priority}",
+                extra=textwrap.dedent(extra),
+                # start() always passes -n; with nodaemon=false in the file, a
+                # plain `supervisord -c FILE` (as scripts/deploy.sh runs it) daemonizes.
+                nodaemon="true" if nodaemon else "false",
+            ))
         #: The workers' task journal (demo/settings.py reads the variable).
         self.journal_dir = self.dir / "journal"
         self.env = dict(os.environ, CELERY_SUPERVISE_BROKER_DIR=str(self.broker_dir),
@@ -202,13 +239,16 @@ class Supervisord:
         #: More log files (relative to ``dir``) for :meth:`diagnostics` to show.
         self.extra_logs = []
 
+    def executable(self, name):
+        return str(self.bin_dir / name) if self.bin_dir else _find_executable(name)
+
     @property
     def pid(self):
         return self.proc.pid
 
     def command(self):
         """How :meth:`start` runs supervisord (in the foreground: ``-n``)."""
-        return [_find_executable("supervisord"), "-n", "-c", str(self.conf_path)]
+        return [self.executable("supervisord"), "-n", "-c", str(self.conf_path)]
 
     def start(self):
         """Start supervisord and wait until it answers XML-RPC."""
@@ -285,7 +325,7 @@ class Supervisord:
     def ctl(self, *args, timeout=60):
         """Run ``supervisorctl -c <conf> *args`` and return the CompletedProcess."""
         return subprocess.run(
-            [_find_executable("supervisorctl"), "-c", str(self.conf_path), *args],
+            [self.executable("supervisorctl"), "-c", str(self.conf_path), *args],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
             env=self.env,
         )

@@ -1,13 +1,27 @@
-"""conf/supervisord.conf, the example config shipped for the demo, as supervisord reads it."""
+"""conf/, the example config shipped for the demo, as supervisord reads it.
 
+``conf/supervisord.conf`` is the host's part (socket, log, pidfile) and
+includes ``conf/conf.d/celery.conf``, the worker and the eventlistener as
+``celery-supervise print-config`` prints them (``scripts/demo_conf.sh``).
+"""
+
+import configparser
+import os
+import shlex
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 from supervisor.options import ServerOptions
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "supervisord.conf"
+from realsupervisor import BIN, REPO
+
+CONF_DIR = REPO / "conf"
+CONF = CONF_DIR / "supervisord.conf"
+SNIPPET = CONF_DIR / "conf.d" / "celery.conf"
+LISTENER = "celery-worker-supervise"
 
 
 @pytest.fixture
@@ -17,9 +31,9 @@ def worker_config(tmp_path):
     A copy, because supervisord insists that the var/ folder of its log file
     exists, and the tests must not create it in the repository.
     """
-    (tmp_path / "conf").mkdir()
+    shutil.copytree(CONF_DIR, tmp_path / "conf")
     (tmp_path / "var").mkdir()
-    conf = shutil.copy(CONF, tmp_path / "conf")
+    conf = tmp_path / "conf" / "supervisord.conf"
     options = ServerOptions()
     options.realize(args=["-c", str(conf)])
     [group] = [g for g in options.process_group_configs if g.name == "celery-worker"]
@@ -31,7 +45,7 @@ def worker_config(tmp_path):
 def listener_config(worker_config):
     """The celery-supervise eventlistener's pool config, from the same copy."""
     root, options, _ = worker_config
-    [pool] = [g for g in options.process_group_configs if g.name == "celery-supervise"]
+    [pool] = [g for g in options.process_group_configs if g.name == LISTENER]
     [listener] = pool.process_configs
     return root, pool, listener
 
@@ -67,8 +81,9 @@ def test_runs_the_listener_on_the_right_events(listener_config, worker_config):
     root, pool, listener = listener_config
     _, _, worker = worker_config
 
-    assert listener.command.startswith("celery-supervise -A demo listener ")
-    assert f"--state-dir {root}/conf/../var/celery-supervise" in listener.command
+    assert listener.command.startswith("celery-supervise -A demo listener --program celery-worker ")
+    args = shlex.split(listener.command)
+    assert Path(args[args.index("--state-dir") + 1]).resolve() == root / "var" / "celery-supervise"
     assert Path(listener.directory).resolve() == root / "django_app"
     assert {e.__name__ for e in pool.pool_events} == {
         "ProcessStateEvent", "SupervisorStateChangeEvent", "Tick60Event"}
@@ -85,3 +100,24 @@ def test_listener_is_stopped_last_on_shutdown_and_outwaits_its_grace(listener_co
     grace = float(listener.command.split("--grace ")[1].split()[0])
     assert listener.stopwaitsecs > grace
     assert listener.stopsignal == signal.SIGTERM
+
+
+def test_the_snippet_is_what_print_config_prints(tmp_path):
+    """Regenerating conf/conf.d/celery.conf gives the committed file, byte for byte."""
+    out = tmp_path / "celery.conf"
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(REPO / "scripts" / "demo_conf.sh"), str(out)], cwd=tmp_path, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert out.read_bytes() == SNIPPET.read_bytes(), "run scripts/demo_conf.sh to print it again"
+
+
+def test_the_host_part_and_the_snippet_keep_to_their_own_sections():
+    def sections(path):
+        parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=True)
+        parser.read(path)
+        return parser.sections()
+
+    assert sections(CONF) == ["unix_http_server", "supervisord", "rpcinterface:supervisor", "supervisorctl", "include"]
+    assert sections(SNIPPET) == ["program:celery-worker", f"eventlistener:{LISTENER}"]

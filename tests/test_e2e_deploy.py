@@ -44,14 +44,16 @@ def project(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("tool", [("-A", "demo"), ("-m", "manage.py")], ids=["cli", "manage.py"])
-def test_deploy_script_kills_attached_spares_detached_and_restarts(supervisor, real_procs, project, tool):
+def test_deploy_script_kills_attached_spares_detached_and_restarts(supervisor, real_procs, project, tool, tmp_path):
     run = supervisor(stopwaitsecs=2, project_dir=project, nodaemon=False)
     run.wait_ready()
     tree = worker_tree(run, real_procs)
     families = start_families(run.celery, real_procs, count=2)
     family_procs = [p for f in families for p in f.procs.values()]
 
-    result = deploy("-c", str(run.conf_path), *tool, "-g", "5", cwd=project, env=script_env(run))
+    # -s: the stop cuts the tasks off, and the record of what to re-send is kept; here, not in /tmp.
+    result = deploy("-c", str(run.conf_path), *tool, "-g", "5", "-s", str(tmp_path / "state.json"), cwd=project,
+                    env=script_env(run))
     output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.returncode == 0, output
     for step in ("1/4 recording worker trees", f"2/4 supervisorctl shutdown (supervisord PID {run.pid})",

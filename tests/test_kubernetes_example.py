@@ -14,7 +14,7 @@ import pytest
 from supervisor.options import ServerOptions
 
 from test_e2e_kubernetes import EXAMPLE, dockerfile_env, pod_spec
-from test_conf import CONF
+from test_conf import CONF, LISTENER
 
 #: What a stop depends on: the same in conf/ and in the example.
 WORKER_SETTINGS = ("priority", "autostart", "autorestart", "startsecs", "stopsignal", "stopwaitsecs",
@@ -22,21 +22,22 @@ WORKER_SETTINGS = ("priority", "autostart", "autorestart", "startsecs", "stopsig
 LISTENER_SETTINGS = ("priority", "autostart", "autorestart", "startsecs", "stopsignal", "stopwaitsecs")
 
 
-def read(conf):
+def read(conf, listener_name="celery-supervise"):
     """supervisord's view of *conf*: its options, the worker, the listener's pool and the listener."""
     options = ServerOptions()  # takes the environment for %(ENV_X)s now
     options.realize(args=["-c", str(conf)])
     groups = {g.name: g for g in options.process_group_configs}
     [worker] = groups["celery-worker"].process_configs
-    [listener] = groups["celery-supervise"].process_configs
-    return options, worker, groups["celery-supervise"], listener
+    [listener] = groups[listener_name].process_configs
+    return options, worker, groups[listener_name], listener
 
 
 @pytest.fixture
 def configs(tmp_path, monkeypatch):
-    (tmp_path / "conf").mkdir()
+    # conf/ is the host's part and conf.d/celery.conf, print-config's sections (test_conf.py).
+    shutil.copytree(CONF.parent, tmp_path / "conf")
     (tmp_path / "var").mkdir()
-    host = read(shutil.copy(CONF, tmp_path / "conf"))
+    host = read(tmp_path / "conf" / CONF.name, LISTENER)
     env = {**dockerfile_env(), "RUN_DIR": str(tmp_path / "run")}
     (tmp_path / "run").mkdir()
     for key, value in env.items():

@@ -224,10 +224,10 @@ def test_plain_output_off_a_terminal_and_json():
     assert doc["kill"]["summary"]["failed"] == 0 and doc["drain"] is None
 
 
-def test_each_runs_the_calls_side_by_side_in_order_and_raises_the_first_error():
+def test_side_by_side_runs_the_calls_at_once_in_order_and_raises_the_first_error():
     import threading
 
-    from celery_supervise.operations import _each
+    from celery_supervise.operations import side_by_side
 
     barrier = threading.Barrier(3, timeout=5)  # only passes if all three run at once
 
@@ -235,7 +235,7 @@ def test_each_runs_the_calls_side_by_side_in_order_and_raises_the_first_error():
         barrier.wait()
         return f"{server}:{name}"
 
-    assert _each(call, "s", ["a", "b", "c"]) == ["s:a", "s:b", "s:c"]
+    assert side_by_side(call, "s", ["a", "b", "c"]) == ["s:a", "s:b", "s:c"]
 
     def fail(server, name):
         if name == "b":
@@ -243,4 +243,23 @@ def test_each_runs_the_calls_side_by_side_in_order_and_raises_the_first_error():
         return name
 
     with pytest.raises(SupervisorError, match=r"startProcess\(b\)"):
-        _each(fail, "s", ["a", "b"])
+        side_by_side(fail, "s", ["a", "b"])
+
+
+def test_side_by_side_says_how_many_calls_still_run():
+    import threading
+
+    from celery_supervise.operations import side_by_side
+
+    release, seen = threading.Event(), []
+
+    def slow(server, name):
+        assert release.wait(10)
+        return name
+
+    def on_wait(left, elapsed):  # about once a second while a call runs
+        seen.append((left, elapsed >= 0.9))
+        release.set()
+
+    assert side_by_side(slow, "s", ["a"], on_wait=on_wait) == ["a"]
+    assert seen == [(1, True)]

@@ -113,6 +113,84 @@ def spawn_family(self, marker_dir, hold=60, lifetime=120):
     return marker
 
 
+# A shell that starts three sleeps in the background, writes their PIDs
+# (write, then rename) and exits at once without waiting: the sleeps are
+# orphaned while the task still runs.  Backgrounded by a shell without job
+# control, each stays in the worker's process group (the setsid'd one leaves
+# it: `setsid` execs sleep in a session of its own, since a background job is
+# no group leader).
+_ORPHANING_SCRIPT = (
+    'sleep "$1" & a=$!; nohup sleep "$1" >/dev/null 2>&1 & b=$!; setsid sleep "$1" & c=$!; '
+    'echo "$a $b $c" > "$2.tmp" && mv "$2.tmp" "$2"'
+)
+
+
+@shared_task(bind=True)
+def spawn_orphans(self, marker_dir, hold=60, lifetime=120):
+    """Leave children that are orphaned while the task still runs, then hold.
+
+    Started, each living at most `lifetime` seconds::
+
+        pool process
+        └── sh                    exits at once, so its children are re-parented
+            ├── sleep             orphan          attached: still in the worker's group
+            ├── sleep (nohup)     nohup_orphan    in the worker's group, ignores SIGHUP
+            └── sleep (setsid)    setsid_orphan   a session (and group) of its own
+
+    Then ``<marker_dir>/<task id>.json`` appears, as for :func:`spawn_family`,
+    once the shell is gone and every sleep runs; the task holds `hold`
+    seconds and writes ``<task id>.done``.
+    """
+    task_id = self.request.id
+    prefix = os.path.join(marker_dir, task_id)
+    pid_file = prefix + ".orphans"
+    try:
+        os.unlink(pid_file)  # a requeued run has the same id
+    except FileNotFoundError:
+        pass
+    shell = subprocess.Popen(
+        ["sh", "-c", _ORPHANING_SCRIPT, "sh", str(lifetime), pid_file],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=marker_dir,
+    )
+    if shell.wait(timeout=HANDSHAKE_TIMEOUT) != 0:
+        raise RuntimeError(f"the orphaning shell exited with {shell.returncode}")
+    with open(pid_file) as f:
+        orphan, nohup_orphan, setsid_orphan = (int(pid) for pid in f.read().split())
+    children = {"orphan": orphan, "nohup_orphan": nohup_orphan, "setsid_orphan": setsid_orphan}
+    for pid in children.values():
+        _wait_for_pid_exec(pid, "sleep")  # nohup and setsid exec sleep; until then SIGHUP is not ignored
+    marker = {
+        "task_id": task_id,
+        "pool_pid": os.getpid(),
+        "pool_pgid": os.getpgrp(),
+        "pool_sid": os.getsid(0),
+        "children": children,
+    }
+    _write_atomically(prefix + ".json", json.dumps(marker))
+
+    deadline = time.monotonic() + hold
+    while (remaining := deadline - time.monotonic()) > 0:
+        time.sleep(min(remaining, 0.5))
+    _write_atomically(prefix + ".done", json.dumps({"time": time.time(), "pool_pid": os.getpid()}))
+    return marker
+
+
+def _wait_for_pid_exec(pid, program):
+    """Wait until the process `pid` (not our child) runs `program`."""
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    while True:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0]
+        except FileNotFoundError:
+            raise RuntimeError(f"PID {pid} exited before running {program}") from None
+        if os.path.basename(argv0) == program.encode():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"PID {pid} did not exec {program} within {HANDSHAKE_TIMEOUT} s")
+        time.sleep(0.01)
+
+
 def _read_pid_file(path, parent):
     """Return the PID `parent` wrote to `path`, waiting for it with a deadline."""
     deadline = time.monotonic() + HANDSHAKE_TIMEOUT
