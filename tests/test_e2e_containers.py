@@ -241,3 +241,21 @@ def test_orphans_re_parented_to_pid_1_are_killed_by_savepid_stop_kill(init, cont
     assert result.returncode == 0, result.stdout + result.stderr
     box.wait_new_worker(old_ns)
     assert real_procs.reap() == []
+
+
+def test_deploy_no_shutdown_inside_a_container_whose_pid_1_is_supervisord(container, real_procs):
+    """PID 1 exiting would end the container, so the deploy stops only the worker programs."""
+    box = container(listener=False)
+    old_ns, old = box.main()
+    real_procs.track(old, *old.children())
+    family = box.family(real_procs, hold=0)
+    result = box.inside("-A", "demo", "deploy", "--no-shutdown", "-c", str(box.run.conf_path), "--grace", "3", "--json")
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    doc = json.loads(result.stdout)
+    assert doc["exit_code"] == 0 and doc["problem"] is None and doc["shutdown"] is False, doc
+    assert_reaped(doc["kill"], family)
+    assert len(ATTACHED) <= doc["kill"]["summary"]["killed"] <= len(ATTACHED) + 1, doc["kill"]
+    assert wait_gone([old], timeout=5) == []
+    box.assert_untouched(family)
+    box.wait_new_worker(old_ns)
+    assert real_procs.reap() == []
