@@ -321,7 +321,7 @@ def drain(
     if destinations and all_workers:
         raise UsageError("--destination and --all exclude each other")
     if not timeout > 0:
-        raise UsageError("--timeout must be positive")
+        raise UsageError("--drain-timeout must be positive")
     configured = draining.configured_queues(app.conf.task_default_queue, app.conf.task_queues)
     targets: list[draining.Target] | None = None  # None: every worker that answers
     if not all_workers:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextvars import ContextVar
 from typing import Iterable
 
 from rich.console import Console
@@ -53,15 +54,25 @@ STYLE = {RESENT: "green", WOULD_RESEND: "yellow", SKIPPED: "dim",
          KILL: "red", "spare": "green", REFUSE: "magenta"}
 
 
+#: Colour as a shell asks for it: None lets rich decide (a terminal,
+#: ``NO_COLOR``, ``FORCE_COLOR``); False is no styling at all, True treats
+#: the output as a terminal. The Django command sets it from its
+#: ``--no-color``/``--force-color``.
+COLOR: ContextVar[bool | None] = ContextVar("celery_supervise_color", default=None)
+
+
 def consoles(out_file=None, err_file=None) -> tuple[Console, Console]:
     """Consoles for results and for warnings/progress.
 
     Off a terminal (a deploy log) rich would wrap at 80 columns; a wider
     page keeps one process on one line.
     """
+    color = COLOR.get()
+    style = {} if color is None else {"color_system": None} if color is False else {"force_terminal": True}
+
     def make(file, stderr):
-        probe = Console(file=file, stderr=stderr)
-        return probe if probe.is_terminal else Console(file=file, stderr=stderr, width=160)
+        probe = Console(file=file, stderr=stderr, **style)
+        return probe if probe.is_terminal else Console(file=file, stderr=stderr, width=160, **style)
 
     return make(out_file, False), make(err_file, True)
 
