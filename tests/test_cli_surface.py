@@ -130,7 +130,7 @@ def test_both_spellings_is_a_usage_error():
     res = run("status", "--timeout", "1", "--reply-timeout", "2")
     assert res.returncode == 2
     assert res.stderr.splitlines() == ["celery-supervise: usage: --timeout is the old name of --reply-timeout; "
-                                       "give only --reply-timeout (see --help)"]
+                                       "give only --reply-timeout"]
 
 
 # ------------------------------------------------------------------ metadata
