@@ -17,8 +17,6 @@ from typing import Iterable
 
 from rich.console import Console
 from rich import markup
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.tree import Tree
 
 from .drain import ACTIVE, RESERVED, Assessment, DrainResult
@@ -27,7 +25,6 @@ from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
 from .operations import FAILED as REQUEUE_FAILED, RESENT, SKIPPED, WOULD_RESEND, RequeueResult, SaveResult, StatusResult
 from .restart import RestartResult
 from .plan import KILL, REFUSE, Verdict
-from .requeue import route_of
 from .statefile import Encoder, proc_to_dict, to_document
 
 # C0 and C1 controls, and lone surrogates: the undecodable bytes of a
@@ -91,6 +88,12 @@ def kill_exit_code(report: KillReport) -> int:
     return EXIT_PARTIAL if report.partial else EXIT_OK
 
 
+def new_table(title: str):
+    from rich.table import Table  # only the renderings that draw a table import it
+
+    return Table(title=title, title_justify="left")
+
+
 def short(command: str, width: int = 60) -> str:
     return command if len(command) <= width else command[: width - 1] + "…"
 
@@ -145,7 +148,7 @@ def render_kill(out: Console, err: Console, report: KillReport, as_json: bool) -
         emit_json(out, kill_document(report))
         return kill_exit_code(report)
     title = "celery-supervise kill (dry run: nothing signalled)" if report.dry_run else "celery-supervise kill"
-    table = Table(title=title, title_justify="left")
+    table = new_table(title)
     for col in ("outcome", "pid", "role", "worker", "command", "reason"):
         table.add_column(col, overflow="fold")
     for o in _ordered(report):
@@ -348,7 +351,7 @@ def render_drain(out: Console, err: Console, result: DrainResult, as_json: bool)
         emit_json(out, drain_document(result))
         return drain_exit_code(result)
     if not result.drained and result.held:
-        table = Table(title="celery-supervise drain: still running", title_justify="left")
+        table = new_table("celery-supervise drain: still running")
         for col in ("node", "task id", "name", "state", "runtime", "pool pid"):
             table.add_column(col, overflow="fold")
         for h in result.held:
@@ -397,6 +400,8 @@ class DrainProgress:
         text = self.describe(assessment)
         if self.err.is_terminal:
             if self.progress is None:
+                from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
                 self.progress = Progress(
                     SpinnerColumn(), TextColumn("draining"), BarColumn(), TextColumn("{task.description}"),
                     TimeElapsedColumn(), TextColumn("of {task.fields[timeout]:g}s"),
@@ -457,19 +462,21 @@ def requeue_summary(result: RequeueResult) -> str:
 
 
 def render_requeue(out: Console, err: Console, result: RequeueResult, as_json: bool) -> int:
+    from . import requeue as requeuing
+
     warnings(err, result.warnings)
     if as_json:
         emit_json(out, requeue_document(result))
         return requeue_exit_code(result)
     title = "celery-supervise requeue (dry run: nothing sent)" if result.dry_run else "celery-supervise requeue"
-    table = Table(title=title, title_justify="left")
+    table = new_table(title)
     for col in ("outcome", "task id", "name", "queue", "node", "reason"):
         table.add_column(col, overflow="fold")
     for o in result.outcomes:
         d = o.decision
         # A skipped task has no route to send it on, but the one it came by still tells which it was.
         table.add_row(f"[{STYLE[o.status]}]{o.status}[/]", escape(d.task.id), escape(d.task.name),
-                      escape((d.route or route_of(d.task)).describe()), escape(d.recorded.node or "-"),
+                      escape((d.route or requeuing.route_of(d.task)).describe()), escape(d.recorded.node or "-"),
                       escape(o.reason))
     if result.outcomes:
         out.print(table)
@@ -515,7 +522,7 @@ def render_restart(out: Console, err: Console, result: RestartResult, as_json: b
     gap_text = ("consume gap: n/a (no worker was drained, or none answered)" if gap is None else
                 f"consume gap: {gap:.2f}s (old workers' cancels sent -> new workers answer a ping)")
     if out.is_terminal:
-        table = Table(title=f"celery-supervise restart {' '.join(result.processes)}", title_justify="left")
+        table = new_table(f"celery-supervise restart {' '.join(result.processes)}")
         for col, justify in (("phase", "left"), ("time", "right"), ("what happened", "left")):
             table.add_column(col, justify=justify, overflow="fold")
         for p in result.phases:
