@@ -1,10 +1,15 @@
 """The version matrix: the fast tests against the lowest and the newest allowed versions.
 
     nox                         # every session on every Python this machine has
-    nox -s lowest-3.11 newest-3.11      # what .ci/run runs
+    nox -s package lowest-3.11 newest-3.11      # what .ci/run runs
     nox -l                      # list the sessions
 
-Sessions:
+Every test session installs the package from a freshly built sdist and
+runs the fast tests from the unpacked sdist, outside this checkout: each one
+also proves that the sdist carries what its tests need. Sessions:
+
+* ``package``: builds the sdist and the wheel, ``twine check``, and looks
+  into the wheel (``py.typed``, the license);
 
 * ``newest-3.X``: the newest release of every dependency (celery, Django,
   supervisor 4.3, typer, click, rich, kombu, redis), on Python 3.10 to 3.13;
@@ -24,6 +29,10 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
 
 import nox
 
@@ -45,25 +54,58 @@ nox.options.error_on_missing_interpreters = False
 nox.options.reuse_existing_virtualenvs = False
 
 
-def fast_tests(session: nox.Session) -> None:
-    session.run("python", "-c", "import celery, django, kombu, typer, rich, psutil, supervisor, importlib.metadata as m;"
-                "print(', '.join(f'{d} {m.version(d)}' for d in ('celery', 'kombu', 'redis', 'django', 'supervisor',"
-                " 'typer', 'click', 'rich', 'psutil', 'pytest')))")
+def build(session: nox.Session, *what: str) -> Path:
+    """Build the sdist (and whatever else *what* asks for) into a fresh folder of the session's."""
+    out = Path(session.create_tmp()) / "dist"
+    shutil.rmtree(out, ignore_errors=True)
+    session.install("build")
+    session.run("python", "-m", "build", *what, "--outdir", str(out), ".", silent=True)
+    return out
+
+
+def sdist_tests(session: nox.Session, *requirements: str, constraints: str | None = None) -> None:
+    """Install the package from its sdist (with *requirements*), then run the fast tests of the unpacked sdist."""
+    [sdist] = build(session, "--sdist").glob("*.tar.gz")
+    unpacked = Path(session.create_tmp()) / "sdist"
+    shutil.rmtree(unpacked, ignore_errors=True)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(unpacked, filter="data")
+    [root] = unpacked.iterdir()
+    pinned = ["-c", str(Path(constraints).resolve())] if constraints else []
+    session.install(*pinned, f"{root}[test]", *requirements)
+    session.run("python", "-c", "import importlib.metadata as m; print(', '.join(f'{d} {m.version(d)}' for d in ("
+                "'celery', 'kombu', 'redis', 'django', 'supervisor', 'typer', 'click', 'rich', 'psutil', 'pytest')))")
+    session.chdir(root)
     session.run("pytest", *FAST, *session.posargs, env={"PYTHONDONTWRITEBYTECODE": "1"})
+
+
+@nox.session(python="3.11")
+def package(session: nox.Session) -> None:
+    """The sdist and the wheel build, twine finds nothing wrong, the wheel is typed and licensed."""
+    dist = build(session, "--sdist", "--wheel")
+    session.install("twine")
+    session.run("twine", "check", "--strict", *map(str, dist.iterdir()))
+    [wheel] = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        names = whl.namelist()
+    for needed in ("celery_supervise/py.typed", "celery_supervise/apps.py",
+                   "celery_supervise/management/commands/celery.py"):
+        if needed not in names:
+            session.error(f"{wheel.name} lacks {needed}")
+    if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
+        session.error(f"{wheel.name} lacks its LICENSE")
 
 
 @nox.session(python=PYTHONS)
 def newest(session: nox.Session) -> None:
     """The newest release of every dependency."""
-    session.install("--upgrade", ".[test]")
-    fast_tests(session)
+    sdist_tests(session)
 
 
 @nox.session(python=LOWEST_PYTHONS)
 def lowest(session: nox.Session) -> None:
     """Every lower bound, pinned exactly (constraints-lowest.txt); what they do not pin is the newest."""
-    session.install("-c", LOWEST, ".[test]", "setuptools")
-    fast_tests(session)
+    sdist_tests(session, "setuptools", constraints=LOWEST)
 
 
 @nox.session(python="3.12")
@@ -71,6 +113,4 @@ def lowest(session: nox.Session) -> None:
                  ids=["django-4.2", "supervisor-4.2", "typer-0.18"])
 def mixed(session: nox.Session, pin: str) -> None:
     """One end of one range with the newest of everything else."""
-    extra = ["setuptools<82"] if pin.startswith("supervisor") else []
-    session.install(".[test]", pin, *extra)
-    fast_tests(session)
+    sdist_tests(session, pin, *(["setuptools<82"] if pin.startswith("supervisor") else []))
