@@ -30,6 +30,8 @@ def test_every_lower_bound_is_pinned_exactly_in_the_lowest_set():
     pinned = pins()
     for text in importlib.metadata.requires("celery-supervise"):
         req = Requirement(text)
+        if req.marker and req.marker.evaluate({"extra": "docs"}) and not req.marker.evaluate({"extra": ""}):
+            continue  # the docs builder: .ci/run builds the pages with it, the tests never import it
         for spec in req.specifier:
             assert spec.operator == ">=", f"{text}: only lower bounds, no caps ({spec})"
             pin = pinned.get(req.name.lower())
