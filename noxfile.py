@@ -16,7 +16,7 @@ also proves that the sdist carries what its tests need. Sessions:
 * ``lowest-3.X``: every lower bound of pyproject.toml pinned exactly
   (``constraints-lowest.txt``: celery 5.3.0 with kombu 5.3.0 and redis 4.5.2,
   Django 4.2, supervisor 4.2.0, typer 0.18.0 with the newest click, rich 13.0.0,
-  psutil 5.9.0), on the Pythons that set supports (see ``LOWEST_PYTHONS``);
+  psutil 7.1.0), on the Pythons that set supports (see ``LOWEST_PYTHONS``);
 * ``mixed-3.12(...)``: one end of a range with the newest of everything else:
   Django 4.2 LTS, supervisor 4.2, typer 0.18.
 
@@ -41,7 +41,7 @@ PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 #: 3.12: psutil 5.9.0 (no wheel for 3.12) fails to build, its C code uses
 #:       APIs Python 3.12 removed; celery 5.3.0 predates 3.12 support (5.3.5).
 #: 3.13: the same, and Django 4.2 does not support 3.13.
-LOWEST_PYTHONS = ["3.10", "3.11"]
+LOWEST_PYTHONS = PYTHONS
 LOWEST = "constraints-lowest.txt"
 FAST = ("-m", "not e2e", "-q", "-p", "no:cacheprovider")
 
