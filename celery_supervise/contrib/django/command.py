@@ -41,6 +41,10 @@ NOT_IN_DJANGO = frozenset({"listener"})
 #: Django's own options, accepted after the verb too (``celery status --no-color``).
 DJANGO_OPTIONS = (("--no-color",), ("--force-color",), ("--traceback",))
 
+#: Options every Django command has (BaseCommand's), besides the verb's own.
+BASE_OPTIONS = frozenset({"verbosity", "settings", "pythonpath", "traceback", "no_color", "force_color",
+                          "skip_checks", "stdout", "stderr"})
+
 
 def default_app_spec() -> str | None:
     spec = getattr(settings, "CELERY_SUPERVISE_APP", None)
@@ -156,7 +160,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, verb, **options):
         command = verbs()[verb]
-        known = {dest(p) for p in command.params} | BASE_OPTIONS | {*self.base_stealth_options, *self.stealth_options}
+        known = {dest(p) for p in command.params} | BASE_OPTIONS
         stray = sorted(k for k, v in options.items() if v is not None and k not in known)
         if stray:
             raise CommandError(f"{verb} has no option {', '.join(stray)}", returncode=2)
@@ -181,8 +185,3 @@ class Command(BaseCommand):
         if code != EXIT_OK:
             outcome = code if isinstance(code, Outcome) else Outcome(code)
             raise CommandError(outcome.explain(verb), returncode=int(code))
-
-
-#: Options every Django command has (BaseCommand's), besides the verb's own.
-BASE_OPTIONS = frozenset({"verbosity", "settings", "pythonpath", "traceback", "no_color", "force_color",
-                          "skip_checks"})
