@@ -18,6 +18,7 @@ that mean something else here (PID 1 included) and are ignored.
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ from typing import Iterable
 import psutil
 
 from . import control, procs
-from .errors import BrokerError
+from .errors import BrokerError, SupervisorError
 from .snapshot import Task
 
 # A worker's uptime counts from WorkController.__init__, after imports and
@@ -138,10 +139,22 @@ def app_names_match(worker_app: str | None, wanted: str) -> bool:
 
 
 def app_root(spec: str) -> str | None:
-    """The folder our app's top-level package was imported from, if loaded."""
+    """The folder our app's top-level package was imported from, or would be.
+
+    Where it was, if loaded; else where an import would find it, the
+    current directory first (as ``celery -A`` and
+    :func:`celery_supervise.control.load_app` look), without running it.
+    ``None`` when it cannot be found.
+    """
     top = app_module(spec).split(".")[0]
     mod = sys.modules.get(top)
     path = getattr(mod, "__file__", None)
+    if mod is None and top:
+        try:
+            found = importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path])
+        except (ImportError, ValueError):
+            found = None
+        path = found.origin if found is not None and found.has_location else None
     if not path:
         return None
     path = os.path.dirname(os.path.realpath(path))
@@ -232,6 +245,15 @@ def from_supervisor(url: str, programs: list[str], local: dict[int, WorkerComman
     from . import rpc  # supervisor's XML-RPC stack is slow to import; most runs never need it
 
     sup_pid, running = rpc.program_processes(url, programs, *auth)
+    sup = procs.read_proc(sup_pid)
+    if sup is None or not procs.runs_supervisord(sup.cmdline):
+        # A supervisord in another PID namespace (a container's socket
+        # reached from the host, or the other way round) gives PIDs that
+        # name other processes here, or none.
+        here = "no process" if sup is None else f"{sup.name!r}"
+        raise SupervisorError(url, f"says its PID is {sup_pid}, but PID {sup_pid} here is {here}, not supervisord: "
+                              "it runs in another PID namespace (a container?), whose PIDs mean something else "
+                              "here; run this command inside it")
     found, warnings = [], []
     for pp in running:
         mains = [pp.pid] if pp.pid in local else []

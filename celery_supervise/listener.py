@@ -357,8 +357,7 @@ class Listener:
 
     def _load(self, path: str):
         try:
-            rec = statefile.read(path, host=snapshot.hostname(), boot_time=procs.boot_time(),
-                                 boot_id=procs.boot_id())
+            rec = statefile.read_here(path)
         except SuperviseError as exc:
             if not os.path.lexists(path):
                 return None  # reaped meanwhile (by another listener or a deploy script)
@@ -623,7 +622,7 @@ def from_environment(environ: dict) -> tuple[Identity, object]:
         cmd = psutil.Process(ppid).cmdline()
     except psutil.Error:
         cmd = []
-    if ident is None or not any(os.path.basename(a) == "supervisord" for a in cmd[:2]):
+    if ident is None or not procs.runs_supervisord(cmd):
         raise UsageError("the listener's parent is not supervisord; run it as an [eventlistener:x] section")
     return ident, childutils.getRPCInterface(environ)
 

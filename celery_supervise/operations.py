@@ -16,14 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 
+import psutil
+
 from . import control, discovery, drain as draining, procs, restart as restarting, statefile
 from .discovery import Discovery
 from .errors import PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
 from .lock import reaper_lock
 from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, KillReport, Outcome, execute
-from .plan import Policy, Verdict, plan
+from .plan import Policy, Verdict, orphans, plan
 from .procs import MAIN, POOL, TASK, Proc
-from .snapshot import Snapshot, Worker, hostname, read_worker, take
+from .snapshot import Snapshot, Worker, read_worker, take
 
 if TYPE_CHECKING:
     # Imported where requeue runs: they bring kombu's JSON and transports,
@@ -68,8 +70,8 @@ def protected_pids(extra: Iterable[int] = ()) -> dict[int, str]:
         out.setdefault(pid, "an ancestor of this tool")
     for pid in extra:
         out.setdefault(pid, "supervisord")
-    for pid, _ppid, cmdline in procs.iter_cmdlines(b"supervisord"):
-        if any(os.path.basename(a) == "supervisord" for a in cmdline[:2]):
+    for pid, _ppid, cmdline in procs.iter_cmdlines(b"supervisor"):
+        if procs.runs_supervisord(cmdline):
             out.setdefault(pid, "supervisord")
     return out
 
@@ -140,33 +142,15 @@ def status(targets: Targets, policy: Policy = Policy()) -> StatusResult:
 
 
 def _orphans_in_group(main: Proc, known: set[int]) -> list[Proc]:
-    """Processes born into the worker's process group that we have not seen.
+    """Processes born into the recorded worker's process group that we have not seen.
 
-    These are what appears at shutdown: task children re-parented to PID 1
-    that keep the old worker's PID as their pgid. Only a worker that leads
-    its own group (supervisord makes every program a group leader) is
-    scanned, since otherwise the group is shared with strangers. Linux never
-    hands out a PID that is still some live process's pgid, so while any
-    member lives the number cannot have been recycled; if a *different*
-    process now holds the number, the old group died out and this one is
-    somebody else's.
+    The rules are :func:`celery_supervise.plan.orphans`; this reads the
+    candidates. Only a group leader's group is scanned at all.
     """
     if main.pgid != main.pid:
         return []
-    current = procs.live_identity(main.pid)
-    if current is not None and not main.same_process(current):
-        return []
-    found = []
-    for pid in procs.pids_in_group(main.pgid):
-        if pid in known:
-            continue
-        p = procs.read_proc(pid)
-        # Joining a process group is only possible inside one session, and
-        # a process born before the worker cannot be its child.
-        if p is None or p.sid != main.sid or p.create_time < main.create_time:
-            continue
-        found.append(p)
-    return found
+    candidates = (procs.read_proc(pid) for pid in procs.pids_in_group(main.pgid) if pid not in known)
+    return orphans(main, procs.live_identity(main.pid), (p for p in candidates if p is not None), known)
 
 
 def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
@@ -225,27 +209,60 @@ def legacy_workers(pids: Iterable[int], app_spec: str | None) -> tuple[list[Work
     """Trees rooted at the old script's PIDs, when they are live Celery workers.
 
     The old file has no creation times, so the only guard against a
-    recycled PID is that the process is a Celery worker (of our app, when
-    we know it). Its live descendants get the usual verdicts.
+    recycled PID is that the process is a Celery worker, and, when we know
+    our app (``-A``), one of our project: as savepid's scan tells them
+    apart, the same app name and, where the worker's folder holds the
+    app's package, the folder ours is imported from. Its live descendants
+    get the usual verdicts.
     """
+    root = discovery.app_root(app_spec) if app_spec else None
     workers, settled = [], []
     for pid in dict.fromkeys(pids):
         p = procs.read_proc(pid)
         if p is None:
             settled.append(Outcome(_unknown(pid), pid, GONE, "already gone"))
             continue
-        command = discovery.parse_worker_cmdline(p.cmdline)
+        command = discovery.parse_worker_cmdline(p.cmdline, _environ(pid, p.cmdline))
         if command is None:
             settled.append(Outcome(p, pid, REFUSED, "not a Celery worker (PID recycled?)"))
             continue
-        if app_spec and not discovery.app_names_match(command.app, app_spec):
-            settled.append(Outcome(p, pid, REFUSED, f"a worker of another app ({command.app})"))
-            continue
+        if app_spec:
+            refusal = _other_project(pid, command, app_spec, root)
+            if refusal:
+                settled.append(Outcome(p, pid, REFUSED, refusal))
+                continue
         parent = procs.read_proc(p.ppid)
         role = POOL if parent is not None and parent.cmdline == p.cmdline else MAIN
-        root = p.with_role(role)
-        workers.append(Worker(main=root, procs=(root, *procs.walk(root))))
+        root_proc = p.with_role(role)
+        workers.append(Worker(main=root_proc, procs=(root_proc, *procs.walk(root_proc))))
     return workers, settled
+
+
+def _environ(pid: int, cmdline: tuple[str, ...]) -> dict | None:
+    """The environment of a worker whose command line names no app (it may come from CELERY_APP)."""
+    if any(a in ("-A", "--app") or a.startswith(("--app=", "-A")) for a in cmdline):
+        return None
+    try:
+        return psutil.Process(pid).environ()
+    except psutil.Error:
+        return None
+
+
+def _other_project(pid: int, command, app_spec: str, root: str | None) -> str | None:
+    """Why the worker *pid* is not one of *app_spec*'s project, or ``None`` if it is."""
+    if not discovery.app_names_match(command.app, app_spec):
+        return f"a worker of another app ({command.app})"
+    if root is None:
+        return (f"cannot tell whose project it is: -A {app_spec} cannot be found from here "
+                "(run kill from your project's folder, as for `celery -A`)")
+    try:
+        proc = psutil.Process(pid)
+        if discovery.same_project(proc, command, app_spec, root):
+            return None
+        folder = proc.cwd()
+    except psutil.NoSuchProcess:
+        return "exited while being looked at"
+    return f"a worker of another project ({command.app} in {folder}, ours is in {root})"
 
 
 def _unknown(pid: int) -> Proc:
@@ -272,7 +289,7 @@ def kill(
 def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillReport:
     # Read under the lock: a reaper that waited sees the world as the
     # previous one left it, and its re-verification reports those as gone.
-    record = statefile.read(path, host=hostname(), boot_time=procs.boot_time(), boot_id=procs.boot_id())
+    record = statefile.read_here(path)
     warnings: list[str] = []
     if isinstance(record, statefile.LegacyRecord):
         warnings.append(
@@ -451,7 +468,7 @@ def requeue(
     if app is None:
         raise UsageError("requeue needs -A APP: the app whose broker the tasks are sent through")
     with ledgers.exclusive(path):
-        record = statefile.read(path, host=hostname(), boot_time=procs.boot_time(), boot_id=procs.boot_id())
+        record = statefile.read_here(path)
         if isinstance(record, statefile.LegacyRecord):
             raise StateFileError(path, "is a bare PID list (the old savepid format): it records no tasks to requeue")
         return _requeue_locked(path, app, record, journal_dir=journal_dir, dry_run=dry_run,

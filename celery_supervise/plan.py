@@ -14,7 +14,7 @@ a signal, so every rule is unit-tested on hand-written trees::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Container, Iterable, Mapping
 
 from .errors import UsageError
 from .procs import MAIN, POOL, Proc
@@ -85,12 +85,47 @@ def _origin(proc: Proc, tree: Mapping[int, Proc], main: Proc) -> Proc:
     return main
 
 
+def orphans(main: Proc, holder: float | None, candidates: Iterable[Proc], known: Container[int] = ()) -> list[Proc]:
+    """The recorded worker *main*'s orphans among *candidates* (live processes).
+
+    What a stop leaves behind: task children whose pool process died, now
+    re-parented to PID 1 or to supervisord itself when it is PID 1 (a
+    container), and so found by no walk down the recorded tree. They keep
+    the worker's PID as their process group, and that is how they are
+    found: members of *main*'s group, in its session, born after it, and
+    not already *known*.
+
+    supervisord makes every program the leader of a process group of its
+    own, so its other programs, children of the same parent as the
+    orphans, are never in the worker's group. Nothing is adopted when
+    *main* does not lead its group (a group shared with strangers), or
+    when its PID now names another process (*holder* is the creation time
+    of whatever holds it, ``None`` if nothing does): Linux never hands out
+    a PID still in use as a process group ID, so while an orphan lives the
+    number is the worker's, and once another process holds it the old
+    group has died out and this one is somebody else's.
+    """
+    if main.pgid != main.pid:
+        return []
+    if holder is not None and not main.same_process(holder):
+        return []
+    # Joining a process group is only possible inside one session, and a
+    # process born before the worker cannot be its child.
+    return [p for p in candidates
+            if p.pid not in known and p.pgid == main.pgid and p.sid == main.sid and p.create_time >= main.create_time]
+
+
 def decide_worker(worker: Worker, policy: Policy, protected: Mapping[int, str] = {}) -> list[Verdict]:
     """One verdict per process of *worker*, parents decided before children.
 
     *protected* maps PIDs that must never be signalled (PID 1, this tool,
     its ancestors, supervisord) to the reason why. Their descendants in the
-    tree are refused too.
+    tree are refused too: "below" means reached down the tree from a
+    protected process (a record that names supervisord would otherwise
+    bring in all its programs). A protected process that is not in the
+    tree is nobody's ancestor here: an orphan re-parented to PID 1, or to
+    supervisord as a container's PID 1, is judged on its own, as the
+    worker's orphan it is (see :func:`orphans`).
     """
     tree = worker.by_pid()
     main = worker.main

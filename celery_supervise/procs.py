@@ -284,6 +284,18 @@ def ancestors(pid: int) -> list[int]:
         return []
 
 
+def runs_supervisord(cmdline: Iterable[str]) -> bool:
+    """Whether *cmdline* runs supervisord.
+
+    ``supervisord …``, ``python …/supervisord …`` (its console script) and
+    ``python -m supervisor.supervisord …``.
+    """
+    head = list(cmdline)[:3]
+    if any(os.path.basename(a) == "supervisord" for a in head[:2]):
+        return True
+    return head[1:3] == ["-m", "supervisor.supervisord"]
+
+
 def iter_cmdlines(containing: bytes = b"") -> Iterable[tuple[int, int, tuple[str, ...]]]:
     """(pid, ppid, cmdline) of every readable process whose command line contains *containing*.
 

@@ -8,6 +8,12 @@ known schema, written on this host since the last boot,
 and every PID in it is a positive number other than 1. Any refusal is a
 :class:`StateFileError` before anything is signalled.
 
+One PID 1 is accepted: the supervisord a record names, when PID 1 in the
+reader's own PID namespace runs supervisord (a container whose PID 1 is
+supervisord), and, for the listener's records, which carry its creation
+time, is that very process. It is only ever compared with live processes
+and protected, never signalled (see :func:`celery_supervise.operations.protected_pids`).
+
 "Since the last boot" is decided by the kernel's boot id, which the file
 records (``boot_id``, since this tool's first schema-1 files lacked it).
 The recorded creation times are then *rebased* to the reader's boot time:
@@ -37,8 +43,9 @@ from typing import Any, Iterable
 
 from .errors import StateFileError, UnsafeStateError
 from .plan import Policy, Verdict
+from . import procs
 from .procs import ROLES, Proc
-from .snapshot import Snapshot, Task, Worker
+from .snapshot import Snapshot, Task, Worker, hostname
 
 SCHEMA = 1  # boot_id is an optional addition: older readers ignore it, newer ones fall back without it
 KIND = "celery-supervise/state"
@@ -224,11 +231,20 @@ def check_folder(path: str) -> None:
         )
 
 
-def read(path: str, *, host: str, boot_time: float, boot_id: str | None) -> Record | LegacyRecord:
+def read_here(path: str) -> Record | LegacyRecord:
+    """Read *path* as this host, this boot and this PID namespace see it."""
+    return read(path, host=hostname(), boot_time=procs.boot_time(), boot_id=procs.boot_id(),
+                init=procs.read_proc(1))
+
+
+def read(path: str, *, host: str, boot_time: float, boot_id: str | None,
+         init: Proc | None = None) -> Record | LegacyRecord:
     """Read and validate a state file written on *host* during boot *boot_id*.
 
     *boot_time* is the base the reader computes creation times with
     (:func:`celery_supervise.procs.boot_time`); the record's are rebased to it.
+    *init* is PID 1 as the reader sees it (``None``: unknown); a record may
+    name it as its supervisord only if it runs supervisord.
     """
     data = read_bytes(path)
     if not data.strip():
@@ -242,10 +258,11 @@ def read(path: str, *, host: str, boot_time: float, boot_id: str | None) -> Reco
         raise StateFileError(
             path, "is neither a celery-supervise state file (not valid JSON; truncated?) nor a list of PIDs"
         ) from None
-    return parse(path, doc, host=host, boot_time=boot_time, boot_id=boot_id)
+    return parse(path, doc, host=host, boot_time=boot_time, boot_id=boot_id, init=init)
 
 
-def parse(path: str, doc: Any, *, host: str, boot_time: float, boot_id: str | None) -> Record:
+def parse(path: str, doc: Any, *, host: str, boot_time: float, boot_id: str | None,
+          init: Proc | None = None) -> Record:
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
         raise StateFileError(path, "is not a celery-supervise state file")
     if doc.get("schema") != SCHEMA:
@@ -278,11 +295,15 @@ def parse(path: str, doc: Any, *, host: str, boot_time: float, boot_id: str | No
     if not isinstance(verdicts, list):
         raise StateFileError(path, "verdicts is not a list")
     warnings = doc.get("warnings", [])
+    supervisor = _supervisor(doc.get("supervisor"), shift)
+    init_check = _InitCheck(path, init, supervisor[1] if supervisor and supervisor[0] == 1 else None)
+    if supervisor and supervisor[0] == 1:
+        init_check("supervisor.pid")
     snapshot = Snapshot(
         host=host,
         boot_time=boot_time,
         taken_at=_number(path, "taken_at", doc.get("taken_at")),
-        workers=tuple(_rebased(_worker(path, i, w), shift) for i, w in enumerate(workers)),
+        workers=tuple(_rebased(_worker(path, i, w, init_check), shift) for i, w in enumerate(workers)),
         source=str(doc.get("source", "?")),
         warnings=tuple(str(w) for w in warnings) if isinstance(warnings, list) else (),
         boot_id=recorded_id,
@@ -291,7 +312,7 @@ def parse(path: str, doc: Any, *, host: str, boot_time: float, boot_id: str | No
         {**v, "create_time": v["create_time"] + shift} if isinstance(v.get("create_time"), (int, float)) else v
         for v in verdicts if isinstance(v, dict)
     )
-    return Record(snapshot, policy, verdicts, _supervisor(doc.get("supervisor"), shift), shift)
+    return Record(snapshot, policy, verdicts, supervisor, shift)
 
 
 def _rebased(worker: Worker, shift: float) -> Worker:
@@ -315,6 +336,36 @@ def _supervisor(value: Any, shift: float) -> tuple[int, float] | None:
             or not isinstance(create_time, (int, float)):
         return None
     return pid, float(create_time) + shift
+
+
+@dataclass(frozen=True)
+class _InitCheck:
+    """Whether PID 1 may be named as a record's supervisord; raises if not.
+
+    Only when PID 1, in the reader's PID namespace, runs supervisord: in a
+    container whose PID 1 is supervisord, that is where its programs'
+    records come from. Elsewhere (systemd, tini, another container's
+    numbers) the record's PIDs mean something else, or nothing, here. A
+    listener's record also carries its supervisord's creation time
+    (*create_time*, rebased); PID 1 must be that very process, not the
+    supervisord of an earlier container that wrote into the same folder.
+    """
+
+    path: str
+    init: Proc | None
+    create_time: float | None = None
+
+    def __call__(self, where: str) -> int:
+        init = self.init
+        if init is None or not procs.runs_supervisord(init.cmdline):
+            what = "cannot be read" if init is None else f"runs {init.name!r}"
+            raise UnsafeStateError(self.path, f"{where}: names PID 1 as its supervisord, but PID 1 here {what}, "
+                                   "not supervisord; refusing")
+        if self.create_time is not None and not init.same_process(self.create_time):
+            raise UnsafeStateError(self.path, f"{where}: names PID 1 as its supervisord, but the supervisord that is "
+                                   "PID 1 here is another one (started at another time: an earlier container's "
+                                   "record?); refusing")
+        return 1
 
 
 def _pid(path: str, where: str, value: Any) -> int:
@@ -376,7 +427,7 @@ def _proc(path: str, where: str, d: Any) -> Proc:
     )
 
 
-def _worker(path: str, i: int, d: Any) -> Worker:
+def _worker(path: str, i: int, d: Any, init_check: _InitCheck) -> Worker:
     where = f"workers[{i}]"
     if not isinstance(d, dict):
         raise StateFileError(path, f"{where}: not an object")
@@ -391,13 +442,16 @@ def _worker(path: str, i: int, d: Any) -> Worker:
     if not isinstance(tasks, list):
         raise StateFileError(path, f"{where}: tasks is not a list")
     sup = d.get("supervisor_pid")
+    if sup is not None:
+        at = f"{where}.supervisor_pid"
+        sup = init_check(at) if type(sup) is int and sup == 1 else _pid(path, at, sup)
     return Worker(
         main=main,
         procs=plist,
         node=_opt_str(d.get("node")),
         app=_opt_str(d.get("app")),
         program=_opt_str(d.get("program")),
-        supervisor_pid=_pid(path, f"{where}.supervisor_pid", sup) if sup is not None else None,
+        supervisor_pid=sup,
         tasks=tuple(Task.from_reply(t) for t in tasks if isinstance(t, dict)),
     )
 

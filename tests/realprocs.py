@@ -73,17 +73,30 @@ def marked_processes(run_id, exclude=()):
 
 
 def describe(procs):
-    """One line per process: PID, parent, process group and command line."""
+    """One line per process: PID (and its PID inside a PID namespace of its own), parent, group, command line."""
     lines = []
     for proc in procs:
         try:
             with proc.oneshot():
                 pgid = os.getpgid(proc.pid)
                 cmdline = shlex.join(proc.cmdline()) or proc.name()
-                lines.append(f"  pid={proc.pid} ppid={proc.ppid()} pgid={pgid} {cmdline}")
-        except (psutil.Error, ProcessLookupError):
+                inner = _inner_pid(proc.pid)
+                where = "" if inner is None else f" (PID {inner} in its own PID namespace)"
+                lines.append(f"  pid={proc.pid}{where} ppid={proc.ppid()} pgid={pgid} {cmdline}")
+        except (psutil.Error, ProcessLookupError, OSError):
             lines.append(f"  pid={proc.pid} (gone)")
     return "\n".join(lines)
+
+
+def _inner_pid(pid):
+    """*pid*'s PID in the innermost PID namespace it is in, if that is not ours (a test's container)."""
+    theirs, ours = _nspid(pid), _nspid(os.getpid())
+    return theirs[-1] if len(theirs) > len(ours) else None
+
+
+def _nspid(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
 
 
 def reap(procs, timeout=5.0):
@@ -132,6 +145,10 @@ def _collect_child(proc):
 
 def reap_leaks(run_id, exclude=()):
     """Kill every live process marked with `run_id`; describe what was killed.
+
+    Processes inside a test's PID namespace (``tests/realcontainer.py``) are
+    found and signalled by their PIDs here, like any other; the namespace's
+    PID 1 is one of them, and once it dies the kernel kills the rest.
 
     Returns ``None`` when there was nothing to kill, else a message listing
     the processes (and any that would not die).

@@ -206,13 +206,17 @@ class Supervisord:
     def pid(self):
         return self.proc.pid
 
+    def command(self):
+        """How :meth:`start` runs supervisord (in the foreground: ``-n``)."""
+        return [_find_executable("supervisord"), "-n", "-c", str(self.conf_path)]
+
     def start(self):
         """Start supervisord and wait until it answers XML-RPC."""
         # Appended to: a test may start supervisord again in the same folder.
         output = open(self.dir / "supervisord.output", "ab")
         with output:
             self.proc = subprocess.Popen(
-                [_find_executable("supervisord"), "-n", "-c", str(self.conf_path)],
+                self.command(),
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                 cwd=self.dir, env=self.env,
             )
@@ -404,11 +408,16 @@ class DemoClient:
         )
         return result.id
 
-    def mark(self, hold=0.0, queue=None):
-        """Send ``demo.tasks.mark`` (to `queue`); return the task id."""
-        result = self.app.send_task(
-            "demo.tasks.mark", kwargs={"marker_dir": str(self.marker_dir), "hold": hold}, queue=queue,
-        )
+    def mark(self, hold=0.0, queue=None, gate=None):
+        """Send ``demo.tasks.mark`` (to `queue`); return the task id.
+
+        With a `gate` file, the task holds until that file is removed (at
+        most `hold` seconds).
+        """
+        kwargs = {"marker_dir": str(self.marker_dir), "hold": hold}
+        if gate is not None:
+            kwargs["gate"] = str(gate)
+        result = self.app.send_task("demo.tasks.mark", kwargs=kwargs, queue=queue)
         return result.id
 
     def mark_record(self, task_id, stage):

@@ -39,7 +39,7 @@ REDIS_URL = "redis://127.0.0.1:6379/11"  # the tests' own db; each test cleans u
 #: How long the two long tasks run: long enough for the drain to start first.
 LONG = (2.5, 3.0)
 #: A behavioural bound, not the performance target: the drain returns once
-#: the last task is done, not at its --timeout (30 s here). How soon (the
+#: the last task is done, not at its --drain-timeout (30 s here). How soon (the
 #: 0.5 s target) is measured by bench/drain_bench.py, not asserted here,
 #: where a loaded CI machine would make it flaky.
 RETURN_LATENESS = 5.0

@@ -292,3 +292,43 @@ def test_old_pid_list_acts_only_on_live_celery_workers(supervisor, real_procs, p
     assert alive(tree.main)  # not in the file: the old format never named it
     shutdown(run)
     assert real_procs.reap() == []
+
+
+def start_worker(real_procs, folder, tmp_path, name):
+    """``celery -A demo worker -c 1`` run from *folder*, on a broker folder of its own; its main and pool."""
+    log = tmp_path / f"{name}.log"
+    env = dict(os.environ, CELERY_SUPERVISE_BROKER_DIR=str(tmp_path / f"{name}-broker"),
+               CELERY_SUPERVISE_JOURNAL_DIR=str(tmp_path / f"{name}-journal"))
+    with open(log, "wb") as out:
+        main = real_procs.spawn([str(BIN / "celery"), "-A", "demo", "worker", "-l", "info", "-c", "1",
+                                 "-n", f"{name}@%h"],
+                                cwd=str(folder), env=env, stdout=out, stderr=subprocess.STDOUT, process_group=0)
+    wait_for(lambda: b" ready." in log.read_bytes() or main.poll() is not None, 45, f"worker {name} to be ready")
+    assert main.poll() is None, log.read_text(errors="replace")
+    return [main, *real_procs.track(*main.children())]
+
+
+@pytest.mark.e2e
+def test_old_pid_list_naming_the_same_apps_worker_of_another_project(real_procs, project, tmp_path):
+    """Two projects call their app ``demo``: a bare PID file naming the other one's worker signals nothing.
+
+    savepid's scan tells them apart by the folder the package is imported
+    from; the bare-PID path now does the same (it used to compare app names
+    only, and killed the other project's whole tree).
+    """
+    other = copy_project(tmp_path / "other-project")
+    ours = start_worker(real_procs, project, tmp_path, "ours")
+    theirs = start_worker(real_procs, other, tmp_path, "theirs")
+    before = identities(theirs)
+    old = tmp_path / "celery-worker-pid.txt"
+    old.write_text(" ".join(str(p.pid) for p in theirs) + "\n")
+    os.chmod(old, 0o600)
+
+    result = celery_supervise("-A", "demo", "kill", str(old), "--json", "--grace", "5", cwd=project, env=os.environ)
+    done = outcomes(json_output(result))
+    assert {pid: (d["status"], d["reason"]) for pid, d in done.items()} == {
+        p.pid: ("refused", f"a worker of another project (demo in {other}, ours is in {project})") for p in theirs}
+    assert json_output(result)["summary"]["killed"] == 0
+    assert identities(theirs) == before, "a process of the other project was signalled"
+    assert all(alive(p) for p in ours)
+    assert real_procs.reap(timeout=10) == []

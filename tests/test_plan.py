@@ -6,7 +6,7 @@ Nothing here touches a process: the plan is a pure function of data.
 import pytest
 
 from celery_supervise.errors import UsageError
-from celery_supervise.plan import KILL, REFUSE, SPARE, Policy, plan
+from celery_supervise.plan import KILL, REFUSE, SPARE, Policy, orphans, plan
 from celery_supervise.procs import MAIN, POOL, TASK, Proc
 from celery_supervise.snapshot import Worker
 
@@ -142,3 +142,86 @@ def test_policy_parse(text, rules):
 def test_policy_parse_rejects(text):
     with pytest.raises(UsageError):
         Policy.parse(text)
+
+
+# ------------------------------------------------ containers: supervisord is PID 1
+
+CONTAINER_SID = 1  # supervisord as a container's PID 1 leads the session every program is in
+
+
+def cproc(pid, ppid, pgid, *, sid=CONTAINER_SID, role=TASK, hup=False, cmd=("sleep", "60")):
+    return Proc(pid=pid, ppid=ppid, create_time=float(pid), pgid=pgid, sid=sid, uid=0,
+                cmdline=CELERY if role in (MAIN, POOL) else cmd, sighup_ignored=hup, role=role)
+
+
+#: The recorded worker main, stopped since: its PID is free (``holder`` None).
+CMAIN = cproc(100, 1, 100, role=MAIN)
+
+#: What runs in the container once the worker has stopped::
+#:
+#:     1 supervisord                          protected (PID 1), never in a tree
+#:     ├── 50 celery worker (other program)    pgid 50    not adopted: its own group
+#:     │   └── 51 pool                         pgid 50    not adopted
+#:     ├── 60 sleep (bystander program)        pgid 60    not adopted: its own group
+#:     │   └── 61 sh                           pgid 60    not adopted
+#:     ├── 130 sleep                           pgid 100   adopted: the worker's orphan (task child)
+#:     ├── 131 nohup sleep                     pgid 100   adopted (and spared: nohup)
+#:     ├── 132 sh -c … (setsid)                pgid 132   not adopted: own session (recorded before, if at all)
+#:     └── 90 sleep, born before the worker    pgid 100   not adopted (cannot be its child)
+CONTAINER = [
+    cproc(50, 1, 50, role=MAIN), cproc(51, 50, 50, role=POOL),
+    cproc(60, 1, 60), cproc(61, 60, 60, cmd=("sh",)),
+    cproc(130, 1, 100), cproc(131, 1, 100, hup=True), cproc(132, 1, 132, sid=132),
+    cproc(90, 1, 100),
+]
+
+
+@pytest.mark.parametrize(
+    "name, main, holder, known, adopted",
+    [
+        ("stopped worker: its orphans only", CMAIN, None, (), [130, 131]),
+        ("already in the tree", CMAIN, None, (130,), [131]),
+        ("the worker still runs (the same process)", CMAIN, CMAIN.create_time, (), [130, 131]),
+        # Its PID now names another process: the group died out, 100 is somebody else's.
+        ("worker PID recycled", CMAIN, 555.0, (), []),
+        # Not a group leader: the group is shared with whoever started it.
+        ("not a group leader", cproc(100, 1, 1, role=MAIN), None, (), []),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_orphans_in_a_container(name, main, holder, known, adopted):
+    assert [p.pid for p in orphans(main, holder, CONTAINER, known)] == adopted
+
+
+@pytest.mark.parametrize("init", ["supervisord", "tini"])
+def test_orphans_of_a_stopped_worker_below_pid_1(init):
+    """An orphan's new parent is PID 1 (supervisord itself, or tini): protected, but not its ancestor here.
+
+    1 supervisord or tini (protected)     not in the tree
+    (2 supervisord, under tini)           not in the tree
+    100 celery worker (main)              gone, still the record's main
+    ├── 130 sleep         ppid 1          kill    attached orphan of the worker
+    └── 131 nohup sleep   ppid 1          spare   nohup
+    """
+    protected = {1: "PID 1"} if init == "supervisord" else {1: "PID 1", 2: "supervisord"}
+    found = orphans(CMAIN, None, CONTAINER)
+    tree = Worker(main=CMAIN, procs=(CMAIN, *found))
+    assert verdicts(tree, protected=protected) == {
+        100: (KILL, "worker main process"),
+        130: (KILL, "attached orphan of the worker"),
+        131: (SPARE, "nohup"),
+    }
+
+
+def test_below_means_reached_down_the_tree_from_a_protected_process():
+    """A record that somehow holds supervisord brings its programs along: all refused.
+
+    100 celery worker (main)
+    └── 101 pool
+        └── 1 supervisord (protected)     refuse  PID 1
+            └── 60 sleep (a program)      refuse  below 1 (PID 1)
+    """
+    main = cproc(100, 0, 100, role=MAIN)
+    tree = Worker(main=main, procs=(main, cproc(101, 100, 100, role=POOL), cproc(1, 101, 1), cproc(60, 1, 60)))
+    got = verdicts(tree, protected={1: "PID 1"})
+    assert got[1] == (REFUSE, "PID 1") and got[60] == (REFUSE, "below 1 (PID 1)")

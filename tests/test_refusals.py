@@ -32,12 +32,12 @@ def spawn_witness(real_procs, tmp_path):
     """Factory: a signal witness running as *argv0* with *extra* arguments, in its own process group."""
     count = [0]
 
-    def spawn(argv0=None, extra=()):
+    def spawn(argv0=None, extra=(), cwd=None):
         count[0] += 1
         folder = tmp_path / f"witness{count[0]}"
         folder.mkdir()
         argv = [argv0 or sys.executable, WITNESS, str(folder), "120", *extra]
-        proc = real_procs.spawn(argv, executable=sys.executable, process_group=0)
+        proc = real_procs.spawn(argv, executable=sys.executable, process_group=0, cwd=str(cwd or real_procs.workdir))
         wait_for(lambda: proc.poll() is None and (folder / "ready").exists() or _died(proc),
                  HANDSHAKE_TIMEOUT, "the witness's handlers")
         return Witness(proc, str(folder))
@@ -56,12 +56,12 @@ def witness(spawn_witness):
     return spawn_witness()
 
 
-def cli(*args, lock=None):
+def cli(*args, lock=None, cwd=None):
     env = dict(os.environ)
     if lock:
         env["CELERY_SUPERVISE_LOCK"] = lock
     return subprocess.run([sys.executable, "-m", "celery_supervise", *args], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL, env=env)
+                          timeout=60, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
 
 
 def document(*workers, policy=Policy()):
@@ -257,6 +257,37 @@ def test_legacy_pid_of_another_apps_worker(spawn_witness, tmp_path, private_lock
     path = write(tmp_path / "pids.txt", f"{other.pid}\n")
     done = outcomes(cli("-A", "myproj", "kill", path, "--grace", "0", "--json", lock=private_lock))
     assert done[other.pid] == (REFUSED, "a worker of another app (otherproj)")
+    other.assert_untouched()
+
+
+def project(folder):
+    """A folder holding a package ``proj``, as a project's folder holds its app."""
+    (folder / "proj").mkdir(parents=True)
+    (folder / "proj" / "__init__.py").write_text("")
+    return folder
+
+
+def test_legacy_pid_of_the_same_apps_worker_in_another_project(spawn_witness, tmp_path, private_lock):
+    """Both projects call their app ``proj``: the worker that runs from the other folder is not ours."""
+    ours, theirs = project(tmp_path / "ours"), project(tmp_path / "theirs")
+    mine = spawn_witness(argv0="celery", extra=("-A", "proj", "worker"), cwd=ours)
+    other = spawn_witness(argv0="celery", extra=("-A", "proj", "worker"), cwd=theirs)
+    path = write(tmp_path / "pids.txt", f"{mine.pid} {other.pid}\n")
+    done = outcomes(cli("-A", "proj", "kill", path, "--grace", "5", "--json", lock=private_lock, cwd=ours))
+    assert done[other.pid] == (REFUSED, f"a worker of another project (proj in {theirs}, ours is in {ours})")
+    other.assert_untouched()
+    assert done[mine.pid] == ("killed", "worker main process") and mine.signals() == "SIGTERM\n"
+
+
+def test_legacy_pid_when_our_project_cannot_be_found(spawn_witness, tmp_path, private_lock):
+    """Run from a folder where -A proj cannot be imported: whose worker it is cannot be told."""
+    theirs, elsewhere = project(tmp_path / "theirs"), tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other = spawn_witness(argv0="celery", extra=("-A", "proj", "worker"), cwd=theirs)
+    path = write(tmp_path / "pids.txt", f"{other.pid}\n")
+    done = outcomes(cli("-A", "proj", "kill", path, "--grace", "0", "--json", lock=private_lock, cwd=elsewhere))
+    assert done[other.pid][0] == REFUSED
+    assert done[other.pid][1].startswith("cannot tell whose project it is: -A proj cannot be found from here")
     other.assert_untouched()
 
 

@@ -6,12 +6,14 @@ and spoils it in one way. If the tool acted on it, the canary would die.
 
 import json
 import os
+import re
 
 import psutil
 import pytest
 
 from celery_supervise import plan, procs, snapshot, statefile
 from celery_supervise.plan import Policy
+from celery_supervise.procs import Proc
 
 from test_kill import cli
 
@@ -161,3 +163,89 @@ def test_usage_errors_exit_2(good_file):
         res = cli(*args)
         assert res.returncode == 2, (args, res.stderr)
         assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+# ------------------------------------------------- supervisord as PID 1 (containers)
+
+BOOT = 1_700_000_000.0
+SUPERVISORD_STARTED = BOOT + 5.0
+
+
+def init(*cmdline, started=SUPERVISORD_STARTED):
+    """PID 1 as the reader sees it, running *cmdline*."""
+    return Proc(pid=1, ppid=0, create_time=started, pgid=1, sid=1, uid=0, cmdline=cmdline, sighup_ignored=False)
+
+
+SUPERVISORD = init("/usr/bin/python3", "/usr/local/bin/supervisord", "-n", "-c", "/etc/supervisor/supervisord.conf")
+
+
+def container_record(supervisor_pid=1, listener_identity=None):
+    """A record written inside a container whose PID 1 is supervisord (by savepid, or the listener).
+
+    PID 1 supervisord
+    └── 7 celery worker (main)       the worker the record is about
+        └── 8 pool
+    """
+    main = Proc(pid=7, ppid=1, create_time=BOOT + 9, pgid=7, sid=1, uid=0, cmdline=("celery", "worker"),
+                sighup_ignored=False, role="main")
+    pool = Proc(pid=8, ppid=7, create_time=BOOT + 10, pgid=7, sid=1, uid=0, cmdline=("celery", "worker"),
+                sighup_ignored=False, role="pool")
+    worker = snapshot.Worker(main=main, procs=(main, pool), supervisor_pid=supervisor_pid)
+    snap = snapshot.Snapshot(host="pod-0", boot_time=BOOT, taken_at=BOOT + 60, workers=(worker,), source="test",
+                             boot_id="b0")
+    doc = statefile.to_document(snap, Policy(), plan.plan([worker], Policy()))
+    if listener_identity is not None:
+        doc["supervisor"] = {"pid": listener_identity[0], "create_time": listener_identity[1]}
+    return doc
+
+
+def parse(doc, pid1):
+    return statefile.parse("state.json", json.loads(json.dumps(doc)), host="pod-0", boot_time=BOOT, boot_id="b0",
+                           init=pid1)
+
+
+# (record, PID 1 as the reader sees it, the error or None)
+PID1_CASES = {
+    "savepid, supervisord is PID 1": (container_record(), SUPERVISORD, None),
+    "savepid, supervisord run as python -m": (
+        container_record(), init("python3", "-m", "supervisor.supervisord", "-n"), None),
+    "listener, the same supervisord": (container_record(listener_identity=(1, SUPERVISORD_STARTED)), SUPERVISORD, None),
+    "listener, another container's supervisord": (
+        container_record(listener_identity=(1, SUPERVISORD_STARTED)), init(*SUPERVISORD.cmdline, started=BOOT + 500),
+        "the supervisord that is PID 1 here is another one"),
+    "listener identity alone names PID 1, PID 1 is tini": (
+        container_record(supervisor_pid=None, listener_identity=(1, SUPERVISORD_STARTED)),
+        init("tini", "--", "supervisord", "-n"), "supervisor.pid: names PID 1 as its supervisord, but PID 1 here runs 'tini'"),
+    "PID 1 is tini (supervisord below it)": (
+        container_record(), init("/usr/bin/tini", "--", "supervisord", "-n"),
+        "workers[0].supervisor_pid: names PID 1 as its supervisord, but PID 1 here runs 'tini', not supervisord"),
+    "PID 1 is systemd (the record came from a container)": (
+        container_record(), init("/sbin/init"), "PID 1 here runs 'init', not supervisord"),
+    "PID 1 cannot be read": (container_record(), None, "PID 1 here cannot be read"),
+    "tini below supervisord is not PID 1's business": (container_record(supervisor_pid=2), init("tini", "--"), None),
+    "supervisor_pid true": (container_record(supervisor_pid=True), SUPERVISORD, "PID True is not a number"),
+    "supervisor_pid 1.0": (container_record(supervisor_pid=1.0), SUPERVISORD, "PID 1.0 is not a number"),
+}
+
+
+@pytest.mark.parametrize("case", list(PID1_CASES), ids=list(PID1_CASES))
+def test_pid_1_as_the_records_supervisord(case):
+    doc, pid1, error = PID1_CASES[case]
+    if error is not None:
+        with pytest.raises(statefile.StateFileError, match=re.escape(error)):
+            parse(doc, pid1)
+        return
+    record = parse(doc, pid1)
+    [worker] = record.snapshot.workers
+    assert worker.supervisor_pid == doc["workers"][0]["supervisor_pid"]
+    assert [p.pid for p in worker.procs] == [7, 8]
+    if "supervisor" in doc:
+        assert record.supervisor == (1, SUPERVISORD_STARTED)
+
+
+def test_pid_1_is_still_never_a_process_of_the_record():
+    """Naming PID 1 as a worker's process stays refused, supervisord or not."""
+    doc = container_record()
+    doc["workers"][0]["procs"][1]["pid"] = 1
+    with pytest.raises(statefile.UnsafeStateError, match="procs\\[1\\]: names PID 1; refusing"):
+        parse(doc, SUPERVISORD)
