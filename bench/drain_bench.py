@@ -44,7 +44,7 @@ CELERY = str(Path(sys.executable).with_name("celery"))
 
 def _ours(run, project: Path) -> float:
     result = subprocess.run(
-        [sys.executable, "-m", "celery_supervise", "-A", "demo", "drain", "--timeout", "30", "--json"],
+        [sys.executable, "-m", "celery_supervise", "-A", "demo", "drain", "--drain-timeout", "30", "--json"],
         cwd=project, env=run.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
     )
     returned = time.time()

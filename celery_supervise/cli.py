@@ -2,8 +2,12 @@
 
 Each command parses its options, calls one function of
 :mod:`celery_supervise.operations`, and renders the result with
-:mod:`celery_supervise.report`. Errors become exit codes in :func:`main`,
+:mod:`celery_supervise.report`. Errors become exit codes in :func:`run`,
 and nowhere else.
+
+This typer app is the one table of commands and options: the Django
+command builds its parser from :func:`command_tree` and runs the very same
+click commands through :func:`invoke`.
 """
 
 from __future__ import annotations
@@ -11,15 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
-from rich.console import Console
-from typing_extensions import Annotated
 
-from . import operations, report, restart as restarting, rpc, statefile
+from . import __version__, operations, report, restart as restarting
 from .control import load_app
-from .errors import EXIT_ERROR, EXIT_USAGE, SuperviseError
+from .errors import (
+    EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, SuperviseError, UsageError, exit_code_help,
+)
 from .plan import Policy
 
 # Newer typer vendors its own click, older typer re-exports click's; both
@@ -32,7 +36,6 @@ PROG = "celery-supervise"
 
 app = typer.Typer(
     name=PROG,
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Make supervisord stop Celery workers properly: record each worker's process tree, "
@@ -53,11 +56,18 @@ SpareOpt = Annotated[
                  help="Comma list of setsid, nohup, pgroup, or none. [default: setsid,nohup; "
                  "kill: the policy recorded by savepid]"),
 ]
-TimeoutOpt = Annotated[
-    float, typer.Option("--timeout", min=0.05, help="Seconds to wait for each broker reply.")
-]
 ReplyTimeoutOpt = Annotated[
     float, typer.Option("--reply-timeout", metavar="SECONDS", min=0.05, help="Seconds to wait for each broker reply.")
+]
+DrainTimeoutOpt = Annotated[
+    float, typer.Option("--drain-timeout", metavar="SECONDS", min=0.1,
+                        help="Seconds the workers may take, in all, to finish their running tasks.")
+]
+# The old spelling of --reply-timeout (savepid, status, restart) and of
+# --drain-timeout (drain): it keeps its old meaning, see renamed().
+OldTimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", min=0.05, hidden=True)]
+GraceOpt = Annotated[
+    float, typer.Option("--grace", metavar="SECONDS", min=0, help="Seconds between SIGTERM and SIGKILL.")
 ]
 SupervisorUrlOpt = Annotated[
     Optional[str],
@@ -85,8 +95,31 @@ class State:
         return self._app
 
 
-def consoles() -> tuple[Console, Console]:
+def consoles():
     return report.consoles()
+
+
+def renamed(ctx: typer.Context, old: str, new: str):
+    """The value of option *new*, whose deprecated spelling *old* still works.
+
+    The old spelling prints one note on stderr naming the new one; giving
+    both is a usage error, since they would disagree.
+    """
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    value = ctx.params[old]
+    if value is None:
+        return ctx.params[new]
+    if ctx.get_parameter_source(new).name != "DEFAULT":
+        raise UsageError(f"{flags[old]} is the old name of {flags[new]}; give only {flags[new]}")
+    typer.echo(f"{ctx.find_root().info_name}: warning: {flags[old]} is deprecated; use {flags[new]} "
+               "(same meaning)", err=True)
+    return value
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"{PROG} {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -97,6 +130,9 @@ def root(
         typer.Option("-A", "--app", metavar="APP", envvar="CELERY_APP",
                      help="Your Celery app, as for `celery -A` (module or module:attribute)."),
     ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=show_version, help="Print the version and exit."),
+    ] = False,
 ):
     ctx.obj = State(app_spec)
 
@@ -108,13 +144,15 @@ def savepid(
     supervisor_url: SupervisorUrlOpt = None,
     program: ProgramOpt = None,
     spare: SpareOpt = None,
-    timeout: TimeoutOpt = operations.DEFAULT_TIMEOUT,
+    reply_timeout: ReplyTimeoutOpt = operations.DEFAULT_TIMEOUT,
+    timeout: OldTimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Record this host's worker trees and active tasks (run before the stop)."""
     state: State = ctx.obj
     policy = Policy.parse(spare)
-    result = operations.savepid(file, state.targets(supervisor_url, program, timeout), policy)
+    reply_timeout = renamed(ctx, "timeout", "reply_timeout")
+    result = operations.savepid(file, state.targets(supervisor_url, program, reply_timeout), policy)
     out, err = consoles()
     return report.render_save(out, err, result, as_json)
 
@@ -123,7 +161,7 @@ def savepid(
 def kill(
     ctx: typer.Context,
     file: Annotated[str, typer.Argument(help="State file written by savepid (or the old bare PID list).")],
-    grace: Annotated[float, typer.Option("--grace", min=0, help="Seconds between SIGTERM and SIGKILL.")] = operations.DEFAULT_GRACE,
+    grace: GraceOpt = operations.DEFAULT_GRACE,
     spare: SpareOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
@@ -147,13 +185,15 @@ def status(
     supervisor_url: SupervisorUrlOpt = None,
     program: ProgramOpt = None,
     spare: SpareOpt = None,
-    timeout: TimeoutOpt = operations.DEFAULT_TIMEOUT,
+    reply_timeout: ReplyTimeoutOpt = operations.DEFAULT_TIMEOUT,
+    timeout: OldTimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Draw the live worker trees with each verdict; change nothing."""
     state: State = ctx.obj
     policy = Policy.parse(spare)  # before any slow discovery, so a typo fails at once
-    result = operations.status(state.targets(supervisor_url, program, timeout), policy)
+    reply_timeout = renamed(ctx, "timeout", "reply_timeout")
+    result = operations.status(state.targets(supervisor_url, program, reply_timeout), policy)
     out, err = consoles()
     return report.render_status(out, err, result, as_json)
 
@@ -167,13 +207,13 @@ def drain(
                      help="Drain this worker node, e.g. demo@host (repeatable). [default: this host's workers of -A APP]"),
     ] = None,
     all_workers: Annotated[bool, typer.Option("--all", help="Drain every worker that answers on the app's broker.")] = False,
-    timeout: Annotated[
-        float, typer.Option("--drain-timeout", "--timeout", min=0.1, help="Seconds to wait, in all, for the workers to finish their tasks.")
-    ] = operations.DEFAULT_DRAIN_TIMEOUT,
+    drain_timeout: DrainTimeoutOpt = operations.DEFAULT_DRAIN_TIMEOUT,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", min=0.1, hidden=True)] = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Stop workers taking new tasks and wait until their running ones finish (exit 3 on timeout)."""
     state: State = ctx.obj
+    timeout = renamed(ctx, "timeout", "drain_timeout")
     out, err = consoles()
     progress = report.DrainProgress(err)
     try:
@@ -204,12 +244,11 @@ def restart(
     ctx: typer.Context,
     programs: Annotated[List[str], typer.Argument(metavar="PROGRAM...",
                                                   help="supervisord program or process names: NAME, GROUP:NAME, GROUP:*.")],
-    drain_timeout: Annotated[
-        float, typer.Option("--drain-timeout", min=0.1, help="Seconds the old workers may take to finish their tasks.")
-    ] = operations.DEFAULT_DRAIN_TIMEOUT,
-    grace: Annotated[float, typer.Option("--grace", min=0, help="Seconds between SIGTERM and SIGKILL for leftovers.")] = operations.DEFAULT_GRACE,
+    drain_timeout: DrainTimeoutOpt = operations.DEFAULT_DRAIN_TIMEOUT,
+    grace: GraceOpt = operations.DEFAULT_GRACE,
     start_timeout: Annotated[
-        float, typer.Option("--start-timeout", min=0.1, help="Seconds the new workers may take to answer a ping.")
+        float, typer.Option("--start-timeout", metavar="SECONDS", min=0.1,
+                            help="Seconds the new workers may take to answer a ping.")
     ] = restarting.DEFAULT_START_TIMEOUT,
     supervisor_url: SupervisorUrlOpt = None,
     configuration: Annotated[
@@ -221,23 +260,28 @@ def restart(
     state: Annotated[
         Optional[str], typer.Option("--state", metavar="FILE", help="Keep the savepid record here. [default: a temporary file]")
     ] = None,
-    timeout: TimeoutOpt = operations.DEFAULT_TIMEOUT,
+    reply_timeout: ReplyTimeoutOpt = operations.DEFAULT_TIMEOUT,
+    timeout: OldTimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Restart supervisord programs running Celery workers: savepid, drain, stop, kill, start, wait for a ping."""
+    from . import rpc
+
     state_: State = ctx.obj
+    reply_timeout = renamed(ctx, "timeout", "reply_timeout")
     server = rpc.find_server(supervisor_url, configuration)
     out, err = consoles()
     drain_progress, wait_progress = report.DrainProgress(err), report.WaitProgress(err)
     try:
         result = operations.restart(
             state_.celery_app(), state_.app_spec, programs, server, state_path=state, drain_timeout=drain_timeout,
-            grace=grace, start_timeout=start_timeout, timeout=timeout, on_drain=drain_progress, on_wait=wait_progress,
+            grace=grace, start_timeout=start_timeout, timeout=reply_timeout, on_drain=drain_progress,
+            on_wait=wait_progress,
         )
     finally:
         drain_progress.close()
         wait_progress.close()
-    return report.render_restart(out, err, result, as_json)
+    return Outcome(report.render_restart(out, err, result, as_json), result.problem)
 
 
 @app.command()
@@ -256,8 +300,7 @@ def deploy(
         typer.Option("--state", metavar="FILE", help="Keep the savepid record here. [default: a private temporary "
                      "file, kept (and printed) when tasks are left to re-send or something went wrong]"),
     ] = None,
-    grace: Annotated[float, typer.Option("--grace", min=0, metavar="SECONDS",
-                                         help="Seconds between SIGTERM and SIGKILL for the leftovers.")] = operations.DEFAULT_GRACE,
+    grace: GraceOpt = operations.DEFAULT_GRACE,
     shutdown_timeout: Annotated[
         float, typer.Option("--shutdown-timeout", min=0.1, metavar="SECONDS",
                             help="How long supervisord may take to shut down.")
@@ -295,7 +338,7 @@ def deploy(
                                   on_wait=kill_progress)
     finally:
         kill_progress.close()
-    return report.render_deploy(out, err, result, as_json, name)
+    return Outcome(report.render_deploy(out, err, result, as_json, name), result.problem)
 
 
 @app.command("print-config")
@@ -343,11 +386,11 @@ def listener(
     state_dir: Annotated[str, typer.Option("--state-dir", metavar="DIR",
                                            help="Where worker records and kill reports are kept (mode 0700).")],
     program: ProgramOpt = None,
-    grace: Annotated[float, typer.Option("--grace", min=0, help="Seconds between SIGTERM and SIGKILL.")] = operations.DEFAULT_GRACE,
+    grace: GraceOpt = operations.DEFAULT_GRACE,
     spare: SpareOpt = None,
 ) -> int:
     """Run as a supervisord eventlistener: snapshot on start/stop, reap after every stop."""
-    from . import listener as listening
+    from . import listener as listening, statefile
 
     state: State = ctx.obj
     policy = Policy.parse(spare)
@@ -361,36 +404,72 @@ def listener(
     ).run()
 
 
+def command_tree():
+    """The click command tree of the CLI: each command's ``--help`` ends with its exit codes.
+
+    The codes come from :data:`celery_supervise.errors.EXIT_CODES`, so a
+    command added to :data:`app` gets its paragraph with no more code.
+    """
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        command.epilog = command.epilog or exit_code_help(name)
+    return group
+
+
+def invoke(argv: list[str] | None = None, prog_name: str = PROG) -> int:
+    """Run the command line *argv* and return its exit code; errors propagate.
+
+    The exit code is an :class:`~celery_supervise.errors.Outcome` when the
+    command knows why it stopped short. Not standalone: click raises its
+    errors here instead of exiting, so each shell translates them once.
+    Shell completion still works: click answers the completion
+    environment variable and exits before parsing anything.
+    """
+    rv = command_tree().main(args=argv, prog_name=prog_name, standalone_mode=False)
+    return rv if isinstance(rv, int) else 0
+
+
+def one_line(exc: BaseException) -> tuple[int, str, str] | None:
+    """``(exit code, kind, message)`` for an error the CLI expects; None for a bug.
+
+    The kind is ``usage``, ``error`` or ``interrupted``; the message is
+    empty when there is nothing to add (``--help`` was shown, ``--version``).
+    """
+    if isinstance(exc, typer.Exit):
+        return exc.exit_code, "", ""
+    if isinstance(exc, ClickUsageError):  # an empty message: no_args_is_help has shown the help
+        message = " ".join(exc.format_message().split())
+        return EXIT_USAGE, "usage", f"{message} (see --help)" if message else ""
+    if isinstance(exc, ClickException):
+        return EXIT_ERROR, "error", " ".join(exc.format_message().split())
+    if isinstance(exc, (typer.Abort, KeyboardInterrupt)):
+        return EXIT_INTERRUPTED, "interrupted", ""
+    if isinstance(exc, SuperviseError):
+        return exc.exit_code, "usage" if exc.exit_code == EXIT_USAGE else "error", str(exc)
+    return None
+
+
+def internal_error(exc: BaseException) -> str:
+    return f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; every error becomes one line on stderr."""
-    command = typer.main.get_command(app)
     try:
-        rv = command.main(args=argv, prog_name=PROG, standalone_mode=False)
-    except typer.Exit as exc:
-        return exc.exit_code
-    except ClickUsageError as exc:
-        message = " ".join(exc.format_message().split())
-        if message:  # empty when no_args_is_help has already shown the help
-            print(f"{PROG}: usage: {message} (see --help)", file=sys.stderr)
-        return EXIT_USAGE
-    except ClickException as exc:
-        print(f"{PROG}: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
-        return EXIT_ERROR
-    except (typer.Abort, KeyboardInterrupt):
+        return int(invoke(argv))
+    except (Exception, KeyboardInterrupt) as exc:  # translated here, and nowhere else
+        known = one_line(exc)
+        if known is None:  # a bug, or a library failing in a way we did not foresee
+            if os.environ.get("CELERY_SUPERVISE_DEBUG"):
+                raise
+            print(f"{PROG}: {internal_error(exc)} (set CELERY_SUPERVISE_DEBUG=1 for a traceback)", file=sys.stderr)
+            return EXIT_ERROR
+    code, kind, message = known
+    if kind == "interrupted":
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except SuperviseError as exc:
-        label = "usage" if exc.exit_code == EXIT_USAGE else "error"
-        print(f"{PROG}: {label}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception as exc:  # a bug, or a library failing in a way we did not foresee
-        if os.environ.get("CELERY_SUPERVISE_DEBUG"):
-            raise
-        message = " ".join(str(exc).split())
-        print(f"{PROG}: internal error: {type(exc).__name__}: {message} "
-              "(set CELERY_SUPERVISE_DEBUG=1 for a traceback)", file=sys.stderr)
-        return EXIT_ERROR
-    return rv if isinstance(rv, int) else 0
+    elif message:
+        print(f"{PROG}: {kind}: {message}", file=sys.stderr)
+    return code
 
 
 def main() -> None:

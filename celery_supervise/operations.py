@@ -14,12 +14,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import psutil
 
-from . import control, discovery, drain as draining, fs_transport, journal as journaling, ledger as ledgers, procs
-from . import requeue as requeuing, restart as restarting, statefile
+from . import control, discovery, drain as draining, procs, restart as restarting, statefile
 from .discovery import Discovery
 from .errors import PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
 from .lock import reaper_lock
@@ -27,6 +26,11 @@ from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, KillReport, Outcome, ex
 from .plan import Policy, Verdict, orphans, plan
 from .procs import MAIN, POOL, TASK, Proc
 from .snapshot import Snapshot, Worker, read_worker, take
+
+if TYPE_CHECKING:
+    # Imported where requeue runs: they bring kombu's JSON and transports,
+    # which savepid, status and kill never need.
+    from . import requeue as requeuing
 
 
 # Defaults shared by every shell (CLI, Django command, listener).
@@ -363,7 +367,7 @@ def drain(
     if destinations and all_workers:
         raise UsageError("--destination and --all exclude each other")
     if not timeout > 0:
-        raise UsageError("--timeout must be positive")
+        raise UsageError("--drain-timeout must be positive")
     configured = draining.configured_queues(app.conf.task_default_queue, app.conf.task_queues)
     targets: list[draining.Target] | None = None  # None: every worker that answers
     if not all_workers:
@@ -428,6 +432,8 @@ class _AsRecorded:
 
 def send_again(app, conn, decision: requeuing.Decision) -> None:
     """Publish the recorded task again: same id, name, arguments and route, no retries."""
+    from . import requeue as requeuing
+
     task, route = decision.task, decision.route
     args, kwargs = requeuing.arguments(task)
     # Through Celery's own send_task, so that the app's serializer, signals
@@ -456,6 +462,8 @@ def broker_redelivery(app) -> tuple[bool, frozenset[str] | None]:
             return True, None
         folder = (conn.transport_options or {}).get("data_folder_in")
         if driver == "filesystem" and folder:
+            from . import fs_transport
+
             return False, frozenset(fs_transport.queued_task_ids(folder))
         return False, None
     finally:
@@ -480,6 +488,8 @@ def requeue(
     is reached before anything is sent: when it is down, nothing is sent
     and the ledger is untouched.
     """
+    from . import ledger as ledgers
+
     if app is None:
         raise UsageError("requeue needs -A APP: the app whose broker the tasks are sent through")
     with ledgers.exclusive(path):
@@ -491,6 +501,8 @@ def requeue(
 
 
 def _requeue_locked(path, app, record, *, journal_dir, dry_run, publish, connect) -> RequeueResult:
+    from . import journal as journaling, ledger as ledgers, requeue as requeuing
+
     snap = record.snapshot
     recorded = [requeuing.Recorded(t, w.node, w.main.pid) for w in snap.workers for t in w.tasks]
     warnings: list[str] = []
@@ -551,6 +563,8 @@ def _requeue_locked(path, app, record, *, journal_dir, dry_run, publish, connect
 
 
 def _at_least_once_warnings(decisions, directory) -> list[str]:
+    from . import requeue as requeuing
+
     weak = requeuing.at_least_once(decisions)
     if not weak:
         return []

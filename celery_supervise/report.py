@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextvars import ContextVar
 from typing import Iterable
 
 from rich.console import Console
 from rich import markup
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.tree import Tree
 
 from .drain import ACTIVE, RESERVED, Assessment, DrainResult
@@ -26,7 +25,6 @@ from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
 from .operations import FAILED as REQUEUE_FAILED, RESENT, SKIPPED, WOULD_RESEND, RequeueResult, SaveResult, StatusResult
 from .restart import RestartResult
 from .plan import KILL, REFUSE, Verdict
-from .requeue import route_of
 from .statefile import Encoder, proc_to_dict, to_document
 
 # C0 and C1 controls, and lone surrogates: the undecodable bytes of a
@@ -53,15 +51,25 @@ STYLE = {RESENT: "green", WOULD_RESEND: "yellow", SKIPPED: "dim",
          KILL: "red", "spare": "green", REFUSE: "magenta"}
 
 
+#: Colour as a shell asks for it: None lets rich decide (a terminal,
+#: ``NO_COLOR``, ``FORCE_COLOR``); False is no styling at all, True treats
+#: the output as a terminal. The Django command sets it from its
+#: ``--no-color``/``--force-color``.
+COLOR: ContextVar[bool | None] = ContextVar("celery_supervise_color", default=None)
+
+
 def consoles(out_file=None, err_file=None) -> tuple[Console, Console]:
     """Consoles for results and for warnings/progress.
 
     Off a terminal (a deploy log) rich would wrap at 80 columns; a wider
     page keeps one process on one line.
     """
+    color = COLOR.get()
+    style = {} if color is None else {"color_system": None} if color is False else {"force_terminal": True}
+
     def make(file, stderr):
-        probe = Console(file=file, stderr=stderr)
-        return probe if probe.is_terminal else Console(file=file, stderr=stderr, width=160)
+        probe = Console(file=file, stderr=stderr, **style)
+        return probe if probe.is_terminal else Console(file=file, stderr=stderr, width=160, **style)
 
     return make(out_file, False), make(err_file, True)
 
@@ -78,6 +86,12 @@ def display_command(cmdline, width: int = 48) -> str:
 
 def kill_exit_code(report: KillReport) -> int:
     return EXIT_PARTIAL if report.partial else EXIT_OK
+
+
+def new_table(title: str):
+    from rich.table import Table  # only the renderings that draw a table import it
+
+    return Table(title=title, title_justify="left")
 
 
 def short(command: str, width: int = 60) -> str:
@@ -140,7 +154,7 @@ def render_kill(out: Console, err: Console, report: KillReport, as_json: bool) -
 def print_kill(out: Console, report: KillReport) -> None:
     """The kill's table (what was killed, spared, refused… and why) and its summary line."""
     title = "celery-supervise kill (dry run: nothing signalled)" if report.dry_run else "celery-supervise kill"
-    table = Table(title=title, title_justify="left")
+    table = new_table(title)
     for col in ("outcome", "pid", "role", "worker", "command", "reason"):
         table.add_column(col, overflow="fold")
     for o in _ordered(report):
@@ -362,7 +376,7 @@ def render_drain(out: Console, err: Console, result: DrainResult, as_json: bool)
         emit_json(out, drain_document(result))
         return drain_exit_code(result)
     if not result.drained and result.held:
-        table = Table(title="celery-supervise drain: still running", title_justify="left")
+        table = new_table("celery-supervise drain: still running")
         for col in ("node", "task id", "name", "state", "runtime", "pool pid"):
             table.add_column(col, overflow="fold")
         for h in result.held:
@@ -411,6 +425,8 @@ class DrainProgress:
         text = self.describe(assessment)
         if self.err.is_terminal:
             if self.progress is None:
+                from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
                 self.progress = Progress(
                     SpinnerColumn(), TextColumn("draining"), BarColumn(), TextColumn("{task.description}"),
                     TimeElapsedColumn(), TextColumn("of {task.fields[timeout]:g}s"),
@@ -471,19 +487,21 @@ def requeue_summary(result: RequeueResult) -> str:
 
 
 def render_requeue(out: Console, err: Console, result: RequeueResult, as_json: bool) -> int:
+    from . import requeue as requeuing
+
     warnings(err, result.warnings)
     if as_json:
         emit_json(out, requeue_document(result))
         return requeue_exit_code(result)
     title = "celery-supervise requeue (dry run: nothing sent)" if result.dry_run else "celery-supervise requeue"
-    table = Table(title=title, title_justify="left")
+    table = new_table(title)
     for col in ("outcome", "task id", "name", "queue", "node", "reason"):
         table.add_column(col, overflow="fold")
     for o in result.outcomes:
         d = o.decision
         # A skipped task has no route to send it on, but the one it came by still tells which it was.
         table.add_row(f"[{STYLE[o.status]}]{o.status}[/]", escape(d.task.id), escape(d.task.name),
-                      escape((d.route or route_of(d.task)).describe()), escape(d.recorded.node or "-"),
+                      escape((d.route or requeuing.route_of(d.task)).describe()), escape(d.recorded.node or "-"),
                       escape(o.reason))
     if result.outcomes:
         out.print(table)
@@ -529,7 +547,7 @@ def render_restart(out: Console, err: Console, result: RestartResult, as_json: b
     gap_text = ("consume gap: n/a (no worker was drained, or none answered)" if gap is None else
                 f"consume gap: {gap:.2f}s (old workers' cancels sent -> new workers answer a ping)")
     if out.is_terminal:
-        table = Table(title=f"celery-supervise restart {' '.join(result.processes)}", title_justify="left")
+        table = new_table(f"celery-supervise restart {' '.join(result.processes)}")
         for col, justify in (("phase", "left"), ("time", "right"), ("what happened", "left")):
             table.add_column(col, justify=justify, overflow="fold")
         for p in result.phases:

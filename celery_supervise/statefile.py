@@ -41,8 +41,6 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable
 
-from kombu.utils.json import JSONEncoder as _KombuEncoder
-
 from .errors import StateFileError, UnsafeStateError
 from .plan import Policy, Verdict
 from . import procs
@@ -86,7 +84,7 @@ class LegacyRecord:
 UNREADABLE = "celery-supervise/repr"
 
 
-class Encoder(_KombuEncoder):
+class Encoder(json.JSONEncoder):
     """JSON as kombu writes it, so task arguments keep their types.
 
     Celery's JSON serializer sends a ``datetime``, ``UUID``, ``Decimal`` or
@@ -99,8 +97,12 @@ class Encoder(_KombuEncoder):
     """
 
     def default(self, o):
+        # kombu's encoder, imported for the first value plain JSON cannot
+        # write: most records (PIDs, command lines) never need it.
+        from kombu.utils.json import JSONEncoder as KombuEncoder
+
         try:
-            return super().default(o)
+            return KombuEncoder().default(o)
         except TypeError:
             return {"__type__": UNREADABLE, "__value__": repr(o)}
 

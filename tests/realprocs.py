@@ -11,6 +11,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -218,7 +219,14 @@ class RealProcs:
         self._count = 0
 
     def spawn(self, argv, **popen_kwargs):
-        """Start `argv` as a :class:`psutil.Popen` and track it."""
+        """Start `argv` as a :class:`psutil.Popen` and track it.
+
+        ``process_group=PGID`` works on Python 3.10 too, where Popen does
+        not take it yet: the child joins the group itself before it execs.
+        """
+        if sys.version_info < (3, 11) and "process_group" in popen_kwargs:
+            pgid = popen_kwargs.pop("process_group")
+            popen_kwargs["preexec_fn"] = lambda: os.setpgid(0, pgid)
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
         popen_kwargs.setdefault("stdout", subprocess.DEVNULL)
         popen_kwargs.setdefault("cwd", self.workdir)

@@ -343,7 +343,7 @@ def celery_app():
     [
         (dict(app_spec=None), "drain needs -A APP"),
         (dict(destinations=[A], all_workers=True), "--destination and --all exclude each other"),
-        (dict(timeout=0), "--timeout must be positive"),
+        (dict(timeout=0), "--drain-timeout must be positive"),
     ],
 )
 def test_drain_usage_errors(celery_app, kwargs, message):

@@ -80,6 +80,13 @@ def test_call_command_savepid_and_kill(supervisor, real_procs, django_settings, 
         expected.update(family.verdicts())
     assert recorded_verdicts(record) == expected
 
+    # Keyword options, as the CLI's long names: the same live tree, nothing written.
+    out = io.StringIO()
+    call_command("celery", "status", json=True, reply_timeout=5, stdout=out, stderr=io.StringIO())
+    live = json.loads(out.getvalue())
+    assert [w["main"] for w in live["workers"]] == [tree.main.pid]
+    assert recorded_verdicts(live) == expected
+
     shutdown(run)
     out = io.StringIO()
     call_command("celery", "kill", str(state), "--json", "--grace", "5", stdout=out, stderr=io.StringIO())

@@ -39,7 +39,7 @@ REDIS_URL = "redis://127.0.0.1:6379/11"  # the tests' own db; each test cleans u
 #: How long the two long tasks run: long enough for the drain to start first.
 LONG = (2.5, 3.0)
 #: A behavioural bound, not the performance target: the drain returns once
-#: the last task is done, not at its --timeout (30 s here). How soon (the
+#: the last task is done, not at its --drain-timeout (30 s here). How soon (the
 #: 0.5 s target) is measured by bench/drain_bench.py, not asserted here,
 #: where a loaded CI machine would make it flaky.
 RETURN_LATENESS = 5.0
@@ -108,7 +108,7 @@ def test_drain_of_two_workers_waits_for_their_tasks_and_leaves_the_backlog(broke
         client.wait_for_mark(task_id, "started")
     shorts = [client.mark(queue=q) for _ in range(6)]
 
-    result = drain(run, project, "--json", "--timeout", "30")
+    result = drain(run, project, "--json", "--drain-timeout", "30")
     returned = time.time()
     doc = json_output(result)
 
@@ -161,7 +161,7 @@ def test_drain_timeout_exits_3_naming_the_running_task(broker, supervisor, proje
     task_id = run.celery.mark(hold=60, queue=queue)
     started = run.celery.wait_for_mark(task_id, "started")
 
-    result = drain(run, project, "--json", "--timeout", "1")
+    result = drain(run, project, "--json", "--drain-timeout", "1")
     assert result.returncode == 3, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     doc = json.loads(result.stdout)
     assert (doc["drained"], doc["exit_code"], doc["not_answering"]) == (False, 3, [])
@@ -171,7 +171,7 @@ def test_drain_timeout_exits_3_naming_the_running_task(broker, supervisor, proje
         task_id, "demo.tasks.mark", node, "active", started["pool"])
     assert task["runtime"] == pytest.approx(doc["finished_at"] - started["time"], abs=0.5)
 
-    result = drain(run, project, "--timeout", "0.5")
+    result = drain(run, project, "--drain-timeout", "0.5")
     assert result.returncode == 3, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     row = next((line for line in result.stdout.splitlines() if task_id in line), "")
     assert all(word in row for word in (node, "demo.tasks.mark", "active")), result.stdout
@@ -201,7 +201,7 @@ def test_destination_and_all_reach_a_worker_the_scan_does_not_claim(supervisor, 
         return [queue["name"] for queue in reply.get(node, [])]
 
     assert consumed() == ["only-mine"]
-    doc = json_output(drain(run, elsewhere, "--destination", node, "--json", "--timeout", "10"))
+    doc = json_output(drain(run, elsewhere, "--destination", node, "--json", "--drain-timeout", "10"))
     assert doc["drained"] is True and doc["all"] is False
     assert [(w["node"], w["pid"]) for w in doc["workers"]] == [(node, None)]
     assert doc["cancelled"] == [{"queue": "celery", "nodes": [node]}, {"queue": "only-mine", "nodes": [node]}]
@@ -209,7 +209,7 @@ def test_destination_and_all_reach_a_worker_the_scan_does_not_claim(supervisor, 
 
     control.add_consumer("only-mine", destination=[node], reply=True, timeout=5)
     wait_for(lambda: consumed() == ["only-mine"], 10, f"{node} to consume only-mine again")
-    doc = json_output(drain(run, elsewhere, "--all", "--json", "--timeout", "10"))
+    doc = json_output(drain(run, elsewhere, "--all", "--json", "--drain-timeout", "10"))
     assert doc["drained"] is True and doc["all"] is True
     assert [w["node"] for w in doc["workers"]] == [node]
     assert doc["cancelled"] == [{"queue": "celery", "nodes": None}, {"queue": "only-mine", "nodes": [node]}]
@@ -232,7 +232,7 @@ def test_manage_py_drain_times_out_then_drains(supervisor, project):
     task_id = run.celery.mark(hold=4)
     run.celery.wait_for_mark(task_id, "started")
 
-    result = manage(project, "drain", "--timeout", "0.5", "--json", env=run.env)
+    result = manage(project, "drain", "--drain-timeout", "0.5", "--json", env=run.env)
     assert result.returncode == 3, result.stderr
     assert result.stderr.splitlines()[-1] == "CommandError: the drain timed out with tasks still running (see the table)"
     doc = json.loads(result.stdout)

@@ -125,7 +125,7 @@ def test_drain_when_the_broker_dies_mid_poll_then_a_rerun_drains(redis_server, s
 
     err_path = tmp_path / "drain.stderr"
     with open(err_path, "w") as err:
-        first = subprocess.Popen([sys.executable, "-m", "celery_supervise", "-A", "demo", "drain", "--timeout", "60"],
+        first = subprocess.Popen([sys.executable, "-m", "celery_supervise", "-A", "demo", "drain", "--drain-timeout", "60"],
                                  cwd=project, env=run.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=err, text=True)
     try:
@@ -145,7 +145,7 @@ def test_drain_when_the_broker_dies_mid_poll_then_a_rerun_drains(redis_server, s
     assert client.mark_record(long, "done") is None  # the task was not cut off either
 
     redis_server.start()  # the same folder: its append-only file brings the queue back
-    second = cli(project, run.env, "-A", "demo", "drain", "--timeout", "60", "--json")
+    second = cli(project, run.env, "-A", "demo", "drain", "--drain-timeout", "60", "--json")
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["drained"] is True
     assert client.mark_record(long, "done") is not None

@@ -43,7 +43,7 @@ def test_replies_from_another_pid_namespace_never_name_a_local_process(superviso
     assert ns_pids[-1] == "1"
 
     state = tmp_path / "state.json"
-    record = json_output(celery_supervise("-A", "demo", "savepid", str(state), "--json", "--timeout", "1",
+    record = json_output(celery_supervise("-A", "demo", "savepid", str(state), "--json", "--reply-timeout", "1",
                                           cwd=project, env=run.env))
     recorded = {p["pid"] for w in record["workers"] for p in w["procs"]}
     assert recorded == {tree.main.pid, *(p.pid for p in tree.pools)}

@@ -172,7 +172,7 @@ def run(project, *args, timeout=60):
 
 
 def savepid(project, path):
-    return run(project, "-A", "faultapp", "savepid", str(path), "--timeout", "0.2", "--json")
+    return run(project, "-A", "faultapp", "savepid", str(path), "--reply-timeout", "0.2", "--json")
 
 
 def one_error_line(res, *fragments):

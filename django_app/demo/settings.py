@@ -19,7 +19,7 @@ ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
-    "celery_supervise.contrib.django",
+    "celery_supervise",
     "demo",
 ]
 
