@@ -16,7 +16,7 @@ also proves that the sdist carries what its tests need. Sessions:
 * ``lowest-3.X``: every lower bound of pyproject.toml pinned exactly
   (``constraints-lowest.txt``: celery 5.3.0 with kombu 5.3.0 and redis 4.5.2,
   Django 4.2, supervisor 4.2.0 (4.2.5 on 3.12 and later), typer 0.18.0 with
-  the newest click, rich 13.0.0, psutil 7.1.0), on Python 3.10 to 3.13;
+  the newest click, rich 13.0.0, psutil 5.9.0), on Python 3.10 to 3.13;
 * ``mixed-3.12(...)``: one end of a range with the newest of everything else:
   Django 4.2 LTS, supervisor 4.2, typer 0.18.
 

@@ -299,9 +299,10 @@ def confirm_with_broker(app, found: list[Found], timeout: float, want_tasks: boo
             f = by_pid.get(pid) if isinstance(pid, int) else None
             ok = f is not None and f.command.node == node
             if ok:
+                created = procs.live_identity(pid)  # the identity every other check uses
                 try:
-                    ok = start_time_agrees(psutil.Process(pid).create_time(), float(reply.get("uptime", -1e9)), now)
-                except (psutil.NoSuchProcess, TypeError, ValueError):
+                    ok = created is not None and start_time_agrees(created, float(reply.get("uptime", -1e9)), now)
+                except (TypeError, ValueError):
                     ok = False
             if not ok:
                 warnings.append(f"ignored reply from {node}: PID {pid} is not that worker on this host")

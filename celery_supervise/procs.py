@@ -118,7 +118,7 @@ def boot_time() -> float:
 
     The kernel counts a process's start in clock ticks since boot, which
     never changes; psutil turns it into wall-clock time by adding
-    ``/proc/stat``'s ``btime``. But ``btime`` is *derived* from the
+    ``/proc/stat``'s ``btime`` (:func:`read_btime`). But ``btime`` is *derived* from the
     realtime clock (now minus the time since boot), so it moves whenever the
     clock is set: by hand, by an NTP step, even by a slew across a second
     boundary. Read fresh each time, the same process would get two
@@ -130,8 +130,27 @@ def boot_time() -> float:
     """
     global _base
     if _base is None:
-        _base = psutil.boot_time()
+        _base = read_btime()
     return _base
+
+
+_BTIME = re.compile(rb"^btime\s+(\d+)", re.M)
+
+
+def read_btime() -> float:
+    """``/proc/stat``'s ``btime`` now, read fresh (see :func:`boot_time`).
+
+    Read here rather than with ``psutil.boot_time()``: before psutil 7.1,
+    that call also replaced the boot time psutil itself computes every
+    ``Process.create_time()`` and ``is_running()`` with, so reading it
+    after the clock was set made every process the host program (the
+    listener's, a user's app, a test) had already looked at with psutil
+    seem replaced by another.
+    """
+    match = _BTIME.search(_read("/proc/stat"))
+    if match is None:
+        raise OSError("/proc/stat has no btime line")
+    return float(match.group(1))
 
 
 def boot_id() -> str | None:

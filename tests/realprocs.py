@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from celery_supervise import procs
+
 #: Environment variable that marks the processes of one pytest run.
 RUN_ENV_VAR = "CELERY_SUPERVISE_TEST_RUN"
 
@@ -280,7 +282,7 @@ class RealProcs:
         ``/proc/sys/kernel/ns_last_pid`` (root only) just below *pid*.
         Another process may grab the PID first: try again, 20 times.
         """
-        wait_for(lambda: psutil.boot_time() + time.clock_gettime(time.CLOCK_BOOTTIME) > created + 0.03,
+        wait_for(lambda: procs.read_btime() + time.clock_gettime(time.CLOCK_BOOTTIME) > created + 0.03,
                  5, "a later clock tick")
         for _ in range(20):
             with open("/proc/sys/kernel/ns_last_pid", "w") as f:

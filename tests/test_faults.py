@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from celery_supervise import plan, snapshot, statefile
+from celery_supervise import plan, procs, snapshot, statefile
 from celery_supervise.plan import Policy
 
 from realprocs import wait_for
@@ -88,9 +88,9 @@ def test_kill_after_the_clock_was_set(fake_worker, tmp_path, clock_jump, seconds
     """
     state = write_state(tmp_path / "state.json", snapshot.read_worker(fake_worker["main"]))
     kill = Primed("cli", "kill", state, "--grace", "5", "--json")
-    before = psutil.boot_time()
+    before = procs.read_btime()
     with clock_jump(seconds):
-        moved = psutil.boot_time() - before
+        moved = procs.read_btime() - before
         res = kill.go()
     assert abs(moved - seconds) <= 1, "setting the clock did not move btime; the test proves nothing"
     assert res.returncode == 0, res.stderr
@@ -117,7 +117,7 @@ def test_listener_started_after_the_clock_was_set_keeps_its_supervisords_workers
     main = real_procs.spawn(["sleep", str(LIFETIME)], process_group=0)
     worker = snapshot.read_worker(main.pid, program="w", supervisor_pid=sup.pid)
     doc = statefile.to_document(snapshot.take([worker], "listener"), Policy(), plan.plan([worker], Policy()))
-    doc["supervisor"] = {"pid": sup.pid, "create_time": sup.create_time()}
+    doc["supervisor"] = {"pid": sup.pid, "create_time": procs.live_identity(sup.pid)}
     state_dir = tmp_path / "records"
     state_dir.mkdir(mode=0o700)
     statefile.write(str(state_dir / f"w@{main.pid}.json"), doc)

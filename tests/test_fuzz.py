@@ -177,7 +177,7 @@ class Env:
         ids = {}
         for who, pid in (("witness", witness.pid), ("self", os.getpid()), ("parent", os.getppid())):
             ids[who] = (pid, procs.read_proc(pid).create_time)
-        return cls(ids, snapshot.hostname(), psutil.boot_time())
+        return cls(ids, snapshot.hostname(), procs.boot_time())
 
     def pid(self, ref: Pid) -> int:
         return NO_SUCH_PID + ref.n if ref.who == "absent" else self.identities[ref.who][0]
