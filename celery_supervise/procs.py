@@ -69,15 +69,22 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def _read(path: str) -> bytes:
     # Raw os.open/os.read: no buffered file object per read, which is a
-    # third of the cost of a walk over a large tree.
+    # third of the cost of a walk over a large tree. One read is enough for
+    # nearly every file here; a longer one (a long command line) loops.
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = [os.read(fd, 8192)]
-        while len(chunks[-1]) == 8192:
-            chunks.append(os.read(fd, 8192))
+        data = os.read(fd, _CHUNK)
+        if len(data) < _CHUNK:
+            return data
+        chunks = [data]
+        while len(chunks[-1]) == _CHUNK:
+            chunks.append(os.read(fd, _CHUNK))
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+_CHUNK = 8192
 
 
 # Field indexes in /proc/PID/stat, counted from the state (the first field
@@ -213,13 +220,14 @@ def read_proc_threads(pid: int, role: str = TASK) -> tuple[Proc, int] | None:
     the same mask as ``status`` for the classic signals, SIGHUP among
     them), so ``status`` is read only for the real uid.
     """
+    base = f"/proc/{pid}/"
     try:
-        fields = _stat_fields(_read(f"/proc/{pid}/stat"))
+        fields = _stat_fields(_read(base + "stat"))
         if fields[_STATE] == b"Z":
             return None
-        uid = _real_uid(_read(f"/proc/{pid}/status"))
+        uid = _real_uid(_read(base + "status"))
         try:
-            cmdline = parse_cmdline(_read(f"/proc/{pid}/cmdline"))
+            cmdline = parse_cmdline(_read(base + "cmdline"))
         except PermissionError:
             cmdline = ()
     except (FileNotFoundError, ProcessLookupError):
