@@ -154,8 +154,8 @@ class Pins:
 
     def __init__(self, budget: int | None = None):
         self.budget = _fd_budget() if budget is None else budget
-        self.fds: dict[int, int] = {}  # pid -> pidfd
-        self.pids: dict[int, int] = {}  # pidfd -> pid
+        self.fds: dict[int, int] = {}  # pid -> pidfd, for every pinned process (closed once it exited)
+        self.pids: dict[int, int] = {}  # open pidfd -> pid
         self.settled: dict[int, str] = {}  # pid -> NO_PROCESS or REUSED, found when pinning
         self.exited: set[int] = set()
         self.poller = select.epoll()
@@ -225,17 +225,21 @@ class Pins:
                 time.sleep(min(COALESCE, max(0.0, deadline - time.monotonic())))
 
     def _collect(self, timeout: float) -> int:
-        # One-shot: a reported pidfd is disarmed by the kernel, not unregistered one by one.
+        # One-shot: a reported pidfd is disarmed by the kernel, not
+        # unregistered one by one. Its process has exited, so it will never
+        # be signalled again (signal() checks `exited` first): closed now,
+        # while the rest are still exiting, rather than all at the end.
         ready = self.poller.poll(timeout, max(1, len(self.fds)))
         for fd, _events in ready:
-            self.exited.add(self.pids[fd])
+            self.exited.add(self.pids.pop(fd))
+            os.close(fd)
         return len(ready)
 
     def close(self) -> None:
         self.poller.close()
-        for fd in self.fds.values():
+        for fd in self.pids:  # those whose process has not been seen to exit
             os.close(fd)
-        self.fds.clear()
+        self.pids.clear()
 
     def __enter__(self) -> "Pins":
         return self

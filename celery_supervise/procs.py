@@ -92,15 +92,16 @@ _CHUNK = 8192
 _STATE, _PPID, _PGID, _SID, _THREADS, _START, _SIGIGNORE = 0, 1, 2, 3, 17, 19, 30
 
 
-def _stat_fields(data: bytes) -> list[bytes]:
+def _stat_fields(data: bytes, last: int = _SIGIGNORE) -> list[bytes]:
     # The command name in parentheses may itself contain spaces and
-    # parentheses, so the fields are counted from the *last* ``)``.
-    return data[data.rindex(b")") + 2:].split()
+    # parentheses, so the fields are counted from the *last* ``)``. Only
+    # the fields up to *last* are split off: the line has some fifty.
+    return data[data.rindex(b")") + 2:].split(None, last + 1)
 
 
 def parse_stat(data: bytes) -> tuple[str, int, int, int, int]:
     """(state, ppid, pgid, sid, starttime ticks) from ``/proc/PID/stat``."""
-    fields = _stat_fields(data)
+    fields = _stat_fields(data, _START)
     return (fields[_STATE].decode(), int(fields[_PPID]), int(fields[_PGID]), int(fields[_SID]),
             int(fields[_START]))
 
@@ -305,7 +306,7 @@ def live_identity(pid: int) -> float | None:
     every target of a kill, and on every poll of a wait for unpinned ones.
     """
     try:
-        fields = _stat_fields(_read(f"/proc/{pid}/stat"))
+        fields = _stat_fields(_read(f"/proc/{pid}/stat"), _START)
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None if fields[_STATE] == b"Z" else create_time_of(int(fields[_START]))
