@@ -86,6 +86,10 @@ class Row:
     unit: str = "s"  # "s" (seconds), "MB", "%" or "" (a count)
     min_n: int = MIN_N
     load: tuple[float, float] | None = None  # the 1-minute load average before and after
+    #: What the verdict compares with the target when it is not our median
+    #: (the idle CPU: the whole run's average, not its median window).
+    judged: float | None = None
+    judged_label: str = ""
 
     @property
     def ratio(self) -> float | None:
@@ -106,7 +110,8 @@ class Row:
             return "SKIP"
         if self.target.empty:
             return "-"
-        if not self.target.met(median(self.ours), self.ratio):
+        ours = median(self.ours) if self.judged is None else self.judged
+        if not self.target.met(ours, self.ratio):
             return "MISS"
         if self.overlap and self.target.ratio is not None and self.target.ratio < 1:
             return "NO CLAIM"  # a win over the baseline that the ranges do not support
@@ -253,10 +258,13 @@ def table(rows: list[Row]) -> str:
             cells = [row.name + mark, row.ours_label, "-", row.baseline_label, "-", "-", str(row.target),
                      "SKIP", load]
         else:
+            ours = summary(row.ours, row.unit)
+            if row.judged is not None:
+                ours += f"; {row.judged_label or 'judged'}: {format_value(row.judged, row.unit)}"
             cells = [
                 row.name + mark,
                 row.ours_label,
-                summary(row.ours, row.unit),
+                ours,
                 row.baseline_label,
                 summary(row.baseline, row.unit),
                 ratio_cell(row),
