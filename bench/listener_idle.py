@@ -190,8 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (QUICK_SECONDS if args.quick else SECONDS)
     from bench.measure import table
 
+    before = os.getloadavg()
     results = run(tuple(int(n) for n in args.workers.split(",") if n), seconds, args.windows)
-    print(table(rows(results, seconds, args.windows, args.quick or seconds < SECONDS)))
+    after = os.getloadavg()
+    out = rows(results, seconds, args.windows, args.quick or seconds < SECONDS)
+    for row in out:
+        row.load = (before[0], after[0])
+    print("load average (1, 5, 15 min) before: " + ", ".join(f"{v:.2f}" for v in before)
+          + "; after: " + ", ".join(f"{v:.2f}" for v in after) + "\n")
+    print(table(out))
     return 0
 
 
