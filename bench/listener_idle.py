@@ -10,10 +10,13 @@ nothing else happens is measured here, for 1, 8 and 32 workers.
 
 For each worker count, one real supervisord (the tests' harness,
 ``tests/realsupervisor.py``) runs the demo worker with ``numprocs=N`` and
-small pools (``-c 1``: a main and one pool process each) on the guarded
-filesystem transport, from a private copy of the demo project, with the
-listener configured as ``conf/supervisord.conf`` does it (the harness's
-``listener_section``). Once every worker answers a ping and the listener
+small pools (``-c 1``: a main and one pool process each) on Redis (database
+7, ``BENCH_REDIS_URL``; queue and node names of the run's own, deleted at
+the end), from a private copy of the demo project, with the listener
+configured as ``conf/supervisord.conf`` does it (the harness's
+``listener_section``). Not the filesystem transport: workers that start at
+the same moment on one broker folder race on its exchange table (kombu
+reads it while another writes it), and one of 8 or 32 then exits. Once every worker answers a ping and the listener
 has a record of each, the listener is left alone for ``--seconds``
 (default 300), cut into ``--windows`` equal windows (default 5). For each
 window:
@@ -67,6 +70,7 @@ RSS_TARGET = 45.0  # MB
 #: 32 workers starting at once on a small machine take a while.
 READY_TIMEOUT = 600.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/7")
 
 
 def cpu_ticks(pid: int) -> int:
@@ -104,15 +108,19 @@ def measure(workers: int, seconds: float, windows: int, workdir: Path, project: 
     from realprocs import wait_for
     from realsupervisor import Supervisord, listener_section
 
+    from brokers import clean_redis
+
     directory = workdir / f"workers-{workers}"
     directory.mkdir()
+    uid = uuid.uuid4().hex[:8]
     extra = listener_section(CELERY_SUPERVISE, 10, project)
     sup = Supervisord(directory, numprocs=workers, concurrency=1, extra=extra, project_dir=project,
+                      broker_url=REDIS_URL, queues=f"idle-{uid}", node_prefix=f"idle{uid}-",
                       env={"CELERY_SUPERVISE_LOCK": str(directory / "reaper.lock")})
     began = time.monotonic()
     try:
         sup.start()
-        sup.wait_ready(timeout=READY_TIMEOUT)
+        sup.wait_nodes(timeout=READY_TIMEOUT)
         wait_for(lambda: _records(sup) >= workers, READY_TIMEOUT, f"the listener's records of {workers} worker(s)",
                  interval=0.5)
         startup = time.monotonic() - began
@@ -134,7 +142,10 @@ def measure(workers: int, seconds: float, windows: int, workdir: Path, project: 
         return {"workers": workers, "cpu": cpu, "rss": rss, "window": window, "whole": total, "startup": startup,
                 "records": _records(sup)}
     finally:
-        sup.stop()
+        try:
+            sup.stop()
+        finally:
+            clean_redis(REDIS_URL, uid)
 
 
 def run(workers=WORKERS, seconds: float = SECONDS, windows: int = WINDOWS) -> list[dict]:
@@ -143,7 +154,7 @@ def run(workers=WORKERS, seconds: float = SECONDS, windows: int = WINDOWS) -> li
     from realsupervisor import copy_project
 
     mark = os.environ.setdefault(realprocs.RUN_ENV_VAR, f"listener-idle-{uuid.uuid4().hex}")
-    os.environ.pop("CELERY_BROKER_URL", None)  # the filesystem transport of each supervisord's own
+    os.environ.pop("CELERY_BROKER_URL", None)  # each supervisord sets its own
     workdir = Path(tempfile.mkdtemp(prefix="listener-idle-"))
     try:
         project = copy_project(workdir / "project")
