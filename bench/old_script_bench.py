@@ -237,7 +237,7 @@ def _create_time(proc):
         return 0.0
 
 
-def run(repeats: int = 3) -> dict:
+def run(repeats: int = 5) -> dict:
     """Both sides, *repeats* times each, alternating; plain data.
 
     Returns ``{"repeats", "grace", "stopwaitsecs", "settle", "ours": SIDE, "old": SIDE}``
@@ -306,10 +306,15 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/old_script_bench.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="scenarios per side (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="scenarios per side (default 5)")
     parser.add_argument("--json", action="store_true", help="print run()'s result as JSON")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench.measure import bytecode_cache_on
+
+    bytecode_cache_on()
     res = run(args.repeats)
     if args.json:
         print(json.dumps(res, indent=1))

@@ -35,7 +35,6 @@ through supervisord's shutdown, then swept by that mark, by PID.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import subprocess
@@ -48,9 +47,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the harness lives with the tests
 
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+from bench.measure import bytecode_cache_on, order  # noqa: E402
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/7")
 BROKERS = {"filesystem": None, "redis": REDIS_URL}
 PING_EVERY = 0.25
+TOOLS = ("celery-supervise", "supervisorctl")
 
 
 def _ping_until_answered(client, node: str, deadline: float) -> float | None:
@@ -90,7 +92,7 @@ def _celery_supervise(run, project: Path) -> dict:
             "phases": {p["name"]: round(p["seconds"], 2) for p in doc["phases"]}}
 
 
-def measure(broker: str, task_seconds: float = 5.0, repeats: int = 1) -> list[dict]:
+def measure(broker: str, task_seconds: float = 5.0, repeats: int = 3) -> list[dict]:
     """Rows ``{broker, tool, scenario, gap, total, task_done_on_old, ok}`` for one broker."""
     from realsupervisor import Supervisord, copy_project
 
@@ -108,8 +110,11 @@ def measure(broker: str, task_seconds: float = 5.0, repeats: int = 1) -> list[di
             run.start()
             run.wait_nodes()
             [node] = run.node_names()
-            for tool, scenario, _ in itertools.product(("supervisorctl", "celery-supervise"), ("idle", "busy"),
-                                                       range(repeats)):
+            # Each repeat restarts idle, then busy, with both tools; which tool
+            # goes first alternates, so a drift in the machine's load shifts both.
+            plan = [(tool, scenario) for i in range(repeats) for scenario in ("idle", "busy")
+                    for tool in order(i, TOOLS)]
+            for tool, scenario in plan:
                 task = None
                 old = run.worker_pids()[0]
                 if scenario == "busy":
@@ -173,14 +178,14 @@ def _purge_redis(uid: str) -> None:
         client.close()
 
 
-def run(brokers=("filesystem", "redis"), task_seconds: float = 5.0, repeats: int = 1) -> list[dict]:
+def run(brokers=("filesystem", "redis"), task_seconds: float = 5.0, repeats: int = 3) -> list[dict]:
     """Measure on each broker; every process started is gone when it returns."""
     from realprocs import RUN_ENV_VAR, reap_leaks
 
     mark = os.environ.setdefault(RUN_ENV_VAR, "restart-bench-" + uuid.uuid4().hex)
     os.environ.pop("CELERY_BROKER_URL", None)
     try:
-        return [row for b in brokers for row in measure(b, task_seconds)]
+        return [row for b in brokers for row in measure(b, task_seconds, repeats)]
     finally:
         leaked = reap_leaks(mark, exclude={os.getpid()})
         if leaked:
@@ -206,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/restart_bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--brokers", default="filesystem,redis", help="comma list of filesystem, redis")
     parser.add_argument("--task-seconds", type=float, default=5.0)
-    parser.add_argument("--repeats", type=int, default=1, help="restarts per command and worker state")
+    parser.add_argument("--repeats", type=int, default=3, help="restarts per command and worker state")
     args = parser.parse_args(argv)
+    bytecode_cache_on()
     rows = run(tuple(b for b in args.brokers.split(",") if b), args.task_seconds, args.repeats)
     print(table(rows))
     return 0 if all(r["ok"] for r in rows) else 1

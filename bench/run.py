@@ -1,11 +1,15 @@
 """Run every benchmark and print one markdown table.
 
-    python bench/run.py [--quick] [--only snapshot|kill|savepid|listener|drain|restart|oldscript]
+    python bench/run.py [--quick] [--only snapshot|kill|savepid|listener|listener-idle|drain|restart|oldscript]
 
 Each row gives our figure, the figure of what a user would otherwise use
 (psutil, raw ``os.kill``, ``celery inspect``, ``supervisorctl restart``,
-the old "save worker_pids, then ``kill -9``" script), their ratio, the
-target and whether it was met.
+the old "save worker_pids, then ``kill -9``" script) or of the floor (the
+shortest Python that makes the same broker round trips), their ratio, the
+target and whether it was met. Every row has N ≥ 5 samples a side (restart
+rows N ≥ 3), the sides alternate run by run, the header gives the load
+average before and after, and a row whose min–max ranges overlap says so
+instead of claiming a win (bench/measure.py).
 
 These are measurements, not tests: a MISS is reported, never raised. Each
 benchmark starts its own processes, with bounded lifetimes, and kills and
@@ -30,25 +34,40 @@ import psutil  # noqa: E402
 
 from bench import kill_cost, savepid_vs_inspect, snapshot_cost  # noqa: E402
 from bench.forest import MARK_ENV  # noqa: E402
-from bench.measure import Row, Target, median, table  # noqa: E402
+from bench.measure import (  # noqa: E402
+    MIN_N_RESTART, Row, Target, bytecode_cache_on, load_average, median, summary, table,
+)
 
 
 def listener_rows(run_id: str, args) -> list[Row]:
     from bench import listener_bench
 
-    lat = listener_bench.latency(2 if args.quick else 5)
+    lat = listener_bench.latency(5 if args.quick else 7)
     latency = Row(f"listener: supervisord's 'stopped' log line → last attached leftover gone (--grace {lat['grace']:g})",
                   "eventlistener", "savepid + supervisorctl stop + kill", Target(seconds=lat["target"]),
                   ours=lat["ours"], baseline=lat["baseline"])
     latency.notes.append("negative: the leftovers were gone before supervisord logged the stop (the listener "
                          "reaps on the worker's exit, through a pidfd)")
-    res = listener_bench.rss(2_000 if args.quick else 10_000)
-    mb = [s["rss"] / 2**20 for s in res["samples"]]
-    rss = Row(f"listener RSS over {res['samples'][-1]['events']:,} events", "celery-supervise listener", "-",
-              Target(seconds=res["target"] / 2**20, unit="MB"), ours=mb, unit="MB")
-    rss.notes.append(f"growth from the first to the last sample: {mb[-1] - mb[0]:+.1f} MB; "
-                     f"exit code at end of input {res['exit_code']}")
+    if lat["clock_steps"]:
+        latency.notes.append(f"{lat['clock_steps']} stop(s) measured again: the wall clock was set meanwhile")
+    events = 2_000 if args.quick else 10_000
+    runs = [listener_bench.rss(events) for _ in range(5)]
+    peaks = [max(s["rss"] for s in r["samples"]) / 2**20 for r in runs]
+    rss = Row(f"listener RSS, peak over {events:,} events, one listener per run", "celery-supervise listener", "-",
+              Target(seconds=runs[0]["target"] / 2**20, unit="MB"), ours=peaks, unit="MB")
+    growth = [(r["samples"][-1]["rss"] - r["samples"][0]["rss"]) / 2**20 for r in runs]
+    rss.notes.append("growth from the first to the last sample of each run: "
+                     + ", ".join(f"{g:+.1f} MB" for g in growth)
+                     + f"; exit codes at end of input {[r['exit_code'] for r in runs]}")
     return [latency, rss]
+
+
+def listener_idle_rows(run_id: str, args) -> list[Row]:
+    from bench import listener_idle
+
+    seconds = args.idle_seconds or (listener_idle.QUICK_SECONDS if args.quick else listener_idle.SECONDS)
+    results = listener_idle.run(listener_idle.WORKERS, seconds, listener_idle.WINDOWS)
+    return listener_idle.rows(results, seconds, listener_idle.WINDOWS, seconds < listener_idle.SECONDS)
 
 
 def drain_rows(run_id: str, args) -> list[Row]:
@@ -56,10 +75,31 @@ def drain_rows(run_id: str, args) -> list[Row]:
 
     rows = []
     for broker, sides in drain_bench.run(("redis",) if args.quick else ("filesystem", "redis"),
-                                         1 if args.quick else 3).items():
-        rows.append(Row(f"drain overhead, {broker}: last task done → command exits",
-                        "celery-supervise drain", "cancel_consumer + `celery inspect active` loop",
-                        Target(seconds=drain_bench.TARGET), ours=sides["ours"], baseline=sides["baseline"]))
+                                         5 if args.quick else 7).items():
+        overhead = Row(f"drain overhead, {broker}: last task done → command exits",
+                       "celery-supervise drain", "cancel_consumer + `celery inspect active` loop",
+                       Target(seconds=drain_bench.TARGET), ours=sides["ours"], baseline=sides["baseline"])
+        if sides["clock_steps"]:
+            overhead.notes.append(f"{sides['clock_steps']} sample(s) taken again: the wall clock was set meanwhile "
+                                  "(the task's done stamp is wall-clock time)")
+        rows.append(overhead)
+        round_trip = median(sides["rounds"])
+        floor = Row(f"drain's decision vs the floor, {broker}: last task done → drained decided",
+                    "celery-supervise drain (its result's finished_at)",
+                    "python -c: import the app, cancel, reserved + active rounds until empty",
+                    Target(seconds=drain_bench.POLL_INTERVAL + round_trip), ours=sides["ours_decided"],
+                    baseline=sides["floor_decided"])
+        floor.notes.append(f"target: one poll interval ({drain_bench.POLL_INTERVAL:g} s) + one round trip "
+                           f"(reserved + active, the floor's median round: {round_trip * 1000:.1f} ms over "
+                           f"{len(sides['rounds'])} rounds)")
+        floor.notes.append(f"to the process's exit instead: ours {summary(sides['ours'])}, "
+                           f"floor {summary(sides['floor'])} (both then pay Python's shutdown after Celery and "
+                           f"Django were loaded, 0.1 s or more)")
+        cpu = Row(f"drain vs the floor, {broker}: CPU (user+sys) of the whole command", "celery-supervise drain",
+                  "the same floor", Target(), ours=sides["ours_cpu"], baseline=sides["floor_cpu"])
+        cpu.notes.append(f"both poll at one round per {drain_bench.POLL_INTERVAL:g} s while the {drain_bench.HOLD:g} s "
+                         "task runs")
+        rows += [floor, cpu]
     return rows
 
 
@@ -67,7 +107,7 @@ def restart_rows(run_id: str, args) -> list[Row]:
     from bench import restart_bench
 
     brokers = ("redis",) if args.quick else ("filesystem", "redis")
-    results = restart_bench.run(brokers, 5.0, 1 if args.quick else 2)
+    results = restart_bench.run(brokers, 5.0, MIN_N_RESTART if args.quick else 5)
     rows = []
     for broker in brokers:
         for scenario in ("idle", "busy"):
@@ -78,9 +118,10 @@ def restart_rows(run_id: str, args) -> list[Row]:
             row = Row(f"restart consume gap, {broker}, {'idle' if scenario == 'idle' else 'a 5 s task running'}",
                       "celery-supervise restart", "supervisorctl restart", target,
                       ours=[r["gap"] for r in mine if r["gap"] is not None],
-                      baseline=[r["gap"] for r in theirs if r["gap"] is not None])
+                      baseline=[r["gap"] for r in theirs if r["gap"] is not None], min_n=MIN_N_RESTART)
             row.notes.append(
-                "target: the new worker's own start-up (" + ", ".join(f"{s:.2f} s" for s in startup) + ") + 0.5 s; "
+                "target: the new worker's own start-up (median of " + ", ".join(f"{s:.2f} s" for s in startup)
+                + ") + 0.5 s; "
                 + "; ".join(f"{tool}: {sum(r['lost'] for r in rs)} task(s) lost, "
                             f"{sum(len(r['orphans']) for r in rs)} orphan(s), "
                             f"{sum(not r['ok'] for r in rs)} failed run(s)"
@@ -92,7 +133,7 @@ def restart_rows(run_id: str, args) -> list[Row]:
 def oldscript_rows(run_id: str, args) -> list[Row]:
     from bench import old_script_bench
 
-    res = old_script_bench.run(2 if args.quick else 3)
+    res = old_script_bench.run(5 if args.quick else 7)
     ours, old = res["ours"], res["old"]
     ours_label = f"savepid + kill --grace {res['grace']:g}"
     old_label = "inspect().active() → file, kill -9 $(cat file)"
@@ -114,6 +155,7 @@ BENCHMARKS = {
     "kill": lambda run_id, args: kill_cost.run(run_id, args.quick),
     "savepid": lambda run_id, args: savepid_vs_inspect.run(run_id, args.quick, args.project_wait),
     "listener": listener_rows,
+    "listener-idle": listener_idle_rows,
     "drain": drain_rows,
     "restart": restart_rows,
     "oldscript": oldscript_rows,
@@ -127,6 +169,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run only this benchmark (repeatable)")
     parser.add_argument("--project-wait", type=float, default=60.0, metavar="SECONDS",
                         help="how long to wait for django_app/demo to exist (default 60)")
+    parser.add_argument("--idle-seconds", type=float, default=None, metavar="SECONDS",
+                        help="listener-idle: idle time per worker count (default 300; 60 with --quick)")
     return parser.parse_args(argv)
 
 
@@ -158,30 +202,44 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    bytecode_cache_on()
     run_id = uuid.uuid4().hex
     names = args.only or list(BENCHMARKS)
     rows: list[Row] = []
     started = time.monotonic()
+    load_before = os.getloadavg()
     try:
         for name in names:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             t0 = time.monotonic()
+            before = load_average()
             try:
-                rows.extend(BENCHMARKS[name](run_id, args))
+                new = BENCHMARKS[name](run_id, args)
             except Exception as exc:  # one broken benchmark must not hide the others
-                rows.append(Row(name, "-", "-", Target(), skipped=f"{type(exc).__name__}: {exc}"))
+                new = [Row(name, "-", "-", Target(), skipped=f"{type(exc).__name__}: {exc}")]
+            after = load_average()
+            for row in new:
+                row.load = row.load or (before, after)
+            rows.extend(new)
             print(f"bench: {name} took {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     finally:
         leftovers = sweep(run_id)
         if leftovers:
             print(f"bench: killed {len(leftovers)} leftover process(es): {' '.join(leftovers)}", file=sys.stderr)
+    load_after = os.getloadavg()
     print(
         f"celery-supervise benchmarks ({'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f} s; "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, psutil {psutil.__version__}, "
-        f"load average {os.getloadavg()[0]:.2f})\n"
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, psutil {psutil.__version__})\n\n"
+        f"load average (1, 5, 15 min) before: {_load(load_before)}; after: {_load(load_after)}. "
+        f"Each row's last column: the 1-minute load average before and after its benchmark "
+        f"(a kill of a 1,000-process tree raises it by itself: the dying processes are runnable).\n"
     )
     print(table(rows))
     return 0
+
+
+def _load(values) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 if __name__ == "__main__":

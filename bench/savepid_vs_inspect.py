@@ -1,18 +1,37 @@
-"""``celery-supervise savepid`` against ``celery inspect active``, as whole commands.
+"""The commands that talk to the broker, as whole commands: against what users run, and against the floor.
 
-Both are timed as a user meets them in a supervisord ``stopwaitsecs`` budget:
-the wall time of a fresh process, imports and broker connection included,
-run from ``django_app/`` against one running worker of the demo project
-(``celery -A demo worker -c 2 -n bench@%h``) on one broker.
+Every command is timed as a user meets it in a supervisord ``stopwaitsecs``
+budget: the wall time of a fresh process, imports and broker connection
+included, and its CPU time (user + system, from ``wait4``), run from
+``django_app/`` against one running worker of the demo project (``celery -A
+demo worker -c 2 -n bench@%h``) on one broker. Three comparisons:
 
-``celery inspect active`` waits its whole ``--timeout`` (1 s) for replies,
-because it does not know how many workers there are. ``savepid`` first finds
-the local workers, then asks them with ``limit`` set, so it returns as soon
-as they have all answered; and it records their process trees as well.
+* ``celery-supervise savepid`` against ``celery inspect active``, what users
+  run today. ``inspect active`` waits its whole ``--timeout`` (1 s) for
+  replies, because it does not know how many workers there are;
+  ``savepid`` first finds the local workers, then asks them with ``limit``
+  set, so it returns as soon as they have all answered.
+* ``savepid`` and ``status`` against **the floor**: the shortest Python
+  that makes the same round trips with the same app and worker,
+  ``python -c`` importing the app (``from demo.celery import app``) and
+  asking ``inspect(limit=1, timeout=2).stats()`` and ``.active()`` over one
+  connection (savepid and status need both answers: ``stats`` names the
+  worker's PID and pool, ``active`` its tasks). What we do beyond that
+  (finding the workers, reading their trees, the verdicts, the file, the
+  CLI and its output) is our overhead. Target: ≤ 1.2× the floor, in wall
+  time and in CPU time.
+* ``celery-supervise requeue FILE`` against its floor: the same
+  ``python -c`` sending the recorded task once with ``app.send_task(name,
+  args, task_id=..., queue=...)``. The record (written here, for the live
+  worker's tree) holds one finished-looking task of ``demo.tasks.add``
+  routed to a queue of this run's own that no worker consumes, so neither
+  side's message runs; each requeue run gets a fresh copy of the record
+  (and so an empty ledger, and sends it again). Reported, no target.
 
-The two commands alternate, after one unmeasured warm-up run of each. The
-worker is started here and waited for by a ping with a deadline; it is
-stopped by PID (TERM, wait, KILL) and so is anything left below it.
+All the commands rotate in order from one repeat to the next, after one
+unmeasured warm-up run of each. The worker is started here and waited for
+by a ping with a deadline; it is stopped by PID (TERM, wait, KILL) and so
+is anything left below it. The run's queue is deleted from Redis at the end.
 
 Everything runs in a private copy of ``django_app/`` (its code, not its
 ``var/``). savepid finds workers by scanning this host for ``-A demo``
@@ -39,7 +58,7 @@ from pathlib import Path
 import psutil
 
 from .forest import MARK_ENV
-from .measure import Row, Target, timed
+from .measure import Child, Row, Target, order, run_child
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_PROJECT = REPO / "django_app"
@@ -69,6 +88,28 @@ for sig, wait in ((signal.SIGTERM, float(sys.argv[2])), (signal.SIGKILL, 10.0)):
     signal.pidfd_send_signal(fd, sig)
 """
 TARGET = Target(ratio=0.3)
+FLOOR_TARGET = Target(ratio=1.2)
+#: Seconds to wait for each broker reply: savepid's and status's default, and the floor's.
+REPLY_TIMEOUT = 2.0
+
+# The floor of savepid and status: the app, one connection, the two answers
+# they need. Run from the project folder, like `celery -A`.
+FLOOR_INSPECT = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+from demo.celery import app
+inspect = app.control.inspect(limit=1, timeout=float(sys.argv[1]))
+stats, active = inspect.stats(), inspect.active()
+sys.exit(0 if stats and active is not None else 1)
+"""
+
+# The floor of requeue: send the recorded task once.
+FLOOR_SEND = """
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+from demo.celery import app
+app.send_task(sys.argv[1], args=json.loads(sys.argv[2]), task_id=sys.argv[3], queue=sys.argv[4])
+"""
 
 
 class Unavailable(Exception):
@@ -207,10 +248,8 @@ class Worker:
         self._log.close()
 
 
-def _run(cmd: list[str], env: dict, cwd: str) -> tuple[float, subprocess.CompletedProcess]:
-    return timed(lambda: subprocess.run(
-        cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=COMMAND_TIMEOUT
-    ))
+def _run(cmd: list[str], env: dict, cwd: str) -> Child:
+    return run_child(cmd, cwd=cwd, env=env, timeout=COMMAND_TIMEOUT)
 
 
 def _short(text: bytes) -> str:
@@ -225,46 +264,124 @@ def copy_project(workdir: str) -> str:
     return dst
 
 
-def measure(broker: Broker, repeats: int, workdir: str, project: str) -> Row:
-    row = Row(
-        f"savepid vs inspect, {broker.label}",
-        "celery-supervise -A demo savepid FILE",
-        "celery -A demo inspect active",
-        TARGET,
-    )
+@dataclass
+class Requeue:
+    """A record of the live worker holding one task to send again, on a queue nobody consumes."""
+
+    path: str
+    task: str
+    args: list
+    task_id: str
+    queue: str
+
+
+def write_requeue_record(workdir: str, worker_pid: int, run_id: str) -> Requeue:
+    from celery_supervise import plan, snapshot, statefile
+
+    queue = f"bench-requeue-{run_id[:12]}"
+    task = snapshot.Task(id=f"bench-requeue-{run_id[:12]}", name="demo.tasks.add", args=[2, 3], kwargs={},
+                         delivery_info={"exchange": "", "routing_key": queue}, acknowledged=True,
+                         time_start=time.time(), hostname=NODE)
+    worker = snapshot.read_worker(worker_pid, node=NODE, app="demo", tasks=[task])
+    if worker is None:
+        raise Unavailable("the worker exited before its record was written")
+    policy = plan.Policy()
+    path = os.path.join(workdir, "requeue-template.json")
+    statefile.write(path, statefile.to_document(snapshot.take([worker], "control"), policy,
+                                                plan.plan([worker], policy)))
+    return Requeue(path, task.name, list(task.args), task.id, queue)
+
+
+def _fresh_copy(record: Requeue, workdir: str, i: int) -> str:
+    """The record in a folder of its own: its ledger (kept beside it) starts empty."""
+    folder = os.path.join(workdir, f"requeue-{i}")
+    os.mkdir(folder, 0o700)
+    path = os.path.join(folder, "state.json")
+    shutil.copy(record.path, path)
+    os.chmod(path, 0o600)
+    return path
+
+
+def measure(broker: Broker, repeats: int, workdir: str, project: str, run_id: str) -> list[Row]:
     state = os.path.join(workdir, "state.json")
-    savepid = [SUPERVISE, "-A", "demo", "savepid", state]
-    inspect = [CELERY, "-A", "demo", "inspect", "active"]
     worker = Worker(broker, project, os.path.join(workdir, "worker.log"))
     try:
-        _run(savepid, broker.env, project), _run(inspect, broker.env, project)  # warm-up: .pyc, page cache
+        record = write_requeue_record(workdir, worker.proc.pid, run_id)
+        commands = {
+            "savepid": lambda i: [SUPERVISE, "-A", "demo", "savepid", state],
+            "inspect": lambda i: [CELERY, "-A", "demo", "inspect", "active"],
+            "status": lambda i: [SUPERVISE, "-A", "demo", "status"],
+            "floor": lambda i: [sys.executable, "-c", FLOOR_INSPECT, str(REPLY_TIMEOUT)],
+            "requeue": lambda i: [SUPERVISE, "-A", "demo", "requeue", _fresh_copy(record, workdir, i)],
+            "send": lambda i: [sys.executable, "-c", FLOOR_SEND, record.task, json.dumps(record.args),
+                               record.task_id, record.queue],
+        }
+        runs: dict[str, list[Child]] = {name: [] for name in commands}
         failures = []
-        for _ in range(repeats):
-            t, done = _run(savepid, broker.env, project)
-            row.ours.append(t)
-            if done.returncode != 0:
-                failures.append(f"savepid exited {done.returncode}: {_short(done.stderr)}")
-            t, done = _run(inspect, broker.env, project)
-            row.baseline.append(t)
-            if done.returncode != 0 or NODE.encode() not in done.stdout:
-                failures.append(f"inspect exited {done.returncode} without {NODE}'s reply: "
-                                f"{_short(done.stdout + done.stderr)}")
+        for name, argv in commands.items():  # warm-up: .pyc, page cache
+            _run(argv(-1), broker.env, project)
+        for i in range(repeats):
+            for name in order(i, tuple(commands)):
+                done = _run(commands[name](i), broker.env, project)
+                runs[name].append(done)
+                if done.returncode != 0:
+                    failures.append(f"{name} exited {done.returncode}: {_short(done.stderr or done.stdout)}")
+                elif name == "inspect" and NODE.encode() not in done.stdout:
+                    failures.append(f"inspect did not list {NODE}'s reply: {_short(done.stdout + done.stderr)}")
         with open(state) as f:
             doc = json.load(f)
-        workers = doc.get("workers", [])
-        row.notes.append(
-            f"{broker.label}: savepid recorded {len(workers)} worker(s) "
-            f"({sum(len(w['procs']) for w in workers)} processes), source={doc.get('source')!r}"
-            + (f", warnings: {'; '.join(doc['warnings'])}" if doc.get("warnings") else "")
-        )
-        row.notes.extend(dict.fromkeys(failures))
     finally:
         worker.stop()
-    return row
+        _forget_queue(broker, run_id)
+
+    def wall(name):
+        return [c.wall for c in runs[name]]
+
+    def cpu(name):
+        return [c.cpu for c in runs[name]]
+
+    floor_label = "python -c: import the app, inspect(limit=1).stats() + .active()"
+    send_label = "python -c: import the app, send_task(...) once"
+    rows = [
+        Row(f"savepid vs inspect, {broker.label}", "celery-supervise -A demo savepid FILE",
+            "celery -A demo inspect active", TARGET, ours=wall("savepid"), baseline=wall("inspect")),
+        Row(f"savepid vs the floor, wall, {broker.label}", "celery-supervise -A demo savepid FILE", floor_label,
+            FLOOR_TARGET, ours=wall("savepid"), baseline=wall("floor")),
+        Row(f"savepid vs the floor, CPU (user+sys), {broker.label}", "celery-supervise -A demo savepid FILE",
+            floor_label, FLOOR_TARGET, ours=cpu("savepid"), baseline=cpu("floor")),
+        Row(f"status vs the floor, wall, {broker.label}", "celery-supervise -A demo status", floor_label,
+            FLOOR_TARGET, ours=wall("status"), baseline=wall("floor")),
+        Row(f"status vs the floor, CPU (user+sys), {broker.label}", "celery-supervise -A demo status", floor_label,
+            FLOOR_TARGET, ours=cpu("status"), baseline=cpu("floor")),
+        Row(f"requeue vs the floor, wall, {broker.label}", "celery-supervise -A demo requeue FILE", send_label,
+            Target(), ours=wall("requeue"), baseline=wall("send")),
+        Row(f"requeue vs the floor, CPU (user+sys), {broker.label}", "celery-supervise -A demo requeue FILE",
+            send_label, Target(), ours=cpu("requeue"), baseline=cpu("send")),
+    ]
+    workers = doc.get("workers", [])
+    rows[0].notes.append(
+        f"{broker.label}: savepid recorded {len(workers)} worker(s) "
+        f"({sum(len(w['procs']) for w in workers)} processes), source={doc.get('source')!r}"
+        + (f", warnings: {'; '.join(doc['warnings'])}" if doc.get("warnings") else "")
+    )
+    rows[1].notes.append("the floor makes savepid's two round trips (stats, active) and nothing else; "
+                         f"same worker, same broker, reply timeout {REPLY_TIMEOUT:g} s with limit=1 on both sides")
+    rows[0].notes.extend(dict.fromkeys(failures))
+    return rows
+
+
+def _forget_queue(broker: Broker, run_id: str) -> None:
+    """Delete this run's requeue queue (and its bindings) from Redis."""
+    if not broker.env.get("CELERY_BROKER_URL", "").startswith("redis"):
+        return
+    sys.path.insert(0, str(REPO / "tests"))
+    from brokers import clean_redis
+
+    clean_redis(broker.env["CELERY_BROKER_URL"], f"bench-requeue-{run_id[:12]}")
 
 
 def run(run_id: str, quick: bool = False, project_timeout: float = 1800.0) -> list[Row]:
-    repeats = 3 if quick else 5
+    repeats = 5 if quick else 9
     if not wait_for_project(project_timeout):
         return [Row("savepid vs inspect", "celery-supervise savepid", "celery inspect active", TARGET,
                     skipped=f"{SOURCE_PROJECT} has no demo project")]
@@ -276,8 +393,10 @@ def run(run_id: str, quick: bool = False, project_timeout: float = 1800.0) -> li
         if not quick:
             makers.append(("filesystem transport", lambda: filesystem_broker(run_id, os.path.join(workdir, "broker"))))
         for label, make in makers:
+            folder = os.path.join(workdir, label.split()[0].lower())
+            os.mkdir(folder)
             try:
-                rows.append(measure(make(), repeats, workdir, project))
+                rows.extend(measure(make(), repeats, folder, project, run_id))
             except Unavailable as exc:
                 rows.append(Row(f"savepid vs inspect, {label}", "celery-supervise savepid",
                                 "celery inspect active", TARGET, skipped=str(exc)))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
+import select
 import signal
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,10 @@ DENIED = "access denied"
 
 POLL_INTERVAL = 0.02
 KILL_WAIT = 2.0  # after SIGKILL, only the kernel can still delay the exit
+#: File descriptors left free for everything else while targets are pinned.
+FD_HEADROOM = 64
+#: After a burst of exits, wait this long for more before looking again.
+COALESCE = 0.002
 
 
 @dataclass(frozen=True)
@@ -119,20 +125,159 @@ def alive(proc: Proc) -> bool:
     return current is not None and proc.same_process(current)
 
 
+class Pins:
+    """The pidfds of one kill's targets, each pinned and identity-checked once.
+
+    :func:`signal_proc` opens a pidfd, re-reads the creation time, signals
+    and closes, for every signal; a 1,000-process kill then spends more
+    time on ``/proc`` than on signals, and waits by re-reading every
+    survivor's ``stat`` every :data:`POLL_INTERVAL`. Here each target's
+    pidfd is opened and its identity checked once, before the kill's first
+    signal (:meth:`pin`); the pidfd then names that very process for as
+    long as it is open, so every signal through it (the SIGTERM, a SIGKILL
+    after the grace) reaches that process or nobody, whatever happens to
+    its PID. The same pidfds tell when each process has exited:
+    one becomes readable when its process is a zombie or reaped, which is
+    what "gone" means everywhere here, so the wait is an ``epoll`` on
+    them, woken by the exits themselves instead of a poll.
+
+    Every target is pinned before the first signal is sent: the pinning
+    reads ``/proc``, and a kill that interleaves those reads with its
+    signals competes for the CPU with the processes it has just signalled,
+    which are busy exiting. Pinned first, the signals then go out as fast
+    as a bare ``kill`` loop sends them.
+
+    At most *budget* pidfds are held (a kill must not exhaust the file
+    descriptor limit); a target beyond it, or on a kernel without pidfds,
+    is signalled by :func:`signal_proc` and waited for by :func:`alive`.
+    """
+
+    def __init__(self, budget: int | None = None):
+        self.budget = _fd_budget() if budget is None else budget
+        self.fds: dict[int, int] = {}  # pid -> pidfd, for every pinned process (closed once it exited)
+        self.pids: dict[int, int] = {}  # open pidfd -> pid
+        self.settled: dict[int, str] = {}  # pid -> NO_PROCESS or REUSED, found when pinning
+        self.exited: set[int] = set()
+        self.poller = select.epoll()
+
+    def pin(self, procs_: Iterable[Proc]) -> None:
+        """Open and check a pidfd for each of *procs_* not pinned yet."""
+        for proc in procs_:
+            if proc.pid in self.fds or proc.pid in self.settled or len(self.fds) >= self.budget:
+                continue
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except ProcessLookupError:
+                self.settled[proc.pid] = NO_PROCESS
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOSYS, errno.EINVAL):
+                    raise
+                self.budget = len(self.fds)  # no more pidfds: the rest go through signal_proc
+                continue
+            # The pidfd is pinned first, then the identity read: a PID reused
+            # before pidfd_open shows another creation time here.
+            current = procs.live_identity(proc.pid)
+            if current is None or not proc.same_process(current):
+                os.close(fd)
+                self.settled[proc.pid] = NO_PROCESS if current is None else REUSED
+                continue
+            self.fds[proc.pid] = fd
+            self.pids[fd] = proc.pid
+            self.poller.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+        self._collect(0)
+
+    def signal(self, proc: Proc, sig: int) -> str:
+        """Send *sig* to *proc* through its pidfd (:func:`signal_proc` when not pinned)."""
+        if proc.pid in self.settled:
+            return self.settled[proc.pid]
+        fd = self.fds.get(proc.pid)
+        if fd is None:
+            return signal_proc(proc, sig)
+        if proc.pid in self.exited:
+            return NO_PROCESS
+        try:
+            signal.pidfd_send_signal(fd, sig)
+        except ProcessLookupError:
+            return NO_PROCESS
+        except PermissionError:
+            return DENIED
+        return SENT
+
+    def alive(self, proc: Proc) -> bool:
+        if proc.pid in self.fds:
+            return proc.pid not in self.exited
+        return alive(proc)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait *seconds*, or less once every pinned process has exited."""
+        if len(self.exited) == len(self.fds):
+            time.sleep(seconds)  # only unpinned ones (if any) are left, to be polled
+            return
+        deadline = time.monotonic() + seconds
+        while len(self.exited) < len(self.fds):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if self._collect(left) and len(self.exited) < len(self.fds):
+                # A tree's processes exit in bursts: gather a burst rather
+                # than wake (and be scheduled) once per exit.
+                time.sleep(min(COALESCE, max(0.0, deadline - time.monotonic())))
+
+    def _collect(self, timeout: float) -> int:
+        # One-shot: a reported pidfd is disarmed by the kernel, not
+        # unregistered one by one. Its process has exited, so it will never
+        # be signalled again (signal() checks `exited` first): closed now,
+        # while the rest are still exiting, rather than all at the end.
+        ready = self.poller.poll(timeout, max(1, len(self.fds)))
+        for fd, _events in ready:
+            self.exited.add(self.pids.pop(fd))
+            os.close(fd)
+        return len(ready)
+
+    def close(self) -> None:
+        self.poller.close()
+        for fd in self.pids:  # those whose process has not been seen to exit
+            os.close(fd)
+        self.pids.clear()
+
+    def __enter__(self) -> "Pins":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fd_budget() -> int:
+    """How many pidfds a kill may hold: the soft limit, less those open, less a margin."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 256
+    return max(0, soft - in_use - FD_HEADROOM)
+
+
 def execute(
     verdicts: Iterable[Verdict],
     *,
     grace: float,
     dry_run: bool = False,
-    signaller: Callable[[Proc, int], str] = signal_proc,
-    is_alive: Callable[[Proc], bool] = alive,
+    signaller: Callable[[Proc, int], str] | None = None,
+    is_alive: Callable[[Proc], bool] | None = None,
     clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
     on_wait: Callable[[int, float, float], None] | None = None,
 ) -> KillReport:
     """Apply *verdicts*: TERM every ``kill`` bottom-up, wait *grace*, KILL the rest.
 
-    *on_wait(left, elapsed, grace)* is called while waiting, for progress.
+    By default the targets are pinned with pidfds (see :class:`Pins`),
+    which also say when each one has exited. *signaller*, *is_alive* and
+    *sleep* replace those (for tests: :func:`signal_proc`, :func:`alive` and
+    ``time.sleep`` are the per-signal equivalents). *on_wait(left,
+    elapsed, grace)* is called while waiting, for progress.
     """
     report = KillReport(dry_run=dry_run)
     targets = []
@@ -157,27 +302,43 @@ def execute(
                 report.outcomes.append(Outcome(v.proc, v.worker_pid, WOULD_KILL, v.reason))
         return report
 
-    termed = _send_all(bottom_up(targets), signal.SIGTERM, signaller, report)
-    left = _wait(termed, grace, is_alive, clock, sleep, on_wait)
+    ordered = bottom_up(targets)
+    with Pins(budget=0 if signaller is not None else None) as pins:
+        pins.pin(v.proc for v in ordered)
+        act = _Acts(signaller or pins.signal, is_alive or pins.alive, clock, sleep or pins.sleep)
+        _carry_out(ordered, grace, act, report, on_wait)
+    return report
+
+
+@dataclass(frozen=True)
+class _Acts:
+    signal: Callable[[Proc, int], str]
+    alive: Callable[[Proc], bool]
+    clock: Callable[[], float]
+    sleep: Callable[[float], None]
+
+
+def _carry_out(targets: list[Verdict], grace: float, act: _Acts, report: KillReport, on_wait) -> None:
+    termed = _send_all(targets, signal.SIGTERM, act, report)
+    left = _wait(termed, grace, act, on_wait)
     left_pids = {v.proc.pid for v in left}
     for v in termed:
         if v.proc.pid not in left_pids:
             report.outcomes.append(Outcome(v.proc, v.worker_pid, KILLED, v.reason, "SIGTERM"))
     if left:
-        killed = _send_all(left, signal.SIGKILL, signaller, report)
-        survivors = {v.proc.pid for v in _wait(killed, KILL_WAIT, is_alive, clock, sleep, None)}
+        killed = _send_all(left, signal.SIGKILL, act, report)
+        survivors = {v.proc.pid for v in _wait(killed, KILL_WAIT, act, None)}
         for v in killed:
             if v.proc.pid in survivors:
                 report.outcomes.append(Outcome(v.proc, v.worker_pid, FAILED, "survived SIGKILL"))
             else:
                 report.outcomes.append(Outcome(v.proc, v.worker_pid, KILLED, v.reason, "SIGKILL"))
-    return report
 
 
-def _send_all(targets: list[Verdict], sig: int, signaller, report: KillReport) -> list[Verdict]:
+def _send_all(targets: list[Verdict], sig: int, act: _Acts, report: KillReport) -> list[Verdict]:
     sent = []
     for v in targets:
-        result = signaller(v.proc, sig)
+        result = act.signal(v.proc, sig)
         if result == SENT:
             sent.append(v)
         elif result == NO_PROCESS:
@@ -191,16 +352,20 @@ def _send_all(targets: list[Verdict], sig: int, signaller, report: KillReport) -
     return sent
 
 
-def _wait(targets: list[Verdict], timeout: float, is_alive, clock, sleep, on_wait) -> list[Verdict]:
-    """Poll until every target is gone or *timeout* passes; return the living."""
-    start = clock()
-    left = [v for v in targets if is_alive(v.proc)]
+def _wait(targets: list[Verdict], timeout: float, act: _Acts, on_wait) -> list[Verdict]:
+    """Wait until every target is gone or *timeout* passes; return the living.
+
+    ``act.sleep`` returns early once every pinned target has exited, so
+    the end of the wait is seen when it happens, not at the next poll.
+    """
+    start = act.clock()
+    left = [v for v in targets if act.alive(v.proc)]
     while left:
-        elapsed = clock() - start
+        elapsed = act.clock() - start
         if elapsed >= timeout:
             break
         if on_wait is not None:
             on_wait(len(left), elapsed, timeout)
-        sleep(min(POLL_INTERVAL, max(0.0, timeout - elapsed)))
-        left = [v for v in left if is_alive(v.proc)]
+        act.sleep(min(POLL_INTERVAL, max(0.0, timeout - elapsed)))
+        left = [v for v in left if act.alive(v.proc)]
     return left

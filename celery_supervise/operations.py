@@ -159,8 +159,8 @@ def adopt_group_orphans(main: Proc, live: dict[int, Proc]) -> None:
         if orphan.pid in live:
             continue
         live[orphan.pid] = orphan
-        for kid in procs.walk(orphan):
-            live.setdefault(kid.pid, kid)
+        for kid in procs.walk(orphan, skip=live):
+            live[kid.pid] = kid
 
 
 def with_group_orphans(worker: Worker) -> Worker:
@@ -193,8 +193,10 @@ def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
     """
     settled: list[Outcome] = []
     live: dict[int, Proc] = {}
+    threads: dict[int, int] = {}
     for rec in worker.procs:
-        cur = procs.read_proc(rec.pid)
+        found = procs.read_proc_threads(rec.pid)
+        cur = None if found is None else found[0]
         if cur is None:
             settled.append(Outcome(rec, worker.main.pid, GONE, "already gone"))
         elif not rec.same_process(cur):
@@ -203,13 +205,17 @@ def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
             )
         else:
             live[rec.pid] = cur.with_role(rec.role)
+            threads[rec.pid] = found[1]
     # Decided before the walks: a process found below a survivor under the
     # recorded main's PID is a newcomer that recycled it, not the main (the
     # main itself failed the check above), and must not be planned as one.
     main_alive = worker.main.pid in live
+    # Each survivor's children are read once: a walk skips the processes
+    # already held (they get walks of their own), so a 1,000-process tree
+    # costs 1,000 reads, not one per process per ancestor.
     for p in list(live.values()):
-        for kid in procs.walk(p):
-            live.setdefault(kid.pid, kid)
+        for kid in procs.walk(p, threads=threads[p.pid], skip=live):
+            live[kid.pid] = kid
     adopt_group_orphans(worker.main, live)
     main = live[worker.main.pid] if main_alive else worker.main
     rest = []

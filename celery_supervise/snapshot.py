@@ -110,10 +110,11 @@ def read_worker(
     tasks: Iterable[Task] = (),
 ) -> Worker | None:
     """Read one worker's live tree, or ``None`` if its main process is gone."""
-    main = procs.read_proc(main_pid, role=MAIN)
-    if main is None:
+    found = procs.read_proc_threads(main_pid, role=MAIN)
+    if found is None:
         return None
-    tree = assign_roles(main, procs.walk(main), pool_pids)
+    main, threads = found
+    tree = assign_roles(main, procs.walk(main, threads=threads), pool_pids)
     return Worker(
         main=tree[0],
         procs=tree,
