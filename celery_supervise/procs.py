@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Iterable, Iterator
+from typing import Container, Iterable, Iterator
 
 import psutil
 
@@ -69,25 +69,59 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def _read(path: str) -> bytes:
     # Raw os.open/os.read: no buffered file object per read, which is a
-    # third of the cost of a walk over a large tree.
+    # third of the cost of a walk over a large tree. One read is enough for
+    # nearly every file here; a longer one (a long command line) loops.
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = [os.read(fd, 8192)]
-        while len(chunks[-1]) == 8192:
-            chunks.append(os.read(fd, 8192))
+        data = os.read(fd, _CHUNK)
+        if len(data) < _CHUNK:
+            return data
+        chunks = [data]
+        while len(chunks[-1]) == _CHUNK:
+            chunks.append(os.read(fd, _CHUNK))
         return b"".join(chunks)
     finally:
         os.close(fd)
 
 
-def parse_stat(data: bytes) -> tuple[str, int, int, int, int]:
-    """(state, ppid, pgid, sid, starttime ticks) from ``/proc/PID/stat``.
+_CHUNK = 8192
 
-    The command name in parentheses may itself contain spaces and
-    parentheses, so the fields are counted from the *last* ``)``.
+
+def _read_children(path: str) -> bytes:
+    """A ``children`` file, whole.
+
+    Unlike ``stat`` or ``status``, it is produced a page at a time: each
+    read returns at most 4,096 bytes however much is asked for, so a read
+    shorter than asked is not the end. Stopping there would lose every
+    child after the first 682 or so (5-digit PIDs). Read until EOF.
     """
-    fields = data[data.rindex(b")") + 2:].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19])
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, _CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# Field indexes in /proc/PID/stat, counted from the state (the first field
+# after the command name): proc(5)'s field number minus 3.
+_STATE, _PPID, _PGID, _SID, _THREADS, _START, _SIGIGNORE = 0, 1, 2, 3, 17, 19, 30
+
+
+def _stat_fields(data: bytes, last: int = _SIGIGNORE) -> list[bytes]:
+    # The command name in parentheses may itself contain spaces and
+    # parentheses, so the fields are counted from the *last* ``)``. Only
+    # the fields up to *last* are split off: the line has some fifty.
+    return data[data.rindex(b")") + 2:].split(None, last + 1)
+
+
+def parse_stat(data: bytes) -> tuple[str, int, int, int, int]:
+    """(state, ppid, pgid, sid, starttime ticks) from ``/proc/PID/stat``."""
+    fields = _stat_fields(data, _START)
+    return (fields[_STATE].decode(), int(fields[_PPID]), int(fields[_PGID]), int(fields[_SID]),
+            int(fields[_START]))
 
 
 def parse_cmdline(data: bytes) -> tuple[str, ...]:
@@ -191,50 +225,82 @@ def _status_fields(data: bytes) -> tuple[int, bool]:
     return (int(uid.group(1)) if uid else -1), bool(sigign and int(sigign.group(1), 16) & SIGHUP_BIT)
 
 
+def _real_uid(data: bytes) -> int:
+    # str.find, not the regular expression: this runs for every process of
+    # every snapshot, and "Uid:" is never the first line.
+    at = data.find(b"\nUid:")
+    if at < 0:
+        return -1
+    fields = data[at + 5:data.find(b"\n", at + 5)].split()
+    return int(fields[0]) if fields else -1
+
+
 def read_proc(pid: int, role: str = TASK) -> Proc | None:
     """Snapshot one process, or ``None`` if it is gone (or a zombie).
 
     Three files are read directly rather than through ``psutil.Process``:
     a worker tree can hold a thousand processes and psutil's per-process
     overhead (object set-up, reuse checks, a file read per accessor) costs
-    about 230 us each against about 80 us here. The values are the ones
+    about 230 us each against about 50 us here. The values are the ones
     psutil computes; ``create_time_of`` uses psutil's boot time, read once.
 
     A zombie has already exited: signalling it does nothing and it has no
     children left, so for our purposes it is gone.
     """
+    found = read_proc_threads(pid, role)
+    return None if found is None else found[0]
+
+
+def read_proc_threads(pid: int, role: str = TASK) -> tuple[Proc, int] | None:
+    """:func:`read_proc`, plus the process's thread count (for :func:`child_pids`).
+
+    ``SigIgn`` comes from ``/proc/PID/stat`` (its ``sigignore`` field holds
+    the same mask as ``status`` for the classic signals, SIGHUP among
+    them), so ``status`` is read only for the real uid.
+    """
+    base = f"/proc/{pid}/"
     try:
-        state, ppid, pgid, sid, start = parse_stat(_read(f"/proc/{pid}/stat"))
-        if state == "Z":
+        fields = _stat_fields(_read(base + "stat"))
+        if fields[_STATE] == b"Z":
             return None
-        uid, ignored = _status_fields(_read(f"/proc/{pid}/status"))
+        uid = _real_uid(_read(base + "status"))
         try:
-            cmdline = parse_cmdline(_read(f"/proc/{pid}/cmdline"))
+            cmdline = parse_cmdline(_read(base + "cmdline"))
         except PermissionError:
             cmdline = ()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return Proc(
+    proc = Proc(
         pid=pid,
-        ppid=ppid,
-        create_time=create_time_of(start),
-        pgid=pgid,
-        sid=sid,
+        ppid=int(fields[_PPID]),
+        create_time=create_time_of(int(fields[_START])),
+        pgid=int(fields[_PGID]),
+        sid=int(fields[_SID]),
         uid=uid,
         cmdline=cmdline,
-        sighup_ignored=ignored,
+        sighup_ignored=bool(int(fields[_SIGIGNORE]) & SIGHUP_BIT),
         role=role,
     )
+    return proc, int(fields[_THREADS])
 
 
-def child_pids(pid: int) -> list[int]:
+def child_pids(pid: int, threads: int = 0) -> list[int]:
     """Direct children of *pid*, from ``/proc/PID/task/*/children``.
 
     psutil's ``children()`` scans every process on the machine to find
     them; these files cost only what the tree costs. A child forked while we
     read may be missed; callers that must not miss late births (the kill)
     also scan the worker's process group.
+
+    Each thread lists the children it forked itself. With *threads* = 1 (as
+    :func:`read_proc_threads` read it) the main thread's file is the only
+    one, and the listing of ``task/`` is skipped; 0 means unknown.
     """
+    if threads == 1:
+        try:
+            return [int(x) for x in _read_children(f"/proc/{pid}/task/{pid}/children").split()]
+        except (FileNotFoundError, ProcessLookupError):
+            return []
     kids: list[int] = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -242,41 +308,45 @@ def child_pids(pid: int) -> list[int]:
         return kids
     for tid in tids:
         try:
-            kids.extend(int(x) for x in _read(f"/proc/{pid}/task/{tid}/children").split())
+            kids.extend(int(x) for x in _read_children(f"/proc/{pid}/task/{tid}/children").split())
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread or the process exited meanwhile
     return kids
 
 
-def walk(root: Proc) -> Iterator[Proc]:
+def walk(root: Proc, *, threads: int = 0, skip: Container[int] = frozenset()) -> Iterator[Proc]:
     """Yield *root*'s live descendants, parents before children.
 
     Each child is checked against its parent's identity: a child whose
-    parent was replaced meanwhile is not ours.
+    parent was replaced meanwhile is not ours. PIDs in *skip* (processes
+    the caller already holds) are neither read nor descended into, and
+    *threads* is *root*'s thread count when known (see :func:`child_pids`).
     """
-    stack = [root]
+    stack = [(root, threads)]
     while stack:
-        parent = stack.pop()
-        for kid in child_pids(parent.pid):
-            proc = read_proc(kid)
-            # A PID listed as our child must still name our child when read.
-            if proc is None or proc.ppid != parent.pid:
+        parent, count = stack.pop()
+        for kid in child_pids(parent.pid, count):
+            if kid in skip:
                 continue
-            yield proc
-            stack.append(proc)
+            found = read_proc_threads(kid)
+            # A PID listed as our child must still name our child when read.
+            if found is None or found[0].ppid != parent.pid:
+                continue
+            yield found[0]
+            stack.append(found)
 
 
 def live_identity(pid: int) -> float | None:
     """Creation time of the live process *pid*, or ``None`` if it is gone.
 
-    One read of ``/proc/PID/stat``: this runs for every target on every
-    poll of a kill's wait loop.
+    One read of ``/proc/PID/stat``: this runs before the first signal to
+    every target of a kill, and on every poll of a wait for unpinned ones.
     """
     try:
-        state, _ppid, _pgid, _sid, start = parse_stat(_read(f"/proc/{pid}/stat"))
+        fields = _stat_fields(_read(f"/proc/{pid}/stat"), _START)
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return None if state == "Z" else create_time_of(start)
+    return None if fields[_STATE] == b"Z" else create_time_of(int(fields[_START]))
 
 
 def pids_in_group(pgid: int) -> list[int]:
