@@ -19,7 +19,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from . import __version__, operations, report, restart as restarting
+from . import __version__, audit as auditing, operations, report, restart as restarting
 from .control import load_app
 from .errors import (
     EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, SuperviseError, UsageError, exit_code_help,
@@ -133,7 +133,16 @@ def root(
     version: Annotated[
         bool, typer.Option("--version", is_eager=True, callback=show_version, help="Print the version and exit."),
     ] = False,
+    audit_log: Annotated[
+        Optional[str],
+        typer.Option("--audit-log", metavar="PATH", envvar=auditing.ENV,
+                     help="Append a JSON line before and after every signal sent here. [default: "
+                     "/var/log/celery-supervise/audit.jsonl as root, else $XDG_STATE_HOME/celery-supervise/audit.jsonl]"),
+    ] = None,
 ):
+    if audit_log:
+        # The one setting every signalling path reads (kill, restart, deploy): for this run.
+        os.environ[auditing.ENV] = os.path.abspath(audit_log)
     ctx.obj = State(app_spec)
 
 
@@ -378,6 +387,23 @@ def print_config(
     result = printing.print_config(request)
     out, err = consoles()
     return report.render_print_config(out, err, result, as_json)
+
+
+@app.command()
+def audit(
+    since: Annotated[
+        Optional[str], typer.Option("--since", metavar="T", help="Only signals from T on: an ISO time (UTC unless "
+                                    "it says) or an age such as 30s, 10m, 2h, 1d.")
+    ] = None,
+    pid: Annotated[Optional[int], typer.Option("--pid", metavar="N", help="Only the signals sent to PID N.")] = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """Read the audit log back: one row per signal, its intent joined to its outcome (see --audit-log)."""
+    from .commands import audit as auditing_cmd
+
+    result = auditing_cmd.audit(since=since, pid=pid)
+    out, err = consoles()
+    return report.render_audit(out, err, result, as_json)
 
 
 @app.command()

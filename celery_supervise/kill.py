@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from . import procs
+from . import audit as auditing, procs
 from .plan import KILL, REFUSE, SPARE, Verdict
 from .procs import Proc
 
@@ -56,6 +56,7 @@ class KillReport:
     outcomes: list[Outcome] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+    audit: dict | None = None  # AuditLog.document() of the run; None when nothing was to be signalled
 
     def by_status(self, status: str) -> list[Outcome]:
         return [o for o in self.outcomes if o.status == status]
@@ -270,6 +271,7 @@ def execute(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] | None = None,
     on_wait: Callable[[int, float, float], None] | None = None,
+    audit: auditing.AuditLog | None = None,
 ) -> KillReport:
     """Apply *verdicts*: TERM every ``kill`` bottom-up, wait *grace*, KILL the rest.
 
@@ -277,7 +279,9 @@ def execute(
     which also say when each one has exited. *signaller*, *is_alive* and
     *sleep* replace those (for tests: :func:`signal_proc`, :func:`alive` and
     ``time.sleep`` are the per-signal equivalents). *on_wait(left,
-    elapsed, grace)* is called while waiting, for progress.
+    elapsed, grace)* is called while waiting, for progress. *audit* gets
+    each round of signals before (intent) and after (outcome) it is sent;
+    a log it cannot write becomes a warning, never a reason not to kill.
     """
     report = KillReport(dry_run=dry_run)
     targets = []
@@ -305,8 +309,12 @@ def execute(
     ordered = bottom_up(targets)
     with Pins(budget=0 if signaller is not None else None) as pins:
         pins.pin(v.proc for v in ordered)
-        act = _Acts(signaller or pins.signal, is_alive or pins.alive, clock, sleep or pins.sleep)
+        act = _Acts(signaller or pins.signal, is_alive or pins.alive, clock, sleep or pins.sleep, audit)
         _carry_out(ordered, grace, act, report, on_wait)
+    if audit is not None and ordered:
+        report.audit = audit.document()
+        if audit.warning():
+            report.warnings.append(audit.warning())
     return report
 
 
@@ -316,6 +324,11 @@ class _Acts:
     alive: Callable[[Proc], bool]
     clock: Callable[[], float]
     sleep: Callable[[float], None]
+    audit: auditing.AuditLog | None = None
+
+
+#: How the audit log words each result of a signal attempt.
+AUDIT_OUTCOMES = {SENT: auditing.DELIVERED, NO_PROCESS: auditing.GONE, REUSED: auditing.REFUSED}
 
 
 def _carry_out(targets: list[Verdict], grace: float, act: _Acts, report: KillReport, on_wait) -> None:
@@ -336,9 +349,15 @@ def _carry_out(targets: list[Verdict], grace: float, act: _Acts, report: KillRep
 
 
 def _send_all(targets: list[Verdict], sig: int, act: _Acts, report: KillReport) -> list[Verdict]:
+    # The intents are on disk before the first signal of the round, the
+    # outcomes written once the round is over: two writes, not two per target.
+    if act.audit is not None:
+        act.audit.intend(sig, [(v.proc, v.reason) for v in targets])
+    results = [(v, act.signal(v.proc, sig)) for v in targets]
+    if act.audit is not None:
+        act.audit.settle(sig, [(v.proc, v.reason, AUDIT_OUTCOMES.get(r, f"error: {r}")) for v, r in results])
     sent = []
-    for v in targets:
-        result = act.signal(v.proc, sig)
+    for v, result in results:
         if result == SENT:
             sent.append(v)
         elif result == NO_PROCESS:

@@ -52,7 +52,7 @@ from typing import Callable, Iterable, TextIO
 import psutil
 from supervisor import childutils
 
-from . import control, discovery, kill as killing, operations, procs, report, snapshot, statefile
+from . import audit as auditing, control, discovery, kill as killing, operations, procs, report, snapshot, statefile
 from .errors import EXIT_USAGE, SuperviseError, UsageError
 from .plan import Policy, plan
 from .snapshot import Task
@@ -434,7 +434,7 @@ class Listener:
         if rec is None:
             return
         try:
-            result = operations.kill(path, grace=self.grace)
+            result = operations.kill(path, grace=self.grace, audit=auditing.AuditLog("listener"))
         except SuperviseError as exc:
             if not os.path.lexists(path):
                 return  # another reaper got there first, under the lock
@@ -484,15 +484,22 @@ class Listener:
             elif replaced and self._ours(sup):
                 orphans.append((path, main, f"{why}: still running"))
         if orphans:
-            self.warm_stop([main for _, main, _ in orphans])
+            self.warm_stop([main for _, main, _ in orphans], {main.pid: path for path, main, _ in orphans})
             for path, _, reason in orphans:
                 self.reap(path, reason)
 
-    def warm_stop(self, mains: list[procs.Proc]) -> None:
+    def warm_stop(self, mains: list[procs.Proc], records: dict[int, str] | None = None) -> None:
         """SIGTERM the mains alone (Celery's warm shutdown), wait up to --grace for them."""
-        for main in mains:
-            result = killing.signal_proc(main, signal.SIGTERM)
+        audit = auditing.AuditLog("listener")
+        audit.records.update(records or {})
+        reason = "warm stop: the worker's supervisord is gone"
+        audit.intend(signal.SIGTERM, [(main, reason) for main in mains])
+        results = [(main, killing.signal_proc(main, signal.SIGTERM)) for main in mains]
+        audit.settle(signal.SIGTERM, [(main, reason, killing.AUDIT_OUTCOMES.get(r, f"error: {r}")) for main, r in results])
+        for main, result in results:
             self.log("warm-stop", pid=main.pid, result=result, grace=self.grace)
+        if audit.error:
+            self.log("warning", warning=audit.warning())
         deadline = time.monotonic() + self.grace
         while any(killing.alive(m) for m in mains) and time.monotonic() < deadline:
             time.sleep(killing.POLL_INTERVAL)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import psutil
 
-from . import control, discovery, drain as draining, procs, restart as restarting, statefile
+from . import audit as auditing, control, discovery, drain as draining, procs, restart as restarting, statefile
 from .discovery import Discovery
 from .errors import PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
 from .lock import reaper_lock
@@ -308,16 +308,25 @@ def kill(
     dry_run: bool = False,
     app_spec: str | None = None,
     on_wait: Callable[[int, float, float], None] | None = None,
+    audit: auditing.AuditLog | None = None,
 ) -> KillReport:
-    """Kill what *path* recorded (and its late-born orphans) by the verdicts."""
+    """Kill what *path* recorded (and its late-born orphans) by the verdicts.
+
+    Every signal goes to *audit* (by default the audit log of a ``kill``
+    command, see :mod:`celery_supervise.audit`), with *path* as its record.
+    """
     if grace < 0:
         raise UsageError("--grace must not be negative")
+    if audit is None:
+        audit = auditing.AuditLog("kill")
+    audit.record = audit.record or os.path.abspath(path)
     # A dry run changes nothing, so it need not wait for a running reaper.
     with contextlib.nullcontext() if dry_run else reaper_lock():
-        return _kill_locked(path, policy=policy, grace=grace, dry_run=dry_run, app_spec=app_spec, on_wait=on_wait)
+        return _kill_locked(path, policy=policy, grace=grace, dry_run=dry_run, app_spec=app_spec, on_wait=on_wait,
+                            audit=audit)
 
 
-def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillReport:
+def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait, audit) -> KillReport:
     # Read under the lock: a reaper that waited sees the world as the
     # previous one left it, and its re-verification reports those as gone.
     record = statefile.read_here(path)
@@ -339,7 +348,7 @@ def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillRepo
             settled += done
         sup = [w.supervisor_pid for w in record.snapshot.workers if w.supervisor_pid]
     verdicts = plan(workers, policy, protected_pids(sup))
-    report = execute(verdicts, grace=grace, dry_run=dry_run, on_wait=on_wait)
+    report = execute(verdicts, grace=grace, dry_run=dry_run, on_wait=on_wait, audit=audit)
     report.outcomes[:0] = settled
     report.warnings[:0] = warnings
     return report
@@ -695,7 +704,8 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     phase(restarting.STOP, t, f"{len(was_running)} of {len(result.processes)} process(es) were running")
 
     t = clock()
-    result.kill = killed = kill(path, grace=grace, app_spec=app_spec, on_wait=on_wait)
+    result.kill = killed = kill(path, grace=grace, app_spec=app_spec, on_wait=on_wait,
+                                audit=auditing.AuditLog("restart"))
     result.warnings += killed.warnings
     phase(restarting.KILL, t, _kill_summary(killed))
 

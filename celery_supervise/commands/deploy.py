@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import control, discovery, operations, procs, report, requeue as requeuing, rpc
+from ..audit import AuditLog
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, StateFileError, SuperviseError, SupervisorError, UsageError
 from ..kill import KillReport
 from ..plan import Policy
@@ -467,7 +468,8 @@ def _kill(run: _Run) -> None:
     o, result = run.options, run.result
     run.step(f"killing what the workers left behind (grace {o.grace:g}s)")
     t = run.clock()
-    result.kill = killed = operations.kill(result.state_file, grace=o.grace, app_spec=o.app_spec, on_wait=run.on_wait)
+    result.kill = killed = operations.kill(result.state_file, grace=o.grace, app_spec=o.app_spec, on_wait=run.on_wait,
+                                           audit=AuditLog("deploy"))
     result.warnings += killed.warnings
     run.phase(KILL, t, report.summary_line(killed))
     if killed.partial:  # the workers are started all the same: a worker down is worse than a stray process
