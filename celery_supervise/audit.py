@@ -29,6 +29,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import signal as signals
 import stat
 import sys
@@ -61,6 +62,15 @@ def default_path(env: Mapping[str, str] = os.environ, euid: int | None = None) -
     return os.path.join(state, "celery-supervise", FILE_NAME)
 
 
+# user:password@ in a URL on our command line (--supervisor-url, a broker URL).
+_SECRET = re.compile(r"(://[^/@:\s]*:)[^@/\s]*@")
+
+
+def redact(arg: str) -> str:
+    """*arg* without the password of a URL in it: the log outlives the command line."""
+    return _SECRET.sub(r"\1***@", arg)
+
+
 def iso(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(timespec="microseconds").replace(
         "+00:00", "Z")
@@ -89,7 +99,7 @@ class AuditLog:
         self.path = os.path.abspath(path or default_path(env))
         self.record = record
         self.records: dict[int, str] = {}  # pid -> its own record, where one run spans several (warm-stop)
-        self.argv = list(sys.argv if argv is None else argv)
+        self.argv = [redact(a) for a in (sys.argv if argv is None else argv)]
         self.clock = clock
         self.run = uuid.uuid4().hex
         self.uid = os.getuid()

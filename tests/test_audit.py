@@ -321,3 +321,12 @@ def test_default_path_is_roots_or_the_users():
     assert auditing.default_path({"XDG_STATE_HOME": "/x"}, euid=1000) == "/x/celery-supervise/audit.jsonl"
     assert auditing.default_path({auditing.ENV: "/y.jsonl"}, euid=0) == "/y.jsonl"
     assert auditing.default_path({}, euid=1000).endswith("/.local/state/celery-supervise/audit.jsonl")
+
+
+def test_passwords_in_urls_on_the_command_line_are_not_logged(tmp_path):
+    path = tmp_path / "log" / "audit.jsonl"
+    log = auditing.AuditLog("restart", path=str(path), argv=["cs", "--supervisor-url", "http://admin:s3cret@h:9001"])
+    log.intend(15, [(fake_proc(4242), "test")])
+    (line,) = logged(path)
+    assert line["command"]["argv"] == ["cs", "--supervisor-url", "http://admin:***@h:9001"]
+    assert "s3cret" not in path.read_text()
