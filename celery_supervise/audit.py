@@ -167,9 +167,10 @@ def open_log(path: str) -> int:
     """Open *path* for appending, creating it (and its folder) mode 0600/0700; refuse what is unsafe."""
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
-        if os.path.lexists(folder):
-            raise LogRefused(f"{folder} is not a folder")
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+        try:  # another writer may be creating it at this very moment: exist_ok
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except FileExistsError:
+            raise LogRefused(f"{folder} is not a folder") from None
     _check_folder(folder)
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:

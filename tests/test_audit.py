@@ -245,16 +245,18 @@ def test_concurrent_writers_never_interleave_inside_a_line(tmp_path):
     path = tmp_path / "log" / "audit.jsonl"
     fat = fake_proc(7, cmdline=("x" * 3000,))  # lines far longer than PIPE_BUF
 
+    logs = [auditing.AuditLog(f"w{n}", path=str(path)) for n in range(4)]
+
     def writer(n):
-        log = auditing.AuditLog(f"w{n}", path=str(path))
         for _ in range(40):
-            log.intend(15, [(fat, "r")] * 20)
+            logs[n].intend(15, [(fat, "r")] * 20)
 
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert [log.error for log in logs] == [None] * 4  # the first ones create the folder side by side
     lines = logged(path)
     assert len(lines) == 4 * 40 * 20
 
