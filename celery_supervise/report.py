@@ -530,6 +530,7 @@ def restart_document(result: RestartResult) -> dict:
         "kill": None if result.kill is None else {
             "summary": {s: len(result.kill.by_status(s)) for s in STATUS_ORDER},
             "failed": [{**proc_to_dict(o.proc), "reason": o.reason} for o in result.kill.by_status(FAILED)],
+            "audit": result.kill.audit,
         },
         "state_file": result.state_file,
         "problem": result.problem,
