@@ -139,7 +139,7 @@ class AuditLog:
         now = self.clock()
         head = _dumps({"time": iso(now), "epoch": round(now, 6), "run": self.run, "phase": phase,
                        "command": {"verb": self.verb, "argv": self.argv}, "uid": self.uid,
-                       "signal": signal_name(sig)})[:-1]
+                       "by": os.getpid(), "signal": signal_name(sig)})[:-1]
         texts: dict[object, str] = {}
 
         def text(value) -> str:

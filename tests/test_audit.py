@@ -128,7 +128,7 @@ def test_every_signal_a_real_kill_delivers_is_logged_and_nothing_else(tree, audi
 
     first = lines[0]
     assert first["command"]["verb"] == "kill" and tree.state in first["command"]["argv"]
-    assert first["uid"] == os.getuid() and first["record"] == tree.state
+    assert first["uid"] == os.getuid() and first["record"] == tree.state and first["by"] != os.getpid()
     assert first["time"].endswith("Z") and abs(first["epoch"] - os.stat(audit_log).st_mtime) < 60
     main_line = next(x for x in lines if x["process"]["pid"] == pids["main"])
     assert main_line["process"]["cmdline"][-2:] == [str(tree.folder / "main"), LIFETIME]
