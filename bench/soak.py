@@ -1,6 +1,7 @@
 """Soak: restart a real worker under a real supervisord, again and again, and count what went wrong.
 
     python bench/soak.py [--cycles 200] [--quick] [--broker redis|filesystem] [--seed 1] [--json]
+    python bench/soak.py --chaos [--cycles 1000] [--seed S] [--json]
 
 One supervisord (the tests' harness, ``tests/realsupervisor.py``) runs the
 demo worker (``-c 3``, ``stopsignal=TERM``, ``stopwaitsecs=30``) from a
@@ -41,6 +42,20 @@ chance to finish:
   soak and a ``setsid``'d one, and the ``bystander`` program's ``sleep``
   (in ``kill-9`` cycles the orphaned one), found gone before their lifetime.
 
+* **audit lines missing**: every cycle also runs ``spawn_witnesses``,
+  whose attached child (``django_app/demo/witness.py``) writes down each
+  signal it receives and its sender's PID; each such signal must have its
+  ``delivered`` line in the audit log (same PID, creation time, signal and
+  sender), and a witness that SIGTERM does not end and that died must have
+  its SIGKILL there. The run's audit log is ``RUNDIR/audit/audit.jsonl``.
+
+With ``--chaos``, each cycle draws one fault from ``bench/chaos.py``'s
+table with ``--seed`` (the broker, a private ``redis-server``, killed
+during savepid, drain or requeue; supervisord SIGKILLed mid-stop; the tool
+SIGKILLed mid-kill and run again; the listener SIGKILLed mid-reap; the
+state folder full; the clock stepped; a child that ignores SIGTERM) and
+restarts the worker through it; the counts are the same.
+
 Every count must be 0: the exit status is 1 otherwise, 2 when a cycle could
 not be carried out (a command failed, a worker never answered). Times are
 per mode: the restart (the command, up to the new worker answering and the
@@ -80,10 +95,14 @@ import psutil  # noqa: E402
 from realprocs import RUN_ENV_VAR, WaitTimeout, is_gone, marked_processes, reap, reap_leaks, wait_for, wait_gone  # noqa: E402
 from realsupervisor import BIN, PROGRAM, Supervisord, SupervisordFailed, copy_project, listener_section  # noqa: E402
 from taskfamily import ATTACHED, DETACHED, Family  # noqa: E402
+from privateredis import PrivateRedis  # noqa: E402
+
+from bench import chaos  # noqa: E402
 
 #: The soak's own Redis database: flushed at the start, nothing else is touched.
 REDIS_URL = "redis://127.0.0.1:6379/14"
 MODES = ("deploy", "restart", "supervisorctl", "kill-9")
+COUNTS = ("attached_leaked", "detached_killed", "tasks_lost", "innocents_killed", "audit_missing")
 LISTENER = "celery-supervise"
 BYSTANDER = "bystander"
 #: As conf/supervisord.conf: the listener's --grace.
@@ -131,6 +150,8 @@ class Config:
     modes: tuple[str, ...] = MODES
     #: Keep the run's folder (logs, state files, markers) instead of removing it.
     keep: bool = False
+    #: Draw one fault per cycle from bench/chaos.py (a private redis-server is the broker).
+    chaos: bool = False
 
 
 @dataclass
@@ -163,6 +184,8 @@ class CycleResult:
     detached_killed: list[str] = field(default_factory=list)
     tasks_lost: list[str] = field(default_factory=list)
     innocents_killed: list[str] = field(default_factory=list)
+    audit_missing: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     sent: int = 0
     requeued: int = 0
     ran_twice: int = 0
@@ -178,7 +201,7 @@ class SoakResult:
 
     def counts(self) -> dict[str, int]:
         return {name: sum(len(getattr(c, name)) for c in self.cycles)
-                for name in ("attached_leaked", "detached_killed", "tasks_lost", "innocents_killed")}
+                for name in COUNTS}
 
     def exit_code(self) -> int:
         if self.error is not None:
@@ -188,7 +211,7 @@ class SoakResult:
     def times(self) -> dict[str, dict[str, dict[str, float]]]:
         """``{mode: {"restart"|"cycle": {"n", "median", "min", "max"}}}``."""
         out = {}
-        for mode in MODES:
+        for mode in dict.fromkeys(c.mode for c in self.cycles):
             mine = [c for c in self.cycles if c.mode == mode]
             if not mine:
                 continue
@@ -205,8 +228,8 @@ class SoakResult:
                 "sent": sum(c.sent for c in self.cycles), "requeued": sum(c.requeued for c in self.cycles),
                 "ran_twice": sum(c.ran_twice for c in self.cycles), "times": self.times(),
                 "final_leftovers": self.final_leftovers, "listener_problems": self.listener_problems,
-                "details": [c.__dict__ for c in self.cycles
-                            if c.attached_leaked or c.detached_killed or c.tasks_lost or c.innocents_killed]}
+                "chaos": self.config.chaos, "notes": {c.number: c.notes for c in self.cycles if c.notes},
+                "details": [c.__dict__ for c in self.cycles if any(getattr(c, k) for k in COUNTS)]}
 
 
 # ---------------------------------------------------------------- the soak
@@ -215,13 +238,32 @@ class SoakResult:
 class Soak:
     """One supervisord, its worker, and everything the cycles must account for."""
 
+    # For bench/chaos.py's faults, which get the soak and nothing else.
+    CycleFailed = CycleFailed
+    BIN = BIN
+    LISTENER = LISTENER
+    KILL_GRACE = KILL_GRACE
+
     def __init__(self, config: Config, workdir: Path, log=print):
         self.config = config
         self.dir = workdir
         self.log = log
         self.rng = random.Random(config.seed)
+        self.fault_rng = random.Random(f"faults-{config.seed}")  # the draw depends on the seed alone
         self.uid = uuid.uuid4().hex[:8]
         self.url = REDIS_URL if config.broker == "redis" else None
+        self.redis = None
+        if config.chaos:  # a broker of our own, to kill and start again
+            self.redis = PrivateRedis(workdir / "redis")
+            self.url = self.redis.url
+        # Every signal the tool sends in this run (CLI, deploy, restart, the listener) goes here.
+        self.audit_path = workdir / "audit" / "audit.jsonl"
+        os.environ["CELERY_SUPERVISE_AUDIT_LOG"] = str(self.audit_path)
+        self.fault: str | None = None
+        self.fault_notes: list[str] = []
+        self.cycle_program: Watched | None = None
+        self._full: Path | None = None
+        self.witnesses: list[dict] = []  # spawn_witnesses markers of the current worker
         self.queue = f"soak-{self.uid}" if self.url else None
         self.project = copy_project(workdir / "project")
         (workdir / "sup").mkdir()
@@ -261,7 +303,9 @@ class Soak:
         return None
 
     def start(self) -> None:
-        if self.url:
+        if self.redis is not None:
+            self.redis.start()
+        elif self.url:
             import redis
 
             client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
@@ -321,9 +365,15 @@ class Soak:
         """Two ``spawn_family`` and one long ``mark`` running, short ``mark``s queued; the families."""
         client, lo_hi = self.run.celery, self.config.hold
         self.sent = {}
+        client.marker_dir.mkdir(exist_ok=True)
         family_ids = [client.spawn_family(hold=self.rng.uniform(*lo_hi), lifetime=self.config.lifetime,
                                           queue=self.queue) for _ in range(2)]
         long_mark = client.mark(hold=self.rng.uniform(*lo_hi), queue=self.queue)
+        witness_id = client.app.send_task(
+            "demo.tasks.spawn_witnesses", queue=self.queue,
+            kwargs={"marker_dir": str(client.marker_dir), "hold": self.rng.uniform(*lo_hi),
+                    "lifetime": self.config.lifetime, "stay": self.fault in chaos.NEEDS_STUBBORN}).id
+        self.sent[witness_id] = "spawn_witnesses"
         shorts = [client.mark(hold=0, queue=self.queue) for _ in range(self.config.short_marks)]
         self.sent.update({t: "spawn_family" for t in family_ids})
         self.sent.update({t: "mark" for t in [long_mark, *shorts]})
@@ -332,7 +382,69 @@ class Soak:
             marker = client.wait_for_marker(task_id, timeout=30)
             families.append(self.adopt(marker))
         client.wait_for_mark(long_mark, "started", timeout=30)
+        self.witnesses.append(self.adopt_witnesses(client.wait_for_marker(witness_id, timeout=30)))
         return families
+
+    def adopt_witnesses(self, marker: dict) -> dict:
+        procs = {}
+        for role, pid in marker["children"].items():
+            try:
+                procs[role] = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                raise CycleFailed(f"witness {role} {pid} of task {marker['task_id']} died before it was seen")
+        return {"marker": marker, "procs": procs}
+
+    def audit_missing(self, witnesses: list[dict], gone: set[int]) -> list[str]:
+        """Signals a witness received (and a stubborn witness's death) that the audit log does not hold."""
+        delivered = set()
+        for line in chaos.audit_lines(self):
+            if line.get("phase") == "outcome" and line.get("outcome") == "delivered":
+                proc = line["process"]
+                delivered.add((proc["pid"], line["signal"], line.get("by")))
+        missing = []
+        for w in witnesses:
+            for role, proc in w["procs"].items():
+                key = (proc.pid,)  # the PID with the sender: creation times are read two ways
+                try:
+                    received = (Path(w["marker"]["folders"][role]) / "signals").read_text().split("\n")
+                except FileNotFoundError:
+                    received = []
+                for line in filter(None, received):
+                    name, sender = line.split()
+                    if (*key, name, int(sender)) not in delivered:
+                        missing.append(f"{name} from {sender} to {role} {proc.pid}")
+                if role == "stubborn" and proc.pid in gone and not any(
+                        d[:2] == (*key, "SIGKILL") for d in delivered):
+                    missing.append(f"SIGKILL to {role} {proc.pid}: it died, and no SIGKILL of ours is logged")
+        return missing
+
+    def missed(self, why: str) -> None:
+        """A fault's handshake never came: the cycle went on without the fault; said, never hidden."""
+        self.fault_notes.append(f"FAULT MISSED: {why}")
+
+    def program_innocents(self) -> list[Watched]:
+        if self.cycle_program is None:
+            return []
+        self.pending.append(self.cycle_program.proc)
+        return [self.cycle_program]
+
+    def restart_only(self, mode: str, number: int, state: Path) -> None:
+        """``celery-supervise restart --state STATE``, without the requeue (a fault comes first)."""
+        result = self.cli("restart", PROGRAM, "-c", str(self.run.conf_path), "--grace", str(KILL_GRACE),
+                          "--state", str(state), "--json", timeout=300)
+        if result.returncode != 0:
+            raise CycleFailed(f"restart exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        self.wait_worker()
+
+    def full_dir(self) -> Path:
+        """A tiny tmpfs of the run's own (root only), for the "state folder full" fault."""
+        if self._full is None:
+            path = self.dir / "full"
+            path.mkdir(mode=0o700)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={chaos.FULL_SIZE},mode=0700", "tmpfs", str(path)],
+                           check=True, stdin=subprocess.DEVNULL, capture_output=True)
+            self._full = path
+        return self._full
 
     def adopt(self, marker: dict) -> Family:
         """Track a family's children: the detached ones are watched from now on."""
@@ -460,16 +572,26 @@ class Soak:
 
     def cycle(self, number: int, mode: str) -> CycleResult:
         started = time.monotonic()
+        if self.config.chaos:
+            self.fault = self.fault_rng.choice(sorted(self.faults()))
+            self.fault_notes = []
         main = psutil.Process(self.process_pid(PROGRAM))
         pools = main.children()
         soak_bystanders = self.bystanders()
         self.families.extend(self.send_tasks())
         families, self.families = self.families, []
+        witnesses, self.witnesses = self.witnesses, []
 
         restart_started = time.monotonic()
-        requeued, innocents = self.restart(mode, number)
+        if self.fault is not None:
+            self.cycle_program = self.bystander_program()
+            requeued, innocents = chaos.FAULTS[self.fault](self, number, self.states / f"cycle{number}.json")
+            mode = self.fault
+        else:
+            requeued, innocents = self.restart(mode, number)
         restart_seconds = time.monotonic() - restart_started
-        result = CycleResult(number, mode, restart_seconds, 0.0, sent=len(self.sent), requeued=len(requeued))
+        result = CycleResult(number, mode, restart_seconds, 0.0, sent=len(self.sent), requeued=len(requeued),
+                             notes=list(self.fault_notes))
 
         # Lost: never finished, even after requeue sent it again.
         waiting = set(self.sent)
@@ -487,11 +609,18 @@ class Soak:
                 marker = json.loads((self.run.marker_dir / f"{task_id}.json").read_text())
                 if marker["pool_pid"] not in {f.pool_pid for f in families}:
                     self.families.append(self.adopt(marker))
+            if self.sent.get(task_id) == "spawn_witnesses" and self.done(task_id):
+                marker = json.loads((self.run.marker_dir / f"{task_id}.json").read_text())
+                if marker["pool_pid"] not in {w["marker"]["pool_pid"] for w in witnesses}:
+                    self.witnesses.append(self.adopt_witnesses(marker))
 
         # Attached: the old tree and its tasks' attached children are gone.
-        should_die = [main, *pools, *(f.procs[r] for f in families for r in ATTACHED)]
+        should_die = [main, *pools, *(f.procs[r] for f in families for r in ATTACHED),
+                      *(p for w in witnesses for p in w["procs"].values())]
         left = wait_gone(should_die, LEAK_TIMEOUT)
         result.attached_leaked = [_describe(p) for p in left]
+        # Before the soak's own reap, whose signals are not the tool's.
+        result.audit_missing = self.audit_missing(witnesses, {p.pid for p in should_die} - {p.pid for p in left})
         reap(left)
         # Anything else carrying the mark, outside the current supervisord and the watched ones.
         result.attached_leaked += [_describe(p) for p in self.strays(innocents, soak_bystanders)]
@@ -519,6 +648,12 @@ class Soak:
             self.log(f"soak: the kernel's boot time moved by {btime - self.btime:+.0f} s (a wall-clock step)")
             self.btime = btime
         return result
+
+    def faults(self) -> list[str]:
+        names = set(chaos.FAULTS)
+        if os.geteuid() != 0:  # mounting a tiny filesystem and setting the clock need root
+            names -= {"state-folder-full", "clock-stepped"}
+        return sorted(names)
 
     def strays(self, innocents: list[Watched], bystanders) -> list[psutil.Process]:
         """Live marked processes that nobody accounts for; killed by PID."""
@@ -551,6 +686,10 @@ class Soak:
         try:
             self.run.stop()
         finally:
+            if self.redis is not None:
+                self.redis.stop()
+            if self._full is not None:
+                subprocess.run(["umount", str(self._full)], stdin=subprocess.DEVNULL, capture_output=True)
             # The in-flight cycle's bystanders: the program's is supervisord's own,
             # unless it was orphaned; both are gone or killed by PID here.
             self.retire([w.proc for w in self.watched] + self.pending)
@@ -586,10 +725,11 @@ def run(config: Config, log=print) -> SoakResult:
             mode = config.modes[(number - 1) % len(config.modes)]
             cycle = soak.cycle(number, mode)
             result.cycles.append(cycle)
-            bad = {k: getattr(cycle, k) for k in ("attached_leaked", "detached_killed", "tasks_lost",
-                                                   "innocents_killed") if getattr(cycle, k)}
+            bad = {k: getattr(cycle, k) for k in COUNTS if getattr(cycle, k)}
+            mode = cycle.mode
             log(f"cycle {number:3d} {mode:13s} restart {cycle.restart_seconds:5.2f}s cycle {cycle.cycle_seconds:5.2f}s"
-                f" sent {cycle.sent} requeued {cycle.requeued}" + (f"  PROBLEMS {bad}" if bad else ""))
+                f" sent {cycle.sent} requeued {cycle.requeued}" + (f"  PROBLEMS {bad}" if bad else "")
+                + (f"  ({'; '.join(cycle.notes)})" if cycle.notes else ""))
         result.listener_problems = [e for e in soak.listener_entries()
                                     if e.get("action") in ("error", "refused", "malformed", "not-json")]
     except (CycleFailed, WaitTimeout, SupervisordFailed, subprocess.TimeoutExpired, OSError) as exc:
@@ -606,10 +746,14 @@ def run(config: Config, log=print) -> SoakResult:
 
 def summary(result: SoakResult) -> str:
     doc = result.document()
-    lines = [f"soak: {doc['cycles']} cycle(s) on {doc['broker']}, seed {doc['seed']}: "
+    kind = "chaos soak" if doc["chaos"] else "soak"
+    lines = [f"{kind}: {doc['cycles']} cycle(s) on {doc['broker']}, seed {doc['seed']}: "
              f"{doc['sent']} task(s) sent, {doc['requeued']} re-sent by requeue, {doc['ran_twice']} ran twice",
              "", "| count | value |", "|---|---|"]
     lines += [f"| {name.replace('_', ' ')} | {value} |" for name, value in doc["counts"].items()]
+    missed = sum(n.startswith("FAULT MISSED") for notes in doc["notes"].values() for n in notes)
+    if doc["chaos"]:
+        lines += ["", f"faults whose handshake never came (the cycle ran without its fault): {missed}"]
     lines += ["", "| mode | cycles | restart median (min–max) | whole cycle median (min–max) |", "|---|---|---|---|"]
     for mode, t in doc["times"].items():
         r, c = t["restart"], t["cycle"]
@@ -617,7 +761,7 @@ def summary(result: SoakResult) -> str:
                      f"| {c['median']:.2f} s ({c['min']:.2f}–{c['max']:.2f}) |")
     for d in doc["details"]:
         lines.append(f"cycle {d['number']} ({d['mode']}): " + "; ".join(
-            f"{k}: {d[k]}" for k in ("attached_leaked", "detached_killed", "tasks_lost", "innocents_killed") if d[k]))
+            f"{k}: {d[k]}" for k in COUNTS if d[k]))
     if doc["listener_problems"]:
         lines.append(f"listener problems: {doc['listener_problems']}")
     if doc["final_leftovers"]:
@@ -637,13 +781,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the tasks' hold times")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma list of the modes to alternate, in order (default {','.join(MODES)})")
+    parser.add_argument("--chaos", action="store_true",
+                        help="draw one fault per cycle from bench/chaos.py (the broker is a private redis-server)")
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (logs, state files, markers)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes: a comma list of {', '.join(MODES)}")
-    config = Config(broker=args.broker, seed=args.seed, modes=modes, keep=args.keep)
+    config = Config(broker=args.broker, seed=args.seed, modes=modes, keep=args.keep, chaos=args.chaos)
     if args.quick:
         config.cycles, config.lifetime, config.hold, config.short_marks = 4, 120, (0.5, 2.0), 1
     if args.cycles is not None:
