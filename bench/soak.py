@@ -152,6 +152,10 @@ class Config:
     keep: bool = False
     #: Draw one fault per cycle from bench/chaos.py (a private redis-server is the broker).
     chaos: bool = False
+    #: The faults to draw from (default: every one bench/chaos.py has, and this user may cause).
+    faults: tuple[str, ...] = ()
+    #: The broker of a plain soak (a chaos soak runs a redis-server of its own).
+    redis_url: str = REDIS_URL
 
 
 @dataclass
@@ -251,7 +255,7 @@ class Soak:
         self.rng = random.Random(config.seed)
         self.fault_rng = random.Random(f"faults-{config.seed}")  # the draw depends on the seed alone
         self.uid = uuid.uuid4().hex[:8]
-        self.url = REDIS_URL if config.broker == "redis" else None
+        self.url = config.redis_url if config.broker == "redis" else None
         self.redis = None
         if config.chaos:  # a broker of our own, to kill and start again
             self.redis = PrivateRedis(workdir / "redis")
@@ -308,7 +312,7 @@ class Soak:
         elif self.url:
             import redis
 
-            client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+            client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
             try:
                 client.flushdb()  # db 14 only, and only here
             finally:
@@ -650,7 +654,7 @@ class Soak:
         return result
 
     def faults(self) -> list[str]:
-        names = set(chaos.FAULTS)
+        names = set(self.config.faults or chaos.FAULTS)
         if os.geteuid() != 0:  # mounting a tiny filesystem and setting the clock need root
             names -= {"state-folder-full", "clock-stepped"}
         return sorted(names)
@@ -783,13 +787,21 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma list of the modes to alternate, in order (default {','.join(MODES)})")
     parser.add_argument("--chaos", action="store_true",
                         help="draw one fault per cycle from bench/chaos.py (the broker is a private redis-server)")
+    parser.add_argument("--faults", default="", metavar="LIST",
+                        help="--chaos: comma list of the faults to draw from (default: all of bench/chaos.py's)")
+    parser.add_argument("--redis-url", default=REDIS_URL, metavar="URL",
+                        help=f"the plain soak's Redis database, flushed at the start (default {REDIS_URL})")
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (logs, state files, markers)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes: a comma list of {', '.join(MODES)}")
-    config = Config(broker=args.broker, seed=args.seed, modes=modes, keep=args.keep, chaos=args.chaos)
+    faults = tuple(f for f in args.faults.split(",") if f)
+    if set(faults) - set(chaos.FAULTS):
+        parser.error(f"--faults: a comma list of {', '.join(sorted(chaos.FAULTS))}")
+    config = Config(broker=args.broker, seed=args.seed, modes=modes, keep=args.keep, chaos=args.chaos,
+                    faults=faults, redis_url=args.redis_url)
     if args.quick:
         config.cycles, config.lifetime, config.hold, config.short_marks = 4, 120, (0.5, 2.0), 1
     if args.cycles is not None:
