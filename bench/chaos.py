@@ -75,6 +75,12 @@ def wait_intent(soak, match: Callable[[dict], bool], what: str, timeout: float =
     return wait_for(found, timeout, what, interval=0.02)
 
 
+def broker_back(soak) -> None:
+    """Start the private redis-server again; the soak's own client drops its dead connections."""
+    soak.redis.start()
+    soak.run.celery.app.pool.force_close_all()
+
+
 def orphan_supervisord(soak) -> tuple[psutil.Process, psutil.Process | None]:
     """SIGKILL supervisord, as the kill-9 mode does; wait for its listener to leave at end of input."""
     sup = psutil.Process(soak.supervisord_pid())
@@ -141,7 +147,7 @@ def broker_down_at_savepid(soak, number, state):
         proc = restart_cli(soak, state)
         out, err = proc.communicate(timeout=300)
     finally:
-        soak.redis.start()
+        broker_back(soak)
     soak.fault_notes.append(f"restart with the broker down exited {proc.returncode}")
     return after_a_failed_restart(soak, number, old_main, state), soak.program_innocents()
 
@@ -158,7 +164,7 @@ def broker_down_at_drain(soak, number, state):
         else:
             soak.redis.kill()
             time.sleep(0.5)  # how long the broker stays down while the drain polls: the fault's length, not a wait
-            soak.redis.start()
+            broker_back(soak)
     finally:
         proc.communicate(timeout=300)
     soak.fault_notes.append(f"restart with the broker killed mid-drain exited {proc.returncode}")
@@ -176,7 +182,7 @@ def broker_down_at_requeue(soak, number, state):
     try:
         res = soak.cli("requeue", str(state), "--json")
     finally:
-        soak.redis.start()
+        broker_back(soak)
     soak.fault_notes.append(f"requeue with the broker down exited {res.returncode}")
     soak.wait_worker()
     return soak.requeue(state), soak.program_innocents()

@@ -50,7 +50,8 @@ chance to finish:
   its SIGKILL there. The run's audit log is ``RUNDIR/audit/audit.jsonl``.
 
 With ``--chaos``, each cycle draws one fault from ``bench/chaos.py``'s
-table with ``--seed`` (the broker, a private ``redis-server``, killed
+table (each fault once per round of the table, in an order ``--seed``
+shuffles; ``--faults`` narrows the table) (the broker, a private ``redis-server``, killed
 during savepid, drain or requeue; supervisord SIGKILLed mid-stop; the tool
 SIGKILLed mid-kill and run again; the listener SIGKILLed mid-reap; the
 state folder full; the clock stepped; a child that ignores SIGTERM) and
@@ -264,6 +265,7 @@ class Soak:
         self.audit_path = workdir / "audit" / "audit.jsonl"
         os.environ["CELERY_SUPERVISE_AUDIT_LOG"] = str(self.audit_path)
         self.fault: str | None = None
+        self.deck: list[str] = []
         self.fault_notes: list[str] = []
         self.cycle_program: Watched | None = None
         self._full: Path | None = None
@@ -325,7 +327,13 @@ class Soak:
 
         def answering():
             pid = self.process_pid(PROGRAM)
-            replies = self.run.celery.app.control.ping(destination=[self.node], limit=1, timeout=0.5) if pid else []
+            try:
+                replies = self.run.celery.app.control.ping(destination=[self.node], limit=1, timeout=0.5) if pid else []
+            except Exception:  # noqa: BLE001 - the broker was killed (chaos): its pooled connections are dead
+                if self.redis is None:
+                    raise
+                self.run.celery.app.pool.force_close_all()
+                return None
             return pid if any(self.node in r for r in replies or ()) else None
 
         try:
@@ -577,7 +585,10 @@ class Soak:
     def cycle(self, number: int, mode: str) -> CycleResult:
         started = time.monotonic()
         if self.config.chaos:
-            self.fault = self.fault_rng.choice(sorted(self.faults()))
+            if not self.deck:  # each fault once per round, in an order the seed shuffles
+                self.deck = sorted(self.faults())
+                self.fault_rng.shuffle(self.deck)
+            self.fault = self.deck.pop()
             self.fault_notes = []
         main = psutil.Process(self.process_pid(PROGRAM))
         pools = main.children()
