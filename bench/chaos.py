@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -280,18 +281,29 @@ def state_folder_full(soak, number, state):
 
 @register("clock-stepped")
 def clock_stepped(soak, number, state):
-    """supervisord SIGKILLed, savepid, then the wall clock stepped ±30 s around ``kill STATE``."""
-    from test_faults import clock_set_by  # the tests' clockjump helper: sets the clock right again
+    """supervisord SIGKILLed, savepid, then ``kill STATE`` with the wall clock stepped ±30 s.
+
+    The kill is primed (``tests/programs/primed.py``: imported, waiting for
+    go) so that the clock is wrong for the kill alone, well under a second,
+    as in the tests' ``clockjump`` faults: this machine's clock is shared.
+    """
+    from test_faults import PRIMED, clock_set_by  # the tests' clockjump helpers: the clock is set right again
 
     old_main = psutil.Process(soak.process_pid(PROGRAM))
     orphan_supervisord(soak)
     saved = savepid(soak, state)
     step = soak.fault_rng.choice((30, -30))
+    kill = subprocess.Popen([sys.executable, PRIMED, "cli", "kill", str(state), "--grace", str(soak.KILL_GRACE),
+                             "--json"], cwd=soak.project, env=soak.run.env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if kill.stdout.readline() != "ready\n":
+        kill.kill()
+        raise soak.CycleFailed(f"the primed kill did not get ready: {kill.communicate(timeout=30)[1]}")
     with clock_set_by(step):
-        res = soak.cli("kill", str(state), "--grace", str(soak.KILL_GRACE), "--json")
-    soak.fault_notes.append(f"kill with the clock stepped {step:+d} s exited {res.returncode}")
-    if res.returncode != 0:
-        raise soak.CycleFailed(f"kill after a clock step exited {res.returncode}:\n{res.stderr}")
+        out, err = kill.communicate("go\n", timeout=120)
+    soak.fault_notes.append(f"kill with the clock stepped {step:+d} s exited {kill.returncode}")
+    if kill.returncode != 0:
+        raise soak.CycleFailed(f"kill after a clock step exited {kill.returncode}:\n{err}")
     return start_again(soak, old_main.pid, state, saved), soak.program_innocents()
 
 

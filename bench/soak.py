@@ -157,6 +157,8 @@ class Config:
     faults: tuple[str, ...] = ()
     #: The broker of a plain soak (a chaos soak runs a redis-server of its own).
     redis_url: str = REDIS_URL
+    #: Start no cycle after this many minutes (the tables give the cycles actually run).
+    minutes: float | None = None
 
 
 @dataclass
@@ -736,7 +738,11 @@ def run(config: Config, log=print) -> SoakResult:
     try:
         soak = Soak(config, workdir, log=log)
         soak.start()
+        began = time.monotonic()
         for number in range(1, config.cycles + 1):
+            if config.minutes is not None and time.monotonic() - began > config.minutes * 60:
+                log(f"soak: --minutes {config.minutes:g} spent: stopping after {number - 1} cycle(s)")
+                break
             mode = config.modes[(number - 1) % len(config.modes)]
             cycle = soak.cycle(number, mode)
             result.cycles.append(cycle)
@@ -802,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="--chaos: comma list of the faults to draw from (default: all of bench/chaos.py's)")
     parser.add_argument("--redis-url", default=REDIS_URL, metavar="URL",
                         help=f"the plain soak's Redis database, flushed at the start (default {REDIS_URL})")
+    parser.add_argument("--minutes", type=float, default=None, metavar="M",
+                        help="start no new cycle after M minutes; the tables count the cycles run")
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (logs, state files, markers)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
     args = parser.parse_args(argv)
@@ -812,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(faults) - set(chaos.FAULTS):
         parser.error(f"--faults: a comma list of {', '.join(sorted(chaos.FAULTS))}")
     config = Config(broker=args.broker, seed=args.seed, modes=modes, keep=args.keep, chaos=args.chaos,
-                    faults=faults, redis_url=args.redis_url)
+                    faults=faults, redis_url=args.redis_url, minutes=args.minutes)
     if args.quick:
         config.cycles, config.lifetime, config.hold, config.short_marks = 4, 120, (0.5, 2.0), 1
     if args.cycles is not None:
