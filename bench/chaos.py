@@ -79,7 +79,7 @@ def wait_intent(soak, match: Callable[[dict], bool], what: str, timeout: float =
 def broker_back(soak) -> None:
     """Start the private redis-server again; the soak's own client drops its dead connections."""
     soak.redis.start()
-    soak.run.celery.app.pool.force_close_all()
+    soak.fresh_client()
 
 
 def orphan_supervisord(soak) -> tuple[psutil.Process, psutil.Process | None]:

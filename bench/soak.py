@@ -94,7 +94,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the harness lives with the te
 import psutil  # noqa: E402
 
 from realprocs import RUN_ENV_VAR, WaitTimeout, is_gone, marked_processes, reap, reap_leaks, wait_for, wait_gone  # noqa: E402
-from realsupervisor import BIN, PROGRAM, Supervisord, SupervisordFailed, copy_project, listener_section  # noqa: E402
+from realsupervisor import BIN, PROGRAM, DemoClient, Supervisord, SupervisordFailed, copy_project, listener_section  # noqa: E402
 from taskfamily import ATTACHED, DETACHED, Family  # noqa: E402
 from privateredis import PrivateRedis  # noqa: E402
 
@@ -334,7 +334,7 @@ class Soak:
             except Exception:  # noqa: BLE001 - the broker was killed (chaos): its pooled connections are dead
                 if self.redis is None:
                     raise
-                self.run.celery.app.pool.force_close_all()
+                self.fresh_client()
                 return None
             return pid if any(self.node in r for r in replies or ()) else None
 
@@ -431,6 +431,15 @@ class Soak:
                         d[:2] == (*key, "SIGKILL") for d in delivered):
                     missing.append(f"SIGKILL to {role} {proc.pid}: it died, and no SIGKILL of ours is logged")
         return missing
+
+    def fresh_client(self) -> None:
+        """A new Celery client: the old one's connections (and reply queue) died with the broker."""
+        old = self.run.celery
+        self.run.celery = DemoClient(self.run.broker_dir, old.marker_dir, broker_url=self.url)
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001 - closing what a dead broker left
+            pass
 
     def missed(self, why: str) -> None:
         """A fault's handshake never came: the cycle went on without the fault; said, never hidden."""
