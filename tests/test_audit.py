@@ -332,3 +332,19 @@ def test_passwords_in_urls_on_the_command_line_are_not_logged(tmp_path):
     (line,) = logged(path)
     assert line["command"]["argv"] == ["cs", "--supervisor-url", "http://admin:***@h:9001"]
     assert "s3cret" not in path.read_text()
+
+
+def test_manage_py_celery_audit_reads_the_same_log(tmp_path):
+    """The Django command gets the verb from the CLI's click tree; the log from CELERY_SUPERVISE_AUDIT_LOG."""
+    from realsupervisor import DJANGO_APP
+
+    path = tmp_path / "log" / "audit.jsonl"
+    log = auditing.AuditLog("kill", path=str(path))
+    log.intend(15, [(fake_proc(4242), "attached to the worker")])
+    log.settle(15, [(fake_proc(4242), "attached to the worker", auditing.DELIVERED)])
+    res = subprocess.run([sys.executable, "manage.py", "celery", "audit", "--pid", "4242", "--json"], cwd=DJANGO_APP,
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                         env={**os.environ, auditing.ENV: str(path), "CELERY_SUPERVISE_BROKER_DIR": str(tmp_path / "b")})
+    assert res.returncode == 0, res.stderr
+    [row] = json.loads(res.stdout)["signals"]
+    assert (row["pid"], row["signal"], row["outcome"]) == (4242, "SIGTERM", "delivered")
