@@ -121,7 +121,14 @@ def restart_cli(soak, state: Path, **popen):
 
 
 def after_a_failed_restart(soak, number: int, old_main: psutil.Process, state: Path) -> list[str]:
-    """What an operator does once a restart failed: finish the job, whatever state it left."""
+    """What an operator does once a restart failed: finish the job, whatever state it left.
+
+    First, as an operator would, wait until the worker answers again: after
+    the broker's restart a worker takes a while to reconnect, and a restart
+    (its drain) refuses to stop a worker that does not answer.
+    """
+    if soak.process_pid(PROGRAM) is not None:
+        soak.wait_worker()
     if old_main.is_running() and old_main.status() != psutil.STATUS_ZOMBIE and soak.process_pid(PROGRAM) == old_main.pid:
         requeued, _ = soak.restart("restart", number)  # nothing was stopped: run it again
         return requeued
