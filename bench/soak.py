@@ -333,6 +333,12 @@ class Soak:
 
         def answering():
             pid = self.process_pid(PROGRAM)
+            if pid is None and self.redis is not None and self.worker_died():
+                # kombu can crash the worker on the broker's loss (exit 1, an AttributeError in
+                # restore_unacked); supervisord's autorestart would start it, the soak does.
+                self.fault_notes.append("the worker exited on the broker's loss; started again")
+                self.run.ctl("start", f"{PROGRAM}:*", timeout=120)
+                return None
             try:
                 replies = self.run.celery.app.control.ping(destination=[self.node], limit=1, timeout=0.5) if pid else []
             except Exception:  # noqa: BLE001 - the broker was killed (chaos): its pooled connections are dead
@@ -435,6 +441,10 @@ class Soak:
                         d[:2] == (*key, "SIGKILL") for d in delivered):
                     missing.append(f"SIGKILL to {role} {proc.pid}: it died, and no SIGKILL of ours is logged")
         return missing
+
+    def worker_died(self) -> bool:
+        return any(i["group"] == PROGRAM and i["statename"] in ("EXITED", "FATAL", "BACKOFF")
+                   for i in self.run.proxy().supervisor.getAllProcessInfo())
 
     def held_by_the_broker(self, task_ids: list[str]) -> set[str]:
         """Those of *task_ids* whose message sits in the private redis-server's unacked set."""
