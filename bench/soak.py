@@ -422,26 +422,43 @@ class Soak:
         return {"marker": marker, "procs": procs}
 
     def audit_missing(self, witnesses: list[dict], gone: set[int]) -> list[str]:
-        """Signals a witness received (and a stubborn witness's death) that the audit log does not hold."""
-        delivered = set()
-        for line in chaos.audit_lines(self):
+        """Signals a witness received (and a stubborn witness's death) that the audit log does not hold.
+
+        A signal is held by its ``delivered`` outcome line, or, when its
+        sender died between the signal and the outcome line (the tool or the
+        listener SIGKILLed mid-kill), by its intent line alone: written and
+        fsynced before the signal, with no outcome line in its run. The
+        reader shows such a row as "no outcome"; the cycle's notes name it.
+        """
+        lines = chaos.audit_lines(self)
+        settled = {(x["run"], x["process"]["pid"], x["signal"]) for x in lines if x.get("phase") == "outcome"}
+        delivered, intent_only = set(), set()
+        for line in lines:
+            proc = line.get("process") or {}
+            key = (proc.get("pid"), line.get("signal"), line.get("by"))
             if line.get("phase") == "outcome" and line.get("outcome") == "delivered":
-                proc = line["process"]
-                delivered.add((proc["pid"], line["signal"], line.get("by")))
+                delivered.add(key)
+            elif line.get("phase") == "intent" and (line["run"], key[0], key[1]) not in settled:
+                intent_only.add(key)
         missing = []
         for w in witnesses:
             for role, proc in w["procs"].items():
-                key = (proc.pid,)  # the PID with the sender: creation times are read two ways
                 try:
                     received = (Path(w["marker"]["folders"][role]) / "signals").read_text().split("\n")
                 except FileNotFoundError:
                     received = []
                 for line in filter(None, received):
                     name, sender = line.split()
-                    if (*key, name, int(sender)) not in delivered:
-                        missing.append(f"{name} from {sender} to {role} {proc.pid}")
+                    key = (proc.pid, name, int(sender))  # the PID with the sender: creation times are read two ways
+                    if key in delivered:
+                        continue
+                    if key in intent_only:
+                        self.fault_notes.append(f"{name} from {sender} to {role} {proc.pid} is logged as an intent "
+                                                "without outcome (its sender died before the outcome line)")
+                        continue
+                    missing.append(f"{name} from {sender} to {role} {proc.pid}")
                 if role == "stubborn" and proc.pid in gone and not any(
-                        d[:2] == (*key, "SIGKILL") for d in delivered):
+                        d[:2] == (proc.pid, "SIGKILL") for d in delivered | intent_only):
                     missing.append(f"SIGKILL to {role} {proc.pid}: it died, and no SIGKILL of ours is logged")
         return missing
 
@@ -682,6 +699,7 @@ class Soak:
         result.attached_leaked = [_describe(p) for p in left]
         # Before the soak's own reap, whose signals are not the tool's.
         result.audit_missing = self.audit_missing(witnesses, {p.pid for p in should_die} - {p.pid for p in left})
+        result.notes = list(self.fault_notes)
         reap(left)
         # Anything else carrying the mark, outside the current supervisord and the watched ones.
         result.attached_leaked += [_describe(p) for p in self.strays(innocents, soak_bystanders)]
