@@ -644,12 +644,12 @@ class Soak:
 
     def cycle(self, number: int, mode: str) -> CycleResult:
         started = time.monotonic()
+        self.fault_notes = []
         if self.config.chaos:
             if not self.deck:  # each fault once per round, in an order the seed shuffles
                 self.deck = sorted(self.faults())
                 self.fault_rng.shuffle(self.deck)
             self.fault = self.deck.pop()
-            self.fault_notes = []
         main = psutil.Process(self.process_pid(PROGRAM))
         pools = main.children()
         soak_bystanders = self.bystanders()
