@@ -33,7 +33,8 @@ import signal
 import time
 from collections import Counter
 
-from celery_supervise import kill, operations, plan, snapshot
+from celery_supervise.processes import kill, plan, snapshot
+from celery_supervise import operations
 
 from .forest import WORKER, Forest, is_gone
 from .measure import Row, Target, cpu_seconds, median, order, summary, timed

@@ -276,7 +276,7 @@ class Requeue:
 
 
 def write_requeue_record(workdir: str, worker_pid: int, run_id: str) -> Requeue:
-    from celery_supervise import plan, snapshot, statefile
+    from celery_supervise.processes import plan, snapshot, statefile
 
     queue = f"bench-requeue-{run_id[:12]}"
     task = snapshot.Task(id=f"bench-requeue-{run_id[:12]}", name="demo.tasks.add", args=[2, 3], kwargs={},

@@ -24,7 +24,7 @@ from .control import load_app
 from .errors import (
     EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, SuperviseError, UsageError, exit_code_help,
 )
-from .plan import Policy
+from .processes.plan import Policy
 
 # Newer typer vendors its own click, older typer re-exports click's; both
 # keep click's class names, so find them from the public BadParameter.
@@ -343,7 +343,8 @@ def listener(
     spare: SpareOpt = None,
 ) -> int:
     """Run as a supervisord eventlistener: snapshot on start/stop, reap after every stop."""
-    from . import listener as listening, statefile
+    from . import listener as listening
+    from .processes import statefile
 
     state: State = ctx.obj
     policy = Policy.parse(spare)

@@ -27,9 +27,10 @@ from typing import Iterable
 
 import psutil
 
-from . import control, procs
+from . import control
+from .processes import procs
 from .errors import BrokerError, SupervisorError
-from .snapshot import Task
+from .processes.snapshot import Task
 
 # A worker's uptime counts from WorkController.__init__, after imports and
 # Django set-up; allow that much start-up delay, plus rounding.

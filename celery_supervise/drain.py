@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Mapping, Protocol
 
 from . import options
 from .errors import BrokerError
-from .snapshot import Task
+from .processes.snapshot import Task
 
 ACTIVE = "active"
 RESERVED = "reserved"

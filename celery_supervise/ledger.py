@@ -20,8 +20,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import statefile
-from .lock import flock_within
+from .processes import statefile
+from .processes.lock import flock_within
 from .errors import StateFileError
 
 KIND = "celery-supervise/requeued"

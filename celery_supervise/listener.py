@@ -52,10 +52,12 @@ from typing import Callable, Iterable, TextIO
 import psutil
 from supervisor import childutils
 
-from . import control, discovery, kill as killing, operations, procs, report, snapshot, statefile
+from . import control, discovery, operations, report
+from .celery_side import task_json
+from .processes import kill as killing, procs, snapshot, statefile
 from .errors import EXIT_USAGE, SuperviseError, UsageError
-from .plan import Policy, plan
-from .snapshot import Task
+from .processes.plan import Policy, plan
+from .processes.snapshot import Task
 
 STOP_EVENTS = {"PROCESS_STATE_STOPPED", "PROCESS_STATE_EXITED", "PROCESS_STATE_BACKOFF", "PROCESS_STATE_FATAL"}
 STOPPING_TASKS_TIMEOUT = 0.5  # a STOPPING event must not hold the listener up for long
@@ -300,7 +302,7 @@ class Listener:
         doc = statefile.to_document(snap, self.policy, plan([worker], self.policy))
         if self.supervisor:
             doc["supervisor"] = {"pid": self.supervisor.pid, "create_time": self.supervisor.create_time}
-        statefile.write(path, doc)
+        statefile.write(path, doc, task_json.Encoder)
         self._last[path] = worker
         self._watch(path, worker.main)
         self.log("recorded", program=program, pid=main_pid, why=why, processes=len(worker.procs),
@@ -445,7 +447,7 @@ class Listener:
         doc["tasks"] = [t.__dict__ for w in rec.snapshot.workers for t in w.tasks]
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock()))
         report_path = path[: -len(RECORD_SUFFIX)] + f".{stamp}{REPORT_SUFFIX}"
-        statefile.write(report_path, doc)
+        statefile.write(report_path, doc, task_json.Encoder)
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -18,14 +18,16 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import psutil
 
-from . import control, discovery, drain as draining, options, procs, restart as restarting, statefile
+from . import control, discovery, drain as draining, options, restart as restarting
+from .processes import procs, statefile
+from .celery_side import task_json
 from .discovery import Discovery
 from .errors import PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
-from .lock import reaper_lock
-from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, KillReport, Outcome, execute
-from .plan import Policy, Verdict, orphans, plan
-from .procs import MAIN, POOL, TASK, Proc
-from .snapshot import Snapshot, Worker, read_worker, take
+from .processes.lock import reaper_lock
+from .processes.kill import FAILED, GONE, KILLED, REFUSED, SPARED, KillReport, Outcome, execute
+from .processes.plan import Policy, Verdict, orphans, plan
+from .processes.procs import MAIN, POOL, TASK, Proc
+from .processes.snapshot import Snapshot, Worker, read_worker, take
 
 if TYPE_CHECKING:
     # Imported where requeue runs: they bring kombu's JSON and transports,
@@ -125,7 +127,7 @@ def savepid(path: str, targets: Targets, policy: Policy = Policy()) -> SaveResul
     snapshot, warnings, broker_error = live_snapshot(targets)
     verdicts = plan(snapshot.workers, policy)
     # Written even when the broker failed: the trees are what the kill needs.
-    statefile.write(path, statefile.to_document(snapshot, policy, verdicts))
+    statefile.write(path, statefile.to_document(snapshot, policy, verdicts), task_json.Encoder)
     if not snapshot.workers:
         warnings = warnings + ["no Celery worker is running on this host; wrote an empty record"]
     return SaveResult(path, snapshot, policy, verdicts, warnings, broker_error)

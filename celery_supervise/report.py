@@ -21,11 +21,12 @@ from rich.tree import Tree
 
 from .drain import ACTIVE, RESERVED, Assessment, DrainResult
 from .errors import EXIT_OK, EXIT_PARTIAL
-from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
+from .processes.kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
 from .operations import FAILED as REQUEUE_FAILED, RESENT, SKIPPED, WOULD_RESEND, RequeueResult, SaveResult, StatusResult
 from .restart import RestartResult
-from .plan import KILL, REFUSE, Verdict
-from .statefile import Encoder, proc_to_dict, to_document
+from .processes.plan import KILL, REFUSE, Verdict
+from .celery_side.task_json import Encoder
+from .processes.statefile import proc_to_dict, to_document
 
 # C0 and C1 controls, and lone surrogates: the undecodable bytes of a
 # /proc cmdline (or of a state file's strings) after Python's surrogateescape.

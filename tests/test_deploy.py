@@ -13,7 +13,7 @@ from celery_supervise.commands.deploy import (
 from celery_supervise.errors import StateFileError, SupervisorError, UsageError
 from celery_supervise.report import DeployProgress, consoles, deploy_tasks_lines
 from celery_supervise.rpc import Server
-from celery_supervise.snapshot import Task
+from celery_supervise.processes.snapshot import Task
 
 HOST = """\
 [unix_http_server]

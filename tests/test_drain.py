@@ -20,7 +20,7 @@ from celery_supervise.drain import (
     configured_queues, local_targets, more_cancels, named_targets, queue_names,
 )
 from celery_supervise.errors import EXIT_OK, EXIT_PARTIAL, BrokerError, UsageError
-from celery_supervise.snapshot import Task
+from celery_supervise.processes.snapshot import Task
 
 A, B = "a@host", "b@host"
 

@@ -42,11 +42,12 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 from rich.console import Console
 
-from celery_supervise import operations, procs, report, snapshot, statefile
+from celery_supervise import operations, report
+from celery_supervise.processes import procs, snapshot, statefile
 from celery_supervise.errors import SuperviseError
-from celery_supervise.kill import KILLED, WOULD_KILL
+from celery_supervise.processes.kill import KILLED, WOULD_KILL
 from celery_supervise.listener import Listener, parse_payload
-from celery_supervise.plan import Policy, plan
+from celery_supervise.processes.plan import Policy, plan
 
 from realprocs import HANDSHAKE_TIMEOUT, wait_for
 

@@ -13,9 +13,9 @@ import os
 import psutil
 import pytest
 
-from celery_supervise import procs, snapshot, statefile
+from celery_supervise.processes import procs, snapshot, statefile
 from celery_supervise.listener import Listener, parse_payload
-from celery_supervise.plan import Policy, plan
+from celery_supervise.processes.plan import Policy, plan
 
 
 def make_listener(tmp_path, stdin=""):

@@ -14,8 +14,9 @@ import tempfile
 import psutil
 import pytest
 
-from celery_supervise import operations, plan, report, snapshot, statefile
-from celery_supervise.plan import Policy
+from celery_supervise import operations, report
+from celery_supervise.processes import plan, snapshot, statefile
+from celery_supervise.processes.plan import Policy
 
 NOBODY = 65534
 

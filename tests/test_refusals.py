@@ -16,10 +16,11 @@ import sys
 
 import pytest
 
-from celery_supervise import operations, plan, snapshot, statefile
-from celery_supervise.kill import REFUSED
-from celery_supervise.plan import Policy
-from celery_supervise.procs import Proc, read_proc
+from celery_supervise import operations
+from celery_supervise.processes import plan, snapshot, statefile
+from celery_supervise.processes.kill import REFUSED
+from celery_supervise.processes.plan import Policy
+from celery_supervise.processes.procs import Proc, read_proc
 
 from realprocs import HANDSHAKE_TIMEOUT, wait_for
 from test_fuzz import NO_SUCH_PID, WITNESS, Witness, private_lock  # noqa: F401 (a fixture)

@@ -18,11 +18,12 @@ import pytest
 from celery import Celery
 from rich.console import Console
 
-from celery_supervise import journal, ledger as ledgers, operations, report, snapshot, statefile
+from celery_supervise import journal, ledger as ledgers, operations, report
+from celery_supervise.processes import snapshot, statefile
 from celery_supervise.errors import BrokerError, PartialError, StateFileError, UsageError
 from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
-from celery_supervise.plan import Policy
-from celery_supervise.procs import MAIN, Proc
+from celery_supervise.processes.plan import Policy
+from celery_supervise.processes.procs import MAIN, Proc
 from realsupervisor import BIN, DJANGO_APP
 
 DEAD_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1

@@ -198,7 +198,7 @@ def test_plain_output_off_a_terminal_and_json():
     import json
 
     from celery_supervise import report
-    from celery_supervise.kill import KillReport
+    from celery_supervise.processes.kill import KillReport
     from celery_supervise.restart import Phase
 
     result = RestartResult(

@@ -46,10 +46,11 @@ import xmlrpc.client
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import control, discovery, operations, options, procs, report, requeue as requeuing, rpc
+from .. import control, discovery, operations, options, report, requeue as requeuing, rpc
+from ..processes import procs
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, StateFileError, SuperviseError, SupervisorError, UsageError
-from ..kill import KillReport
-from ..plan import Policy
+from ..processes.kill import KillReport
+from ..processes.plan import Policy
 from ..restart import Phase, wait_answering
 
 DEFAULT_SHUTDOWN_TIMEOUT = options.SHUTDOWN_TIMEOUT

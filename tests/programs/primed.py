@@ -12,7 +12,8 @@ runs share this machine's clock). Nothing reads the boot time before go.
 
 import sys
 
-from celery_supervise import cli, listener, procs  # noqa: F401  (imported before go, on purpose)
+from celery_supervise import cli, listener  # noqa: F401  (imported before go, on purpose)
+from celery_supervise.processes import procs
 
 mode, args = sys.argv[1], sys.argv[2:]
 print("ready", flush=True)

@@ -41,7 +41,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable
 
-from .errors import StateFileError, UnsafeStateError
+from ..errors import StateFileError, UnsafeStateError
 from .plan import Policy, Verdict
 from . import procs
 from .procs import ROLES, Proc
@@ -80,33 +80,6 @@ class LegacyRecord:
 # --------------------------------------------------------------------- write
 
 
-#: How a value no JSON type fits is marked in a document (see :class:`Encoder`).
-UNREADABLE = "celery-supervise/repr"
-
-
-class Encoder(json.JSONEncoder):
-    """JSON as kombu writes it, so task arguments keep their types.
-
-    Celery's JSON serializer sends a ``datetime``, ``UUID``, ``Decimal`` or
-    ``bytes`` argument as ``{"__type__": ..., "__value__": ...}``, and the
-    ``active`` reply decodes it back; writing it the same way lets
-    ``requeue`` send the very same value again (``kombu.utils.json.loads``).
-    Anything else is stored as its repr, under a marker kombu does not
-    know, so that decoding it fails instead of sending a string in its
-    place.
-    """
-
-    def default(self, o):
-        # kombu's encoder, imported for the first value plain JSON cannot
-        # write: most records (PIDs, command lines) never need it.
-        from kombu.utils.json import JSONEncoder as KombuEncoder
-
-        try:
-            return KombuEncoder().default(o)
-        except TypeError:
-            return {"__type__": UNREADABLE, "__value__": repr(o)}
-
-
 def proc_to_dict(p: Proc) -> dict:
     d = asdict(p)
     d["cmdline"] = list(p.cmdline)
@@ -143,10 +116,14 @@ def to_document(snapshot: Snapshot, policy: Policy, verdicts: Iterable[Verdict])
     }
 
 
-def write(path: str, document: dict) -> None:
-    """Write *document* to *path* atomically with mode 0600."""
+def write(path: str, document: dict, encoder: type[json.JSONEncoder] = json.JSONEncoder) -> None:
+    """Write *document* to *path* atomically with mode 0600.
+
+    *encoder* writes what plain JSON cannot: task arguments, whose encoding
+    is the Celery side's (:class:`celery_supervise.celery_side.task_json.Encoder`).
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    data = json.dumps(document, indent=1, sort_keys=True, cls=Encoder).encode()
+    data = json.dumps(document, indent=1, sort_keys=True, cls=encoder).encode()
     try:
         # mkstemp creates the file 0600 in the target folder, so the rename
         # below stays on one filesystem and is atomic.
