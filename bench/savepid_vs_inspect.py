@@ -158,7 +158,7 @@ def redis_broker(run_id: str) -> Broker:
 
 
 def filesystem_broker(run_id: str, folder: str) -> Broker:
-    from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
+    from celery_supervise.celery_side.fs_transport import TRANSPORT_PATH, filesystem_broker_options
 
     env = _base_env(run_id)
     env["CELERY_SUPERVISE_BROKER_DIR"] = folder

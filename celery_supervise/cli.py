@@ -2,7 +2,7 @@
 
 Each command parses its options, calls one function of
 :mod:`celery_supervise.operations`, and renders the result with
-:mod:`celery_supervise.report`. Errors become exit codes in :func:`run`,
+:mod:`celery_supervise.render`. Errors become exit codes in :func:`run`,
 and nowhere else.
 
 This typer app is the one table of commands and options: the Django
@@ -19,8 +19,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from . import __version__, operations, options, report
-from .control import load_app
+from . import __version__, operations, options, render
+from .celery_side.control import load_app
 from .errors import (
     EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, SuperviseError, UsageError, exit_code_help,
 )
@@ -106,7 +106,7 @@ class State:
 
 
 def consoles():
-    return report.consoles()
+    return render.consoles()
 
 
 def renamed(ctx: typer.Context, old: str, new: str):
@@ -158,7 +158,7 @@ def savepid(
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
     result = operations.savepid(file, state.targets(supervisor_url, program, reply_timeout), policy)
     out, err = consoles()
-    return report.render_save(out, err, result, as_json)
+    return render.render_save(out, err, result, as_json)
 
 
 @app.command()
@@ -174,13 +174,13 @@ def kill(
     state: State = ctx.obj
     policy = Policy.parse(spare) if spare is not None else None
     out, err = consoles()
-    progress = report.WaitProgress(err)
+    progress = render.WaitProgress(err)
     try:
         result = operations.kill(file, policy=policy, grace=grace, dry_run=dry_run,
                                  app_spec=state.app_spec, on_wait=progress)
     finally:
         progress.close()
-    return report.render_kill(out, err, result, as_json)
+    return render.render_kill(out, err, result, as_json)
 
 
 @app.command()
@@ -199,7 +199,7 @@ def status(
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
     result = operations.status(state.targets(supervisor_url, program, reply_timeout), policy)
     out, err = consoles()
-    return report.render_status(out, err, result, as_json)
+    return render.render_status(out, err, result, as_json)
 
 
 @app.command()
@@ -215,13 +215,13 @@ def drain(
     state: State = ctx.obj
     timeout = renamed(ctx, "timeout", "drain_timeout")
     out, err = consoles()
-    progress = report.DrainProgress(err)
+    progress = render.DrainProgress(err)
     try:
         result = operations.drain(state.celery_app(), state.app_spec, destinations=destination or (),
                                   all_workers=all_workers, timeout=timeout, on_progress=progress)
     finally:
         progress.close()
-    return report.render_drain(out, err, result, as_json)
+    return render.render_drain(out, err, result, as_json)
 
 
 @app.command()
@@ -236,7 +236,7 @@ def requeue(
     state: State = ctx.obj
     result = operations.requeue(file, state.celery_app(), journal_dir=journal, dry_run=dry_run)
     out, err = consoles()
-    return report.render_requeue(out, err, result, as_json)
+    return render.render_requeue(out, err, result, as_json)
 
 
 @app.command()
@@ -254,13 +254,13 @@ def restart(
     as_json: JsonOpt = False,
 ) -> int:
     """Restart supervisord programs running Celery workers: savepid, drain, stop, kill, start, wait for a ping."""
-    from . import rpc
+    from .supervisord import rpc
 
     state_: State = ctx.obj
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
     server = rpc.find_server(supervisor_url, configuration)
     out, err = consoles()
-    drain_progress, wait_progress = report.DrainProgress(err), report.WaitProgress(err)
+    drain_progress, wait_progress = render.DrainProgress(err), render.WaitProgress(err)
     try:
         result = operations.restart(
             state_.celery_app(), state_.app_spec, programs, server, state_path=state, drain_timeout=drain_timeout,
@@ -270,7 +270,7 @@ def restart(
     finally:
         drain_progress.close()
         wait_progress.close()
-    return Outcome(report.render_restart(out, err, result, as_json), result.problem)
+    return Outcome(render.render_restart(out, err, result, as_json), result.problem)
 
 
 @app.command()
@@ -303,13 +303,13 @@ def deploy(
     ))
     out, err = consoles()
     name = os.environ.get(deploying.LOG_NAME_ENV) or deploying.LOG_NAME
-    kill_progress = report.WaitProgress(err)
+    kill_progress = render.WaitProgress(err)
     try:
-        result = deploying.deploy(plan, load_app=state_.celery_app, progress=report.DeployProgress(err, name),
+        result = deploying.deploy(plan, load_app=state_.celery_app, progress=render.DeployProgress(err, name),
                                   on_wait=kill_progress)
     finally:
         kill_progress.close()
-    return Outcome(report.render_deploy(out, err, result, as_json, name), result.problem)
+    return Outcome(render.render_deploy(out, err, result, as_json, name), result.problem)
 
 
 @app.command("print-config")
@@ -331,7 +331,7 @@ def print_config(
                                user=user, numprocs=numprocs, state_dir=state_dir, log_dir=log_dir)
     result = printing.print_config(request)
     out, err = consoles()
-    return report.render_print_config(out, err, result, as_json)
+    return render.render_print_config(out, err, result, as_json)
 
 
 @app.command()

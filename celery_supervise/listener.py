@@ -52,7 +52,8 @@ from typing import Callable, Iterable, TextIO
 import psutil
 from supervisor import childutils
 
-from . import control, discovery, operations, report
+from .celery_side import control, discovery
+from . import operations, render
 from .celery_side import task_json
 from .processes import kill as killing, procs, snapshot, statefile
 from .errors import EXIT_USAGE, SuperviseError, UsageError
@@ -69,7 +70,7 @@ REFRESH_INTERVAL = 2.0
 #: line or two); a header announcing more is malformed.
 MAX_PAYLOAD = 1 << 24
 RECORD_SUFFIX = ".json"
-REPORT_SUFFIX = ".report.json"
+REPORT_SUFFIX = ".render.json"
 
 
 class Stop(BaseException):
@@ -442,7 +443,7 @@ class Listener:
                 return  # another reaper got there first, under the lock
             self.log("error", record=path, error=str(exc))
             return
-        doc = report.kill_document(result)
+        doc = render.kill_document(result)
         doc["why"] = why
         doc["tasks"] = [t.__dict__ for w in rec.snapshot.workers for t in w.tasks]
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock()))

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import psutil
 
-from . import control, discovery, drain as draining, options, restart as restarting
+from .celery_side import control, discovery, drain as draining
+from . import options
+from .commands import restart as restarting
 from .processes import procs, statefile
 from .celery_side import task_json
-from .discovery import Discovery
+from .celery_side.discovery import Discovery
 from .errors import PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
 from .processes.lock import reaper_lock
 from .processes.kill import FAILED, GONE, KILLED, REFUSED, SPARED, KillReport, Outcome, execute
@@ -32,7 +34,7 @@ from .processes.snapshot import Snapshot, Worker, read_worker, take
 if TYPE_CHECKING:
     # Imported where requeue runs: they bring kombu's JSON and transports,
     # which savepid, status and kill never need.
-    from . import requeue as requeuing
+    from .celery_side import requeue as requeuing
 
 
 # Defaults shared by every shell (CLI, Django command, listener).
@@ -440,7 +442,7 @@ class _AsRecorded:
 
 def send_again(app, conn, decision: requeuing.Decision) -> None:
     """Publish the recorded task again: same id, name, arguments and route, no retries."""
-    from . import requeue as requeuing
+    from .celery_side import requeue as requeuing
 
     task, route = decision.task, decision.route
     args, kwargs = requeuing.arguments(task)
@@ -470,7 +472,7 @@ def broker_redelivery(app) -> tuple[bool, frozenset[str] | None]:
             return True, None
         folder = (conn.transport_options or {}).get("data_folder_in")
         if driver == "filesystem" and folder:
-            from . import fs_transport
+            from .celery_side import fs_transport
 
             return False, frozenset(fs_transport.queued_task_ids(folder))
         return False, None
@@ -496,7 +498,7 @@ def requeue(
     is reached before anything is sent: when it is down, nothing is sent
     and the ledger is untouched.
     """
-    from . import ledger as ledgers
+    from .celery_side import ledger as ledgers
 
     if app is None:
         raise UsageError("requeue needs -A APP: the app whose broker the tasks are sent through")
@@ -509,7 +511,7 @@ def requeue(
 
 
 def _requeue_locked(path, app, record, *, journal_dir, dry_run, publish, connect) -> RequeueResult:
-    from . import journal as journaling, ledger as ledgers, requeue as requeuing
+    from .celery_side import journal as journaling, ledger as ledgers, requeue as requeuing
 
     snap = record.snapshot
     recorded = [requeuing.Recorded(t, w.node, w.main.pid) for w in snap.workers for t in w.tasks]
@@ -571,7 +573,7 @@ def _requeue_locked(path, app, record, *, journal_dir, dry_run, publish, connect
 
 
 def _at_least_once_warnings(decisions, directory) -> list[str]:
-    from . import requeue as requeuing
+    from .celery_side import requeue as requeuing
 
     weak = requeuing.at_least_once(decisions)
     if not weak:
@@ -613,7 +615,7 @@ def restart(
     A kill that leaves a process alive does not keep the new workers from
     starting; it sets ``problem``.
     """
-    from . import rpc
+    from .supervisord import rpc
 
     if app is None or not app_spec:
         raise UsageError("restart needs -A APP: the app whose workers it drains and pings")
@@ -652,7 +654,7 @@ def restart(
 
 def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_timeout, timeout,
              on_drain, on_wait, remote_factory, clock) -> None:
-    from . import rpc
+    from .supervisord import rpc
 
     def phase(name, started, detail=""):
         result.phases.append(restarting.Phase(name, clock() - started, detail))

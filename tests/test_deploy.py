@@ -6,13 +6,14 @@ The phases themselves run against a real supervisord and worker in
 
 import pytest
 
-from celery_supervise import operations, requeue as requeuing
+from celery_supervise import operations
+from celery_supervise.celery_side import requeue as requeuing
 from celery_supervise.commands.deploy import (
     ALREADY, CANNOT, CUT_OFF, FINISHED, REDELIVERED, RUNNING, UNKNOWN, DeployResult, Options, TaskFate, fate_of,
     plan)
 from celery_supervise.errors import StateFileError, SupervisorError, UsageError
-from celery_supervise.report import DeployProgress, consoles, deploy_tasks_lines
-from celery_supervise.rpc import Server
+from celery_supervise.render import DeployProgress, consoles, deploy_tasks_lines
+from celery_supervise.supervisord.rpc import Server
 from celery_supervise.processes.snapshot import Task
 
 HOST = """\

@@ -13,9 +13,9 @@ import pytest
 from kombu import Queue
 from rich.console import Console
 
-from celery_supervise import operations, report
-from celery_supervise.discovery import WorkerCommand
-from celery_supervise.drain import (
+from celery_supervise import operations, render as report
+from celery_supervise.celery_side.discovery import WorkerCommand
+from celery_supervise.celery_side.drain import (
     ACTIVE, POLL_INTERVAL, POLL_WAIT, RESERVED, Assessment, Drainer, DrainResult, Held, Target, assess, cancels,
     configured_queues, local_targets, more_cancels, named_targets, queue_names,
 )

@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 from rich.console import Console
 
-from celery_supervise import operations, report
+from celery_supervise import operations, render as report
 from celery_supervise.processes import procs, snapshot, statefile
 from celery_supervise.errors import SuperviseError
 from celery_supervise.processes.kill import KILLED, WOULD_KILL

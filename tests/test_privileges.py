@@ -14,7 +14,7 @@ import tempfile
 import psutil
 import pytest
 
-from celery_supervise import operations, report
+from celery_supervise import operations, render as report
 from celery_supervise.processes import plan, snapshot, statefile
 from celery_supervise.processes.plan import Policy
 

@@ -13,8 +13,8 @@ import pytest
 
 from celery_supervise.processes import statefile
 from celery_supervise.celery_side import task_json
-from celery_supervise.journal import FINISHED, INTERRUPTED, STARTED, Entry
-from celery_supervise.requeue import (
+from celery_supervise.celery_side.journal import FINISHED, INTERRUPTED, STARTED, Entry
+from celery_supervise.celery_side.requeue import (
     ALREADY_REQUEUED, BACK_IN_QUEUE, DUPLICATE, INTERRUPTED as R_INTERRUPTED, LOST_UNACKED, NO_JOURNAL,
     NOT_IN_JOURNAL, REDELIVERED, RESEND, SKIP, TERMINATED, Recorded, Route, arguments, at_least_once, decide,
     route_of, unsendable,

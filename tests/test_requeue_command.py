@@ -18,10 +18,11 @@ import pytest
 from celery import Celery
 from rich.console import Console
 
-from celery_supervise import journal, ledger as ledgers, operations, report
+from celery_supervise.celery_side import journal, ledger as ledgers
+from celery_supervise import operations, render as report
 from celery_supervise.processes import snapshot, statefile
 from celery_supervise.errors import BrokerError, PartialError, StateFileError, UsageError
-from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
+from celery_supervise.celery_side.fs_transport import TRANSPORT_PATH, filesystem_broker_options
 from celery_supervise.processes.plan import Policy
 from celery_supervise.processes.procs import MAIN, Proc
 from realsupervisor import BIN, DJANGO_APP

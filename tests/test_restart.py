@@ -2,9 +2,9 @@
 
 import pytest
 
-from celery_supervise import rpc
+from celery_supervise.supervisord import rpc
 from celery_supervise.errors import SupervisorError
-from celery_supervise.restart import CancelClock, RestartResult, wait_answering
+from celery_supervise.commands.restart import CancelClock, RestartResult, wait_answering
 
 
 def info(group, name):
@@ -197,9 +197,9 @@ def test_plain_output_off_a_terminal_and_json():
     import io
     import json
 
-    from celery_supervise import report
+    from celery_supervise import render as report
     from celery_supervise.processes.kill import KillReport
-    from celery_supervise.restart import Phase
+    from celery_supervise.commands.restart import Phase
 
     result = RestartResult(
         processes=["celery-worker"],

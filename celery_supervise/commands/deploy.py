@@ -46,12 +46,14 @@ import xmlrpc.client
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import control, discovery, operations, options, report, requeue as requeuing, rpc
+from ..celery_side import control, discovery, requeue as requeuing
+from .. import operations, options, render
+from ..supervisord import rpc
 from ..processes import procs
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, StateFileError, SuperviseError, SupervisorError, UsageError
 from ..processes.kill import KillReport
 from ..processes.plan import Policy
-from ..restart import Phase, wait_answering
+from .restart import Phase, wait_answering
 
 DEFAULT_SHUTDOWN_TIMEOUT = options.SHUTDOWN_TIMEOUT
 DEFAULT_START_TIMEOUT = options.START_TIMEOUT
@@ -253,11 +255,11 @@ class DeployResult:
             "total": round(self.total, 3),
             "supervisord": {"old_pid": self.old_supervisord, "new_pid": self.new_supervisord},
             "processes": self.processes,
-            "save": None if self.save is None else report.save_summary(self.save),
-            "kill": None if self.kill is None else report.kill_document(self.kill),
+            "save": None if self.save is None else render.save_summary(self.save),
+            "kill": None if self.kill is None else render.kill_document(self.kill),
             "tasks": [{"id": t.id, "name": t.name, "node": t.node, "fate": t.fate, "reason": t.reason,
                        "action": t.action, "left_to_resend": t.left} for t in self.tasks],
-            "requeue": None if self.requeue is None or self.requeue.dry_run else report.requeue_document(self.requeue),
+            "requeue": None if self.requeue is None or self.requeue.dry_run else render.requeue_document(self.requeue),
             "requeue_command": self.requeue_command,
             "new_nodes": {n: None if s is None else round(s, 3) for n, s in self.new_nodes.items()},
             "state_file": self.state_file if self.kept else None,
@@ -446,7 +448,7 @@ def _record(run: _Run, supervisor_url: str | None, names: list[str]) -> bool:
         return False
     result.warnings += [w for w in saved.warnings if not (saved.broker_error and w.startswith(saved.broker_error))]
     if saved.broker_error:  # savepid's exit 3: the record lacks the tasks a stop would cut off
-        _failed_before_the_stop(run, report.save_problem(saved))
+        _failed_before_the_stop(run, render.save_problem(saved))
         return False
     snap = saved.snapshot
     run.phase(SAVEPID, t, f"{len(snap.workers)} worker(s), {sum(len(w.procs) for w in snap.workers)} process(es), "
@@ -459,7 +461,7 @@ def _dry_run(run: _Run, after: str) -> None:
     t = run.clock()
     run.result.kill = operations.kill(run.result.state_file, grace=run.options.grace, dry_run=True,
                                       app_spec=run.options.app_spec)
-    run.phase(KILL, t, "dry run: " + report.summary_line(run.result.kill))
+    run.phase(KILL, t, "dry run: " + render.summary_line(run.result.kill))
     run.result.tasks = [TaskFate(task.id, task.name, w.node, RUNNING, "running at savepid: a stop may cut it off")
                         for w in run.result.save.snapshot.workers for task in w.tasks]
 
@@ -470,7 +472,7 @@ def _kill(run: _Run) -> None:
     t = run.clock()
     result.kill = killed = operations.kill(result.state_file, grace=o.grace, app_spec=o.app_spec, on_wait=run.on_wait)
     result.warnings += killed.warnings
-    run.phase(KILL, t, report.summary_line(killed))
+    run.phase(KILL, t, render.summary_line(killed))
     if killed.partial:  # the workers are started all the same: a worker down is worse than a stray process
         result.problems.append(f"some leftovers of the old workers could not be killed (see the kill report); "
                                f"`celery-supervise kill {result.state_file}` tries again")
@@ -501,9 +503,9 @@ def _tasks(run: _Run) -> None:
     result.warnings += rq.warnings
     result.tasks = fates(rq)
     if o.requeue:
-        run.phase(REQUEUE, t, report.requeue_summary(rq))
+        run.phase(REQUEUE, t, render.requeue_summary(rq))
         if rq.partial:
-            result.problems.append(f"the broker failed during requeue ({report.requeue_summary(rq)}); "
+            result.problems.append(f"the broker failed during requeue ({render.requeue_summary(rq)}); "
                                    "run requeue again to send the rest")
 
 

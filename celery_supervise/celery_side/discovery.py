@@ -28,9 +28,9 @@ from typing import Iterable
 import psutil
 
 from . import control
-from .processes import procs
-from .errors import BrokerError, SupervisorError
-from .processes.snapshot import Task
+from ..processes import procs
+from ..errors import BrokerError, SupervisorError
+from ..processes.snapshot import Task
 
 # A worker's uptime counts from WorkController.__init__, after imports and
 # Django set-up; allow that much start-up delay, plus rounding.
@@ -243,7 +243,7 @@ def worker_main_under(pid: int, wanted_app: str | None = None) -> int | None:
 def from_supervisor(url: str, programs: list[str], local: dict[int, WorkerCommand],
                     auth: tuple[str | None, str | None] = (None, None)) -> tuple[list[Found], list[str]]:
     """Workers run by supervisord's matching programs."""
-    from . import rpc  # supervisor's XML-RPC stack is slow to import; most runs never need it
+    from ..supervisord import rpc  # supervisor's XML-RPC stack is slow to import; most runs never need it
 
     sup_pid, running = rpc.program_processes(url, programs, *auth)
     sup = procs.read_proc(sup_pid)

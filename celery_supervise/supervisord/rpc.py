@@ -11,7 +11,7 @@ import socket
 import xmlrpc.client
 from dataclasses import dataclass
 
-from .errors import SupervisorError
+from ..errors import SupervisorError
 
 RUNNING_STATES = {"STARTING", "RUNNING", "BACKOFF", "STOPPING"}
 

@@ -42,7 +42,7 @@ from typing import AbstractSet, Iterable, Mapping
 from kombu.utils.json import loads as json_loads
 
 from .journal import INTERRUPTED as JOURNAL_INTERRUPTED, Entry
-from .processes.snapshot import Task
+from ..processes.snapshot import Task
 
 RESEND = "resend"
 SKIP = "skip"

@@ -19,11 +19,11 @@ from rich.console import Console
 from rich import markup
 from rich.tree import Tree
 
-from .drain import ACTIVE, RESERVED, Assessment, DrainResult
+from .celery_side.drain import ACTIVE, RESERVED, Assessment, DrainResult
 from .errors import EXIT_OK, EXIT_PARTIAL
 from .processes.kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
 from .operations import FAILED as REQUEUE_FAILED, RESENT, SKIPPED, WOULD_RESEND, RequeueResult, SaveResult, StatusResult
-from .restart import RestartResult
+from .commands.restart import RestartResult
 from .processes.plan import KILL, REFUSE, Verdict
 from .celery_side.task_json import Encoder
 from .processes.statefile import proc_to_dict, to_document
@@ -488,7 +488,7 @@ def requeue_summary(result: RequeueResult) -> str:
 
 
 def render_requeue(out: Console, err: Console, result: RequeueResult, as_json: bool) -> int:
-    from . import requeue as requeuing
+    from .celery_side import requeue as requeuing
 
     warnings(err, result.warnings)
     if as_json:

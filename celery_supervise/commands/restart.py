@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from . import options
-from .errors import EXIT_OK, EXIT_PARTIAL
+from .. import options
+from ..errors import EXIT_OK, EXIT_PARTIAL
 
 SAVEPID = "savepid"
 DRAIN = "drain"

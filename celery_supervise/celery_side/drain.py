@@ -34,9 +34,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Protocol
 
-from . import options
-from .errors import BrokerError
-from .processes.snapshot import Task
+from .. import options
+from ..errors import BrokerError
+from ..processes.snapshot import Task
 
 ACTIVE = "active"
 RESERVED = "reserved"

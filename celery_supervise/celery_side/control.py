@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from .errors import AppError, BrokerError
+from ..errors import AppError, BrokerError
 
 log = logging.getLogger(__name__)
 
