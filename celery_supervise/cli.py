@@ -1,7 +1,7 @@
 """The ``celery-supervise`` command line: a thin typer shell over the core.
 
-Each command parses its options, calls one function of
-:mod:`celery_supervise.operations`, and renders the result with
+Each command parses its options, calls its verb's module in
+:mod:`celery_supervise.commands`, and renders the result with
 :mod:`celery_supervise.render`. Errors become exit codes in :func:`run`,
 and nowhere else.
 
@@ -19,7 +19,10 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from . import __version__, operations, options, render
+from . import __version__, options, render
+from .commands import (
+    drain as draining, kill as killing, requeue as requeuing, restart as restarting, savepid as saving,
+)
 from .celery_side.control import load_app
 from .errors import (
     EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, SuperviseError, UsageError, exit_code_help,
@@ -95,8 +98,8 @@ class State:
         self.app_spec = app_spec
         self._app = None
 
-    def targets(self, supervisor_url, programs, timeout) -> operations.Targets:
-        return operations.Targets(app=self.celery_app(), app_spec=self.app_spec, supervisor_url=supervisor_url,
+    def targets(self, supervisor_url, programs, timeout) -> saving.Targets:
+        return saving.Targets(app=self.celery_app(), app_spec=self.app_spec, supervisor_url=supervisor_url,
                                   programs=tuple(programs or ()), timeout=timeout)
 
     def celery_app(self):
@@ -156,7 +159,7 @@ def savepid(
     state: State = ctx.obj
     policy = Policy.parse(spare)
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
-    result = operations.savepid(file, state.targets(supervisor_url, program, reply_timeout), policy)
+    result = saving.savepid(file, state.targets(supervisor_url, program, reply_timeout), policy)
     out, err = consoles()
     return render.render_save(out, err, result, as_json)
 
@@ -176,7 +179,7 @@ def kill(
     out, err = consoles()
     progress = render.WaitProgress(err)
     try:
-        result = operations.kill(file, policy=policy, grace=grace, dry_run=dry_run,
+        result = killing.kill(file, policy=policy, grace=grace, dry_run=dry_run,
                                  app_spec=state.app_spec, on_wait=progress)
     finally:
         progress.close()
@@ -197,7 +200,7 @@ def status(
     state: State = ctx.obj
     policy = Policy.parse(spare)  # before any slow discovery, so a typo fails at once
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
-    result = operations.status(state.targets(supervisor_url, program, reply_timeout), policy)
+    result = saving.status(state.targets(supervisor_url, program, reply_timeout), policy)
     out, err = consoles()
     return render.render_status(out, err, result, as_json)
 
@@ -217,7 +220,7 @@ def drain(
     out, err = consoles()
     progress = render.DrainProgress(err)
     try:
-        result = operations.drain(state.celery_app(), state.app_spec, destinations=destination or (),
+        result = draining.drain(state.celery_app(), state.app_spec, destinations=destination or (),
                                   all_workers=all_workers, timeout=timeout, on_progress=progress)
     finally:
         progress.close()
@@ -234,7 +237,7 @@ def requeue(
 ) -> int:
     """Re-send the recorded tasks the stop cut off, once (run after the stop)."""
     state: State = ctx.obj
-    result = operations.requeue(file, state.celery_app(), journal_dir=journal, dry_run=dry_run)
+    result = requeuing.requeue(file, state.celery_app(), journal_dir=journal, dry_run=dry_run)
     out, err = consoles()
     return render.render_requeue(out, err, result, as_json)
 
@@ -262,7 +265,7 @@ def restart(
     out, err = consoles()
     drain_progress, wait_progress = render.DrainProgress(err), render.WaitProgress(err)
     try:
-        result = operations.restart(
+        result = restarting.restart(
             state_.celery_app(), state_.app_spec, programs, server, state_path=state, drain_timeout=drain_timeout,
             grace=grace, start_timeout=start_timeout, timeout=reply_timeout, on_drain=drain_progress,
             on_wait=wait_progress,

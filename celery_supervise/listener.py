@@ -52,11 +52,11 @@ from typing import Callable, Iterable, TextIO
 import psutil
 from supervisor import childutils
 
-from .celery_side import control, discovery
-from . import operations, render
-from .celery_side import task_json
-from .processes import kill as killing, procs, snapshot, statefile
+from . import render
+from .celery_side import control, discovery, task_json
+from .commands import kill as kill_verb
 from .errors import EXIT_USAGE, SuperviseError, UsageError
+from .processes import kill as killing, procs, snapshot, statefile
 from .processes.plan import Policy, plan
 from .processes.snapshot import Task
 
@@ -142,7 +142,7 @@ class Listener:
         *,
         state_dir: str,
         programs: Iterable[str] = (),
-        grace: float = operations.DEFAULT_GRACE,
+        grace: float = kill_verb.DEFAULT_GRACE,
         policy: Policy = Policy(),
         app=None,
         app_spec: str | None = None,
@@ -437,7 +437,7 @@ class Listener:
         if rec is None:
             return
         try:
-            result = operations.kill(path, grace=self.grace)
+            result = kill_verb.kill(path, grace=self.grace)
         except SuperviseError as exc:
             if not os.path.lexists(path):
                 return  # another reaper got there first, under the lock

@@ -20,12 +20,13 @@ from rich import markup
 from rich.tree import Tree
 
 from .celery_side.drain import ACTIVE, RESERVED, Assessment, DrainResult
+from .celery_side.task_json import Encoder
+from .commands.requeue import FAILED as REQUEUE_FAILED, RESENT, SKIPPED, WOULD_RESEND, RequeueResult
+from .commands.restart import RestartResult
+from .commands.savepid import SaveResult, StatusResult
 from .errors import EXIT_OK, EXIT_PARTIAL
 from .processes.kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
-from .operations import FAILED as REQUEUE_FAILED, RESENT, SKIPPED, WOULD_RESEND, RequeueResult, SaveResult, StatusResult
-from .commands.restart import RestartResult
 from .processes.plan import KILL, REFUSE, Verdict
-from .celery_side.task_json import Encoder
 from .processes.statefile import proc_to_dict, to_document
 
 # C0 and C1 controls, and lone surrogates: the undecodable bytes of a

@@ -13,7 +13,8 @@ import pytest
 from kombu import Queue
 from rich.console import Console
 
-from celery_supervise import operations, render as report
+from celery_supervise import render as report
+from celery_supervise.commands import drain as drain_cmd
 from celery_supervise.celery_side.discovery import WorkerCommand
 from celery_supervise.celery_side.drain import (
     ACTIVE, POLL_INTERVAL, POLL_WAIT, RESERVED, Assessment, Drainer, DrainResult, Held, Target, assess, cancels,
@@ -349,11 +350,11 @@ def celery_app():
 def test_drain_usage_errors(celery_app, kwargs, message):
     args = {"app_spec": "nosuchproject_xyz", "remote_factory": NoRemote, **kwargs}
     with pytest.raises(UsageError, match=message):
-        operations.drain(celery_app, **args)
+        drain_cmd.drain(celery_app, **args)
 
 
 def test_no_local_worker_means_nothing_to_drain(celery_app):
-    result = operations.drain(celery_app, "nosuchproject_xyz", remote_factory=NoRemote)
+    result = drain_cmd.drain(celery_app, "nosuchproject_xyz", remote_factory=NoRemote)
     assert result.drained and result.targets == ()
     assert "no Celery worker of nosuchproject_xyz is running on this host" in result.warnings[0]
 
@@ -377,7 +378,7 @@ def test_destination_expands_percent_h_and_uses_the_apps_queues(celery_app):
         def __exit__(self, *exc):
             pass
 
-    result = operations.drain(celery_app, "nosuchproject_xyz", destinations=["w1@%h"], timeout=5,
+    result = drain_cmd.drain(celery_app, "nosuchproject_xyz", destinations=["w1@%h"], timeout=5,
                               remote_factory=Remote)
     assert [t.node for t in result.targets] == [node]
     assert result.drained

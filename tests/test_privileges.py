@@ -14,7 +14,8 @@ import tempfile
 import psutil
 import pytest
 
-from celery_supervise import operations, render as report
+from celery_supervise import render as report
+from celery_supervise.commands import kill as kill_cmd
 from celery_supervise.processes import plan, snapshot, statefile
 from celery_supervise.processes.plan import Policy
 
@@ -34,7 +35,7 @@ def nobody_dir():
 
 
 def kill_as(uid, path, lock):
-    """Run operations.kill in a child process with *uid*; return (exit code, document)."""
+    """Run kill_cmd.kill in a child process with *uid*; return (exit code, document)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
@@ -45,7 +46,7 @@ def kill_as(uid, path, lock):
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            result = operations.kill(path, grace=1)
+            result = kill_cmd.kill(path, grace=1)
             os.write(write_end, json.dumps([report.kill_exit_code(result), report.kill_document(result)]).encode())
             code = 0
         finally:

@@ -9,9 +9,9 @@ Two ways, chosen with ``--no-shutdown``:
   ends the container): savepid -> ``stopProcess`` of the worker programs,
   side by side -> kill -> [requeue] -> ``startProcess`` of the same -> ready.
 
-Each step is the tool's own: :func:`celery_supervise.operations.savepid`,
-:func:`~celery_supervise.operations.kill` and
-:func:`~celery_supervise.operations.requeue` (with ``dry_run`` when
+Each step is the tool's own: :func:`celery_supervise.commands.savepid.savepid`,
+:func:`~celery_supervise.commands.kill.kill` and
+:func:`~celery_supervise.commands.requeue.requeue` (with ``dry_run`` when
 ``--requeue`` is not given, for its decisions alone), and the ping wait of
 ``restart``. Plan, then act: :func:`plan` checks every option and what it
 can of the surroundings (the config supervisord will be started with, the
@@ -46,13 +46,14 @@ import xmlrpc.client
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import options, render
 from ..celery_side import control, discovery, requeue as requeuing
-from .. import operations, options, render
-from ..supervisord import rpc
-from ..processes import procs
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, StateFileError, SuperviseError, SupervisorError, UsageError
+from ..processes import procs
 from ..processes.kill import KillReport
 from ..processes.plan import Policy
+from ..supervisord import rpc
+from . import kill as kill_verb, requeue as requeue_verb, restart as restart_verb, savepid as savepid_verb
 from .restart import Phase, wait_answering
 
 DEFAULT_SHUTDOWN_TIMEOUT = options.SHUTDOWN_TIMEOUT
@@ -87,10 +88,10 @@ class Options:
     configuration: str | None = None
     supervisor_url: str | None = None
     state: str | None = None
-    grace: float = operations.DEFAULT_GRACE
+    grace: float = kill_verb.DEFAULT_GRACE
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     start_timeout: float = DEFAULT_START_TIMEOUT
-    reply_timeout: float = operations.DEFAULT_TIMEOUT
+    reply_timeout: float = savepid_verb.DEFAULT_TIMEOUT
     start: bool = True
     dry_run: bool = False
     requeue: bool = False
@@ -193,7 +194,7 @@ class TaskFate:
     @property
     def left(self) -> bool:
         """Still to be re-sent by hand (`celery-supervise requeue STATE`)."""
-        return self.action in (operations.WOULD_RESEND, operations.FAILED)
+        return self.action in (requeue_verb.WOULD_RESEND, requeue_verb.FAILED)
 
 
 @dataclass
@@ -208,9 +209,9 @@ class DeployResult:
     processes: list[str] = field(default_factory=list)  # supervisord's processes running the workers
     old_supervisord: int | None = None
     new_supervisord: int | None = None
-    save: operations.SaveResult | None = None
+    save: savepid_verb.SaveResult | None = None
     kill: KillReport | None = None
-    requeue: operations.RequeueResult | None = None  # the real one with --requeue, else its dry run
+    requeue: requeue_verb.RequeueResult | None = None  # the real one with --requeue, else its dry run
     tasks: list[TaskFate] = field(default_factory=list)
     new_nodes: dict[str, float | None] = field(default_factory=dict)
     changed: bool = False  # something was stopped or signalled
@@ -269,7 +270,7 @@ class DeployResult:
         }
 
 
-def fate_of(outcome: operations.RequeueOutcome) -> TaskFate:
+def fate_of(outcome: requeue_verb.RequeueOutcome) -> TaskFate:
     """One recorded task's fate, from requeue's decision about it (see :mod:`celery_supervise.requeue`)."""
     d = outcome.decision
     reason = d.reason
@@ -288,7 +289,7 @@ def fate_of(outcome: operations.RequeueOutcome) -> TaskFate:
     return TaskFate(d.task.id, d.task.name, d.recorded.node, fate, outcome.reason, outcome.status)
 
 
-def fates(result: operations.RequeueResult) -> list[TaskFate]:
+def fates(result: requeue_verb.RequeueResult) -> list[TaskFate]:
     return [fate_of(o) for o in result.outcomes]
 
 
@@ -439,10 +440,10 @@ def _record(run: _Run, supervisor_url: str | None, names: list[str]) -> bool:
     if not _load_app(run):
         return False
     try:
-        targets = operations.Targets(
+        targets = savepid_verb.Targets(
             app=run.app, app_spec=o.app_spec, supervisor_url=supervisor_url, programs=tuple(names),
             timeout=o.reply_timeout, supervisor_auth=(run.plan.server.username, run.plan.server.password))
-        result.save = saved = operations.savepid(result.state_file, targets, Policy())
+        result.save = saved = savepid_verb.savepid(result.state_file, targets, Policy())
     except SuperviseError as exc:
         _failed_before_the_stop(run, str(exc))
         return False
@@ -459,7 +460,7 @@ def _record(run: _Run, supervisor_url: str | None, names: list[str]) -> bool:
 def _dry_run(run: _Run, after: str) -> None:
     run.progress.note(f"dry run: this is what kill would do after {after}")
     t = run.clock()
-    run.result.kill = operations.kill(run.result.state_file, grace=run.options.grace, dry_run=True,
+    run.result.kill = kill_verb.kill(run.result.state_file, grace=run.options.grace, dry_run=True,
                                       app_spec=run.options.app_spec)
     run.phase(KILL, t, "dry run: " + render.summary_line(run.result.kill))
     run.result.tasks = [TaskFate(task.id, task.name, w.node, RUNNING, "running at savepid: a stop may cut it off")
@@ -470,7 +471,7 @@ def _kill(run: _Run) -> None:
     o, result = run.options, run.result
     run.step(f"killing what the workers left behind (grace {o.grace:g}s)")
     t = run.clock()
-    result.kill = killed = operations.kill(result.state_file, grace=o.grace, app_spec=o.app_spec, on_wait=run.on_wait)
+    result.kill = killed = kill_verb.kill(result.state_file, grace=o.grace, app_spec=o.app_spec, on_wait=run.on_wait)
     result.warnings += killed.warnings
     run.phase(KILL, t, render.summary_line(killed))
     if killed.partial:  # the workers are started all the same: a worker down is worse than a stray process
@@ -489,10 +490,10 @@ def _tasks(run: _Run) -> None:
         run.step("re-sending the tasks the stop cut off")
     t = run.clock()
     try:
-        result.requeue = rq = operations.requeue(result.state_file, run.app, journal_dir=o.journal,
+        result.requeue = rq = requeue_verb.requeue(result.state_file, run.app, journal_dir=o.journal,
                                                  dry_run=not o.requeue)
     except SuperviseError as exc:
-        result.tasks = [TaskFate(task.id, task.name, w.node, UNKNOWN, f"unknown: {exc}", operations.WOULD_RESEND)
+        result.tasks = [TaskFate(task.id, task.name, w.node, UNKNOWN, f"unknown: {exc}", requeue_verb.WOULD_RESEND)
                         for w in result.save.snapshot.workers for task in w.tasks]
         if o.requeue:
             result.problems.append(f"requeue failed: {exc}")
@@ -623,7 +624,7 @@ def _deploy_with_shutdown(run: _Run) -> None:
 
     def nodes():
         infos = rpc.all_process_info(server)
-        return operations.worker_nodes([p.pid for p in rpc.running_processes(infos, o.programs)], o.app_spec)
+        return restart_verb.worker_nodes([p.pid for p in rpc.running_processes(infos, o.programs)], o.app_spec)
 
     _wait_ready(run, nodes, len(result.save.snapshot.workers), started_at)
     if result.problem is None:
@@ -693,7 +694,7 @@ def _deploy_without_shutdown(run: _Run) -> None:
     run.step(f"stopping {', '.join(names)} (supervisord PID {result.old_supervisord})")
     t = run.clock()
     result.changed = True
-    stopped = operations.side_by_side(
+    stopped = restart_verb.side_by_side(
         rpc.stop_process, server, names, clock=run.clock,
         on_wait=lambda left, elapsed: run.progress.waiting(f"for {left} process(es) to stop", elapsed, None))
     run.phase(STOP, t, f"{sum(stopped)} of {len(names)} process(es) were running")
@@ -706,10 +707,10 @@ def _deploy_without_shutdown(run: _Run) -> None:
 
     run.step(f"starting {', '.join(names)}")
     t = started_at = run.clock()
-    pids = dict(zip(names, operations.side_by_side(rpc.start_process, server, names)))
+    pids = dict(zip(names, restart_verb.side_by_side(rpc.start_process, server, names)))
     result.started = True
     run.phase(START, t, ", ".join(f"{name} PID {pid}" for name, pid in pids.items()))
-    _wait_ready(run, lambda: operations.worker_nodes(pids.values(), o.app_spec),
+    _wait_ready(run, lambda: restart_verb.worker_nodes(pids.values(), o.app_spec),
                 len(result.save.snapshot.workers), started_at)
     if result.problem is None:
         run.progress.note(f"done: {', '.join(names)} running again under supervisord (PID {result.old_supervisord})"

@@ -12,7 +12,7 @@ One PID 1 is accepted: the supervisord a record names, when PID 1 in the
 reader's own PID namespace runs supervisord (a container whose PID 1 is
 supervisord), and, for the listener's records, which carry its creation
 time, is that very process. It is only ever compared with live processes
-and protected, never signalled (see :func:`celery_supervise.operations.protected_pids`).
+and protected, never signalled (see :func:`celery_supervise.processes.revisit.protected_pids`).
 
 "Since the last boot" is decided by the kernel's boot id, which the file
 records (``boot_id``, since this tool's first schema-1 files lacked it).
