@@ -161,7 +161,9 @@ def savepid(
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
     result = saving.savepid(file, state.targets(supervisor_url, program, reply_timeout), policy)
     out, err = consoles()
-    return render.render_save(out, err, result, as_json)
+    code = render.render_save(out, err, result, as_json)
+    # The record *was* written: exit 3 with the broker's failure as one error line.
+    return Outcome(code, result.problem, [f"{PROG}: error: {result.problem}"] if result.problem else [])
 
 
 @app.command()
@@ -312,7 +314,9 @@ def deploy(
                                   on_wait=kill_progress)
     finally:
         kill_progress.close()
-    return Outcome(render.render_deploy(out, err, result, as_json, name), result.problem)
+    lines = [f"{name}: {result.cause}"] if result.cause else []
+    code = render.render_deploy(out, err, result, as_json)
+    return Outcome(code, result.problem, lines + ([f"{name}: error: {result.problem}"] if result.problem else []))
 
 
 @app.command("print-config")
@@ -410,10 +414,18 @@ def internal_error(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
+def say(code: int) -> None:
+    """Print the error lines an :class:`~celery_supervise.errors.Outcome` carries, on stderr."""
+    for line in getattr(code, "say", ()):
+        print(line, file=sys.stderr, flush=True)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; every error becomes one line on stderr."""
     try:
-        return int(invoke(argv))
+        code = invoke(argv)
+        say(code)
+        return int(code)
     except (Exception, KeyboardInterrupt) as exc:  # translated here, and nowhere else
         known = one_line(exc)
         if known is None:  # a bug, or a library failing in a way we did not foresee

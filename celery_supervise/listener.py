@@ -52,7 +52,6 @@ from typing import Callable, Iterable, TextIO
 import psutil
 from supervisor import childutils
 
-from . import render
 from .celery_side import control, discovery, task_json
 from .commands import kill as kill_verb
 from .errors import EXIT_USAGE, SuperviseError, UsageError
@@ -70,7 +69,7 @@ REFRESH_INTERVAL = 2.0
 #: line or two); a header announcing more is malformed.
 MAX_PAYLOAD = 1 << 24
 RECORD_SUFFIX = ".json"
-REPORT_SUFFIX = ".render.json"
+REPORT_SUFFIX = ".report.json"
 
 
 class Stop(BaseException):
@@ -443,7 +442,7 @@ class Listener:
                 return  # another reaper got there first, under the lock
             self.log("error", record=path, error=str(exc))
             return
-        doc = render.kill_document(result)
+        doc = result.to_document()
         doc["why"] = why
         doc["tasks"] = [t.__dict__ for w in rec.snapshot.workers for t in w.tasks]
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock()))

@@ -205,7 +205,7 @@ def test_cancels_go_out_before_any_question_and_a_busy_worker_is_waited_for():
     assert result.cancelled == (("celery", (A,)), ("video", (A,)))
     # Two silent rounds cost their wait, the busy one is padded to POLL_INTERVAL.
     assert result.elapsed == pytest.approx(2 * POLL_WAIT + POLL_INTERVAL + 2 * 0.01)
-    assert report.drain_exit_code(result) == EXIT_OK
+    assert result.exit_code == EXIT_OK
 
 
 def test_an_idle_worker_takes_two_rounds_and_no_pause():
@@ -228,7 +228,7 @@ def test_timeout_names_every_task_still_held():
     assert [(h.node, h.state, h.task.id) for h in result.held] == [(A, ACTIVE, "t1"), (A, RESERVED, "t2")]
     assert result.finished_at == clock.wall()
     assert result.held[0].runtime(result.finished_at) == pytest.approx(clock.now)
-    assert report.drain_exit_code(result) == EXIT_PARTIAL
+    assert result.exit_code == EXIT_PARTIAL
 
 
 def test_timeout_with_a_silent_worker_keeps_what_it_last_said():

@@ -14,7 +14,6 @@ import tempfile
 import psutil
 import pytest
 
-from celery_supervise import render as report
 from celery_supervise.commands import kill as kill_cmd
 from celery_supervise.processes import plan, snapshot, statefile
 from celery_supervise.processes.plan import Policy
@@ -47,7 +46,7 @@ def kill_as(uid, path, lock):
             os.setgid(uid)
             os.setuid(uid)
             result = kill_cmd.kill(path, grace=1)
-            os.write(write_end, json.dumps([report.kill_exit_code(result), report.kill_document(result)]).encode())
+            os.write(write_end, json.dumps([result.exit_code, result.to_document()]).encode())
             code = 0
         finally:
             os._exit(code)

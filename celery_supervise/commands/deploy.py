@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import options, render
+from .. import options
 from ..celery_side import control, requeue as requeuing
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, StateFileError, SuperviseError, SupervisorError, UsageError
 from ..processes.kill import KillReport
@@ -218,11 +218,11 @@ class DeployResult:
             "total": round(self.total, 3),
             "supervisord": {"old_pid": self.old_supervisord, "new_pid": self.new_supervisord},
             "processes": self.processes,
-            "save": None if self.save is None else render.save_summary(self.save),
-            "kill": None if self.kill is None else render.kill_document(self.kill),
+            "save": None if self.save is None else self.save.summary(),
+            "kill": None if self.kill is None else self.kill.to_document(),
             "tasks": [{"id": t.id, "name": t.name, "node": t.node, "fate": t.fate, "reason": t.reason,
                        "action": t.action, "left_to_resend": t.left} for t in self.tasks],
-            "requeue": None if self.requeue is None or self.requeue.dry_run else render.requeue_document(self.requeue),
+            "requeue": None if self.requeue is None or self.requeue.dry_run else self.requeue.to_document(),
             "requeue_command": self.requeue_command,
             "new_nodes": {n: None if s is None else round(s, 3) for n, s in self.new_nodes.items()},
             "state_file": self.state_file if self.kept else None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import render
 from ..celery_side import discovery
 from ..errors import SuperviseError, SupervisorError
 from ..processes import procs
@@ -84,7 +83,7 @@ def _record(run: Run, supervisor_url: str | None, names: list[str]) -> bool:
         return False
     result.warnings += [w for w in saved.warnings if not (saved.broker_error and w.startswith(saved.broker_error))]
     if saved.broker_error:  # savepid's exit 3: the record lacks the tasks a stop would cut off
-        _failed_before_the_stop(run, render.save_problem(saved))
+        _failed_before_the_stop(run, saved.problem)
         return False
     snap = saved.snapshot
     run.phase(SAVEPID, t, f"{len(snap.workers)} worker(s), {sum(len(w.procs) for w in snap.workers)} process(es), "
@@ -97,7 +96,7 @@ def _dry_run(run: Run, after: str) -> None:
     t = run.clock()
     run.result.kill = kill_verb.kill(run.result.state_file, grace=run.options.grace, dry_run=True,
                                       app_spec=run.options.app_spec)
-    run.phase(KILL, t, "dry run: " + render.summary_line(run.result.kill))
+    run.phase(KILL, t, "dry run: " + run.result.kill.summary())
     run.result.tasks = [TaskFate(task.id, task.name, w.node, RUNNING, "running at savepid: a stop may cut it off")
                         for w in run.result.save.snapshot.workers for task in w.tasks]
 
@@ -108,7 +107,7 @@ def _kill(run: Run) -> None:
     t = run.clock()
     result.kill = killed = kill_verb.kill(result.state_file, grace=o.grace, app_spec=o.app_spec, on_wait=run.on_wait)
     result.warnings += killed.warnings
-    run.phase(KILL, t, render.summary_line(killed))
+    run.phase(KILL, t, killed.summary())
     if killed.partial:  # the workers are started all the same: a worker down is worse than a stray process
         result.problems.append(f"some leftovers of the old workers could not be killed (see the kill report); "
                                f"`celery-supervise kill {result.state_file}` tries again")
@@ -139,9 +138,9 @@ def _tasks(run: Run) -> None:
     result.warnings += rq.warnings
     result.tasks = fates(rq)
     if o.requeue:
-        run.phase(REQUEUE, t, render.requeue_summary(rq))
+        run.phase(REQUEUE, t, rq.summary())
         if rq.partial:
-            result.problems.append(f"the broker failed during requeue ({render.requeue_summary(rq)}); "
+            result.problems.append(f"the broker failed during requeue ({rq.summary()}); "
                                    "run requeue again to send the rest")
 
 

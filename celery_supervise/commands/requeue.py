@@ -32,6 +32,8 @@ RESENT = "re-sent"
 WOULD_RESEND = "would re-send"
 SKIPPED = "skipped"
 FAILED = "failed"
+#: The order of the report's summary.
+STATUS_ORDER = (RESENT, WOULD_RESEND, FAILED, SKIPPED)
 
 #: Files of the journal last written this long before the earliest recorded
 #: task started are not read (a margin for the clocks of two processes).
@@ -64,6 +66,41 @@ class RequeueResult:
     @property
     def partial(self) -> bool:
         return bool(self.by_status(FAILED))
+
+    @property
+    def exit_code(self) -> int:
+        """0 when done; 3 (partial) when the broker failed after some tasks were re-sent."""
+        return EXIT_PARTIAL if self.partial else EXIT_OK
+
+    def summary(self) -> str:
+        counts = {s: len(self.by_status(s)) for s in STATUS_ORDER}
+        first = f"would re-send {counts[WOULD_RESEND]}" if self.dry_run else f"re-sent {counts[RESENT]}"
+        line = f"{first}, skipped {counts[SKIPPED]}"
+        if counts[FAILED]:
+            line += f", failed {counts[FAILED]}"
+        return line + f" of {len(self.outcomes)} recorded task(s)"
+
+    def to_document(self) -> dict:
+        def route(r):
+            return None if r is None else {"exchange": r.exchange, "routing_key": r.routing_key,
+                                           "queue": r.queue, "priority": r.priority}
+
+        return {
+            "dry_run": self.dry_run,
+            "exit_code": self.exit_code,
+            "state_file": self.path,
+            "ledger": self.ledger,
+            "journal": self.journal,
+            "summary": {s: len(self.by_status(s)) for s in STATUS_ORDER},
+            "tasks": [
+                {"id": o.decision.task.id, "name": o.decision.task.name, "args": o.decision.task.args,
+                 "kwargs": o.decision.task.kwargs, "node": o.decision.recorded.node,
+                 "worker": o.decision.recorded.worker, "acknowledged": o.decision.task.acknowledged,
+                 "status": o.status, "reason": o.reason, "route": route(o.decision.route)}
+                for o in self.outcomes
+            ],
+            "warnings": self.warnings,
+        }
 
 
 def requeue(

@@ -26,10 +26,12 @@ from typing import Callable, Iterable
 
 from .. import options
 from ..celery_side import control, discovery
+from ..celery_side.drain import seconds
 from ..errors import EXIT_OK, EXIT_PARTIAL, PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
 from ..processes import procs
 from ..processes.kill import FAILED, GONE, KILLED, SPARED, KillReport
 from ..processes.plan import Policy
+from ..processes.statefile import proc_to_dict
 from .drain import DEFAULT_DRAIN_TIMEOUT, drain
 from .kill import DEFAULT_GRACE, kill
 from .savepid import DEFAULT_TIMEOUT, Targets, savepid
@@ -87,6 +89,28 @@ class RestartResult:
     @property
     def exit_code(self) -> int:
         return EXIT_PARTIAL if self.problem else EXIT_OK
+
+    def to_document(self) -> dict:
+        return {
+            "exit_code": self.exit_code,
+            "processes": self.processes,
+            "phases": [{"name": p.name, "seconds": round(p.seconds, 3), "detail": p.detail} for p in self.phases],
+            "total": round(self.total, 3),
+            "consume_gap": seconds(self.consume_gap),
+            "consume_gaps": {n: round(s, 3) for n, s in self.consume_gaps.items()},
+            "old_nodes": self.nodes,
+            "new_nodes": {n: seconds(s) for n, s in self.new_nodes.items()},
+            "stopped": self.stopped,
+            "started": self.started,
+            "drain": self.drain.to_document() if self.drain is not None else None,
+            "kill": None if self.kill is None else {
+                "summary": self.kill.counts(),
+                "failed": [{**proc_to_dict(o.proc), "reason": o.reason} for o in self.kill.by_status(FAILED)],
+            },
+            "state_file": self.state_file,
+            "problem": self.problem,
+            "warnings": self.warnings,
+        }
 
 
 class CancelClock:

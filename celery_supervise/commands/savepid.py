@@ -33,6 +33,34 @@ class SaveResult:
     # The broker failed: the trees are recorded, the active tasks are not (exit 3).
     broker_error: str | None = None
 
+    @property
+    def exit_code(self) -> int:
+        """3 when the broker failed: the record lacks the tasks a stop would cut off (requeue could not re-send them)."""
+        return EXIT_PARTIAL if self.broker_error else EXIT_OK
+
+    @property
+    def problem(self) -> str | None:
+        if not self.broker_error:
+            return None
+        return (f"the broker failed ({self.broker_error}): {self.path} records the process trees but not the "
+                "active tasks, so requeue could not re-send what a stop cuts off; run savepid again once the "
+                "broker is back (kill works with this record)")
+
+    def to_document(self) -> dict:
+        doc = statefile.to_document(self.snapshot, self.policy, self.verdicts)
+        doc["path"] = self.path
+        doc["broker_error"] = self.broker_error
+        doc["exit_code"] = self.exit_code
+        return doc
+
+    def summary(self) -> dict:
+        """What savepid recorded, in numbers (the record itself is the state file)."""
+        workers = self.snapshot.workers
+        return {"path": self.path, "source": self.snapshot.source, "workers": len(workers),
+                "processes": sum(len(w.procs) for w in workers),
+                "already_orphaned": sum(len(w.already_orphaned()) for w in workers),
+                "tasks": sum(len(w.tasks) for w in workers), "policy": str(self.policy)}
+
 
 @dataclass
 class StatusResult:
@@ -40,6 +68,11 @@ class StatusResult:
     policy: Policy
     verdicts: list[Verdict]
     warnings: list[str] = field(default_factory=list)
+
+    exit_code = EXIT_OK  # status changes nothing, and shows whatever it finds
+
+    def to_document(self) -> dict:
+        return statefile.to_document(self.snapshot, self.policy, self.verdicts)
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,7 @@ class Command(BaseCommand):
         try:
             with contextlib.redirect_stdout(Stream(self.stdout)), contextlib.redirect_stderr(Stream(self.stderr)):
                 code = cli.invoke(argv, prog_name="manage.py celery")
+                cli.say(code)
         except (Exception, KeyboardInterrupt) as exc:
             known_error = cli.one_line(exc)
             if known_error is None:
