@@ -362,6 +362,7 @@ def listener(
     return listening.Listener(
         state_dir=state_dir, programs=program or [], grace=grace, policy=policy,
         app=state.celery_app(), app_spec=state.app_spec, supervisor=supervisor, rpc=rpc,
+        rpc_url=os.environ["SUPERVISOR_SERVER_URL"],
     ).run()
 
 

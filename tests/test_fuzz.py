@@ -659,7 +659,7 @@ def seeded_listener(tmp_path, witness: Witness, stdin: bytes) -> Listener:
     statefile.write(str(state / f"fuzz@{witness.pid}.json"), doc)
     stdin_stream = io.TextIOWrapper(io.BytesIO(stdin))
     listener = Listener(state_dir=str(state), grace=0, app_spec=NO_APP, stdin=stdin_stream,
-                        stdout=io.StringIO(), stderr=io.StringIO(), clock=lambda: 1000.0)
+                        stdout=io.StringIO(), stderr=io.StringIO(), clock=lambda: 1000.0, wait=False)
     listener._input = stdin_stream.buffer
     return listener
 

@@ -154,3 +154,13 @@ class Remote:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def active_tasks(app, node: str, timeout: float) -> list:
+    """The ``active`` reply of one worker *node*, within *timeout* seconds in all; BrokerError when it fails."""
+    conn = connect(app, timeout=timeout)
+    try:
+        replies = inspect(app, conn, "active", nodes=[node], expected=1, timeout=timeout)
+    finally:
+        conn.release()
+    return replies.get(node) or []

@@ -17,6 +17,7 @@ from ..celery_side.discovery import Discovery
 from ..errors import EXIT_OK, EXIT_PARTIAL, StateFileError, UsageError
 from ..processes import statefile
 from ..processes.plan import Policy, Verdict, plan
+from ..processes.procs import Identity
 from ..processes.revisit import protected_pids, with_group_orphans
 from ..processes.snapshot import Snapshot, read_worker, take
 
@@ -119,12 +120,23 @@ def savepid(path: str, targets: Targets, policy: Policy = Policy()) -> SaveResul
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise StateFileError(path, "its folder does not exist")
     snapshot, warnings, broker_error = live_snapshot(targets)
-    verdicts = plan(snapshot.workers, policy)
     # Written even when the broker failed: the trees are what the kill needs.
-    statefile.write(path, statefile.to_document(snapshot, policy, verdicts), task_json.Encoder)
+    verdicts = record(path, snapshot, policy)
     if not snapshot.workers:
         warnings = warnings + ["no Celery worker is running on this host; wrote an empty record"]
     return SaveResult(path, snapshot, policy, verdicts, warnings, broker_error)
+
+
+def record(path: str, snapshot: Snapshot, policy: Policy, supervisor: Identity | None = None) -> list[Verdict]:
+    """Write *snapshot*, planned by *policy*, to *path*; its verdicts.
+
+    savepid's record, and the listener's: that one also names the
+    supervisord that ran the worker (*supervisor*), so a later sweep can
+    tell a worker whose supervisord died.
+    """
+    verdicts = plan(snapshot.workers, policy)
+    statefile.write(path, statefile.to_document(snapshot, policy, verdicts, supervisor), task_json.Encoder)
+    return verdicts
 
 
 def status(targets: Targets, policy: Policy = Policy()) -> StatusResult:

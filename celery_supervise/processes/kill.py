@@ -160,8 +160,7 @@ def bottom_up(verdicts: Iterable[Verdict]) -> list[Verdict]:
 
 
 def alive(proc: Proc) -> bool:
-    current = procs.live_identity(proc.pid)
-    return current is not None and proc.same_process(current)
+    return proc.identity.alive()
 
 
 class Pins:

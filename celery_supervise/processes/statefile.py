@@ -86,8 +86,10 @@ def proc_to_dict(p: Proc) -> dict:
     return d
 
 
-def to_document(snapshot: Snapshot, policy: Policy, verdicts: Iterable[Verdict]) -> dict:
-    return {
+def to_document(snapshot: Snapshot, policy: Policy, verdicts: Iterable[Verdict],
+                supervisor: procs.Identity | None = None) -> dict:
+    """The state file's document; *supervisor* is the identity of the supervisord a listener's record names."""
+    doc = {
         "schema": SCHEMA,
         "kind": KIND,
         "host": snapshot.host,
@@ -114,6 +116,9 @@ def to_document(snapshot: Snapshot, policy: Policy, verdicts: Iterable[Verdict])
             for v in verdicts
         ],
     }
+    if supervisor is not None:
+        doc["supervisor"] = {"pid": supervisor.pid, "create_time": supervisor.create_time}
+    return doc
 
 
 def write(path: str, document: dict, encoder: type[json.JSONEncoder] = json.JSONEncoder) -> None:

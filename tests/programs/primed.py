@@ -23,7 +23,7 @@ if mode == "cli":
     sys.exit(cli.run(args))
 if mode == "sweep":
     state_dir, sup_pid = args
-    run = listener.Listener(state_dir=state_dir, grace=2, supervisor=listener.Identity.of(int(sup_pid)),
+    run = listener.Listener(state_dir=state_dir, grace=2, supervisor=procs.Identity.of(int(sup_pid)),
                             stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
     run.sweep("test")
     sys.exit(0)
