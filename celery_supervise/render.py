@@ -22,8 +22,9 @@ from rich.console import Console
 from rich import markup
 from rich.tree import Tree
 
-from .celery_side.drain import ACTIVE, RESERVED, Assessment, DrainResult
+from .celery_side.drain import ACTIVE, RESERVED, DrainResult
 from .celery_side.task_json import Encoder
+from .progress import DeployProgress, DrainProgress, WaitProgress  # noqa: F401  (the shells find them here)
 from .commands.requeue import RESENT, SKIPPED, WOULD_RESEND, RequeueResult
 from .commands.restart import RestartResult
 from .commands.savepid import SaveResult, StatusResult
@@ -203,39 +204,6 @@ def render_status(out: Console, err: Console, result: StatusResult, as_json: boo
     return result.exit_code
 
 
-# ------------------------------------------------------------------ progress
-
-
-class WaitProgress:
-    """``on_wait`` callback: a live status line on a TTY, plain lines otherwise.
-
-    Plain lines come at most once a second so a log is not flooded.
-    """
-
-    def __init__(self, err: Console, what: str = "to exit after SIGTERM"):
-        self.err = err
-        self.what = what
-        self.status = None
-        self.last_line = None
-
-    def __call__(self, left: int, elapsed: float, timeout: float) -> None:
-        text = f"waiting for {left} process(es) {self.what}: {elapsed:.1f}s of {timeout:g}s"
-        if self.err.is_terminal:
-            if self.status is None:
-                self.status = self.err.status(text)
-                self.status.start()
-            else:
-                self.status.update(text)
-        elif self.last_line is None or elapsed - self.last_line >= 1.0:
-            self.last_line = elapsed
-            self.err.print(text, highlight=False)
-
-    def close(self) -> None:
-        if self.status is not None:
-            self.status.stop()
-            self.status = None
-
-
 # --------------------------------------------------------------------- drain
 
 
@@ -282,59 +250,6 @@ def render_drain(out: Console, err: Console, result: DrainResult, as_json: bool)
             queues = ", ".join(result.queues_of(t.node)) or "nothing"
             out.print(f"  {t.node}{pid}: no longer consumes {queues}", highlight=False, markup=False)
     return result.exit_code
-
-
-class DrainProgress:
-    """``on_progress`` callback of a drain: a progress bar on a TTY, plain lines otherwise.
-
-    The bar counts finished tasks out of the most seen at once; the line
-    says what is left, the elapsed time and the timeout. Plain lines come at
-    most once a second.
-    """
-
-    def __init__(self, err: Console):
-        self.err = err
-        self.progress = None
-        self.bar = None
-        self.most = 0
-        self.last_line = None
-
-    @staticmethod
-    def describe(assessment: Assessment) -> str:
-        running = sum(1 for h in assessment.held if h.state == ACTIVE)
-        waiting = len(assessment.held) - running
-        text = f"{len(assessment.held)} task(s) left"
-        if waiting:
-            text += f" ({running} running, {waiting} prefetched)"
-        if assessment.silent:
-            text += f", {len(assessment.silent)} worker(s) not answering"
-        return text
-
-    def __call__(self, assessment: Assessment, elapsed: float, timeout: float) -> None:
-        left = len(assessment.held)
-        self.most = max(self.most, left)
-        text = self.describe(assessment)
-        if self.err.is_terminal:
-            if self.progress is None:
-                from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-                self.progress = Progress(
-                    SpinnerColumn(), TextColumn("draining"), BarColumn(), TextColumn("{task.description}"),
-                    TimeElapsedColumn(), TextColumn("of {task.fields[timeout]:g}s"),
-                    console=self.err, transient=True,
-                )
-                self.progress.start()
-                self.bar = self.progress.add_task(text, total=max(self.most, 1), timeout=timeout)
-            self.progress.update(self.bar, description=text, total=max(self.most, 1),
-                                 completed=self.most - left if self.most else 1)
-        elif self.last_line is None or elapsed - self.last_line >= 1.0:
-            self.last_line = elapsed
-            self.err.print(f"draining: {text}, {elapsed:.1f}s of {timeout:g}s", highlight=False)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
 
 
 # ------------------------------------------------------------------- requeue
@@ -416,40 +331,6 @@ def render_print_config(out: Console, err: Console, result, as_json: bool) -> in
 
 
 # -------------------------------------------------------------------- deploy
-
-
-class DeployProgress:
-    """A deploy's progress on stderr: one line per step, as scripts/deploy.sh printed them.
-
-    Every line starts with *name* (``celery-supervise deploy``, or the name a
-    wrapper script sets); waits say how long so far every 5 seconds.
-    """
-
-    EVERY = 5.0
-
-    def __init__(self, err: Console, name: str):
-        self.err = err
-        self.name = name
-        self.said = 0.0  # elapsed time of the wait's last line
-        self.last = 0.0  # elapsed time last reported: a smaller one starts a new wait
-
-    def line(self, text: str) -> None:
-        self.err.print(f"{self.name}: {text}", highlight=False, markup=False, soft_wrap=True)
-
-    def step(self, number: int, total: int, text: str) -> None:
-        self.line(f"{number}/{total} {text}")
-
-    def note(self, text: str) -> None:
-        self.line(text)
-
-    def waiting(self, what: str, elapsed: float, timeout: float | None) -> None:
-        if elapsed < self.last:
-            self.said = 0.0
-        self.last = elapsed
-        if elapsed - self.said < self.EVERY:
-            return
-        self.said = elapsed
-        self.line(f"   waiting {what}: {int(elapsed)}s" + (f" of {timeout:g}s" if timeout else ""))
 
 
 def deploy_tasks_lines(result) -> list[str]:
