@@ -5,6 +5,7 @@ Results go to the *out* console; warnings go to *err* as ``warning:`` lines.
 Nothing is decided here: each verb's result knows its exit code and its JSON
 document (``exit_code``, ``to_document()``), and error lines are printed at
 the shells' edges.
+
 Every value that comes from outside (a command line, a task name, a state
 file) is passed through :func:`rich.markup.escape`: a ``[/]`` in a task's
 command line would otherwise be read as markup and fail the render.

@@ -111,3 +111,9 @@ def test_every_verb_takes_the_options_the_table_gives_it(verb):
     expected = [options.row(n).flags if n in options.OPTIONS else None for n in options.VERBS[verb]]
     got = [tuple(p.opts) if p.param_type_name == "option" else None for p in command.params]
     assert got == expected
+
+
+def test_the_spare_help_names_every_spare_rule():
+    from celery_supervise.processes.plan import SPARE_RULES
+
+    assert all(rule in options.OPTIONS["spare"].help for rule in SPARE_RULES)
