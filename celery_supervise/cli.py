@@ -5,9 +5,10 @@ Each command parses its options, calls its verb's module in
 :mod:`celery_supervise.render`. Errors become exit codes in :func:`run`,
 and nowhere else.
 
-This typer app is the one table of commands and options: the Django
-command builds its parser from :func:`command_tree` and runs the very same
-click commands through :func:`invoke`.
+This typer app is the one table of commands; their options are rows of
+:mod:`celery_supervise.options` (``opt("grace")``), declared once. The
+Django command builds its parser from :func:`command_tree` and runs the
+very same click commands through :func:`invoke`.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def ping(app, conn, nodes: list[str], timeout: float) -> set[str]:
 class Remote:
     """One bounded broker connection for a sequence of control calls.
 
-    What :mod:`celery_supervise.drain` needs from Celery's remote control,
+    What :mod:`celery_supervise.celery_side.drain` needs from Celery's remote control,
     behind a seam a test can replace with a scripted fake.
     """
 

@@ -144,7 +144,7 @@ def app_root(spec: str) -> str | None:
 
     Where it was, if loaded; else where an import would find it, the
     current directory first (as ``celery -A`` and
-    :func:`celery_supervise.control.load_app` look), without running it.
+    :func:`celery_supervise.celery_side.control.load_app` look), without running it.
     ``None`` when it cannot be found.
     """
     top = app_module(spec).split(".")[0]

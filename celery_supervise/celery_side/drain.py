@@ -271,7 +271,7 @@ def assess(nodes: Iterable[str], reserved: Mapping[str, object], active: Mapping
 
 
 class Remote(Protocol):
-    """The remote control calls a drain makes (:class:`celery_supervise.control.Remote`)."""
+    """The remote control calls a drain makes (:class:`celery_supervise.celery_side.control.Remote`)."""
 
     def cancel_consumer(self, queue: str, nodes: list[str] | None, valid_for: float) -> None: ...
 

@@ -18,7 +18,7 @@ can of the surroundings (the config supervisord will be started with, the
 executable), changing nothing; :func:`deploy` carries the plan out. Its
 seams are the clock, the supervisord starter, the broker remote and the
 Celery app loader; supervisord itself is reached through the plan's
-:class:`~celery_supervise.rpc.Server`.
+:class:`~celery_supervise.supervisord.rpc.Server`.
 
 Whatever happens, the result says which recorded tasks did not finish:
 :func:`fates` reads requeue's decisions (a task journal says which
@@ -233,7 +233,7 @@ class DeployResult:
 
 
 def fate_of(outcome: requeue_verb.RequeueOutcome) -> TaskFate:
-    """One recorded task's fate, from requeue's decision about it (see :mod:`celery_supervise.requeue`)."""
+    """One recorded task's fate, from requeue's decision about it (see :mod:`celery_supervise.celery_side.requeue`)."""
     d = outcome.decision
     reason = d.reason
     if reason.startswith("finished (journal"):

@@ -114,7 +114,7 @@ def requeue(
 ) -> RequeueResult:
     """Send again the tasks *path* recorded that were cut off and will not come back by themselves.
 
-    See :mod:`celery_supervise.requeue` for the rules. The journal is
+    See :mod:`celery_supervise.celery_side.requeue` for the rules. The journal is
     *journal_dir*, else the one the app's configuration names (see
     :mod:`celery_supervise.journal`). Sent task ids go to the ledger beside
     *path* one by one, so running it again sends nothing twice. The broker

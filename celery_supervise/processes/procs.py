@@ -191,7 +191,7 @@ def boot_time() -> float:
     process: every identity this process computes, in a kill's grace wait
     or over a listener's months, agrees with every other one. A record
     written by another process carries the base it used, and
-    :func:`celery_supervise.statefile.parse` rebases it to ours.
+    :func:`celery_supervise.processes.statefile.parse` rebases it to ours.
     """
     global _base
     if _base is None:

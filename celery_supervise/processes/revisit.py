@@ -43,7 +43,7 @@ def protected_pids(extra: Iterable[int] = ()) -> dict[int, str]:
 def orphans_in_group(main: Proc, known: set[int]) -> list[Proc]:
     """Processes born into the recorded worker's process group that we have not seen.
 
-    The rules are :func:`celery_supervise.plan.orphans`; this reads the
+    The rules are :func:`celery_supervise.processes.plan.orphans`; this reads the
     candidates. Only a group leader's group is scanned at all.
     """
     if main.pgid != main.pid:

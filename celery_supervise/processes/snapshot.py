@@ -2,8 +2,8 @@
 
 Step one of snapshot -> plan -> act. :func:`take` reads the live trees of
 the worker main processes that discovery found; the result is plain data
-that :mod:`celery_supervise.plan` decides on and
-:mod:`celery_supervise.statefile` stores.
+that :mod:`celery_supervise.processes.plan` decides on and
+:mod:`celery_supervise.processes.statefile` stores.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ and protected, never signalled (see :func:`celery_supervise.processes.revisit.pr
 records (``boot_id``, since this tool's first schema-1 files lacked it).
 The recorded creation times are then *rebased* to the reader's boot time:
 both are psutil's ``ticks / CLK_TCK + btime``, and ``btime`` moves when the
-realtime clock is set (see :func:`celery_supervise.procs.boot_time`), so
+realtime clock is set (see :func:`celery_supervise.processes.procs.boot_time`), so
 adding the difference of the two ``btime`` readings gives back exactly the
 creation time the reader computes for the same process. A file without a
 boot id is read under the old rule: its boot time must agree with ours
@@ -224,7 +224,7 @@ def read(path: str, *, host: str, boot_time: float, boot_id: str | None,
     """Read and validate a state file written on *host* during boot *boot_id*.
 
     *boot_time* is the base the reader computes creation times with
-    (:func:`celery_supervise.procs.boot_time`); the record's are rebased to it.
+    (:func:`celery_supervise.processes.procs.boot_time`); the record's are rebased to it.
     *init* is PID 1 as the reader sees it (``None``: unknown); a record may
     name it as its supervisord only if it runs supervisord.
     """
