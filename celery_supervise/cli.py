@@ -21,10 +21,10 @@ from typing import Annotated, List, Optional
 import typer
 
 from . import __version__, options, render
+from .celery_side.control import load_app
 from .commands import (
     drain as draining, kill as killing, requeue as requeuing, restart as restarting, savepid as saving,
 )
-from .celery_side.control import load_app
 from .errors import (
     EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, SuperviseError, UsageError, exit_code_help,
 )

@@ -25,12 +25,12 @@ from rich.tree import Tree
 
 from .celery_side.drain import ACTIVE, RESERVED, DrainResult
 from .celery_side.task_json import Encoder
-from .progress import DeployProgress, DrainProgress, WaitProgress  # noqa: F401  (the shells find them here)
 from .commands.requeue import RESENT, SKIPPED, WOULD_RESEND, RequeueResult
 from .commands.restart import RestartResult
 from .commands.savepid import SaveResult, StatusResult
 from .processes.kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
 from .processes.plan import KILL, REFUSE, Verdict
+from .progress import DeployProgress, DrainProgress, WaitProgress  # noqa: F401  (the shells find them here)
 
 # C0 and C1 controls, and lone surrogates: the undecodable bytes of a
 # /proc cmdline (or of a state file's strings) after Python's surrogateescape.

@@ -27,10 +27,10 @@ from typing import Iterable
 
 import psutil
 
-from . import control
-from ..processes import procs
 from ..errors import BrokerError, SupervisorError
+from ..processes import procs
 from ..processes.snapshot import Task
+from . import control
 
 # A worker's uptime counts from WorkController.__init__, after imports and
 # Django set-up; allow that much start-up delay, plus rounding.
