@@ -182,6 +182,7 @@ def test_drain_all_then_deploy_and_restart_host_by_host(tmp_path, real_procs):
             assert doc["exit_code"] == 0 and doc["problem"] is None and doc["shutdown"] is False, doc
             d.assert_reported_only_own(doc["kill"], "deploy")
             assert_reaped(d, doc["kill"], d.families[-1])
+            d.assert_reported_only_own(listener_report(d, old_ns), "listener")
             assert_state_file_is_own(d, state)
             assert wait_gone([old], timeout=10) == []
             for name, main in others.items():  # the other hosts' workers were not touched
@@ -206,8 +207,11 @@ def test_drain_all_then_deploy_and_restart_host_by_host(tmp_path, real_procs):
             assert result.returncode == 0, f"{d.name}: stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
             doc = json.loads(result.stdout)
             assert doc["exit_code"] == 0 and doc["problem"] is None, doc
-            d.assert_reported_only_own(doc["kill"], "restart")
-            assert_reaped(d, doc["kill"], d.families[-1])
+            # Its JSON lists failures only; the listener's report of the old worker lists every process.
+            assert doc["kill"]["summary"]["failed"] == doc["kill"]["summary"]["refused"] == 0, doc["kill"]
+            report = listener_report(d, old_ns)
+            d.assert_reported_only_own(report, "listener")
+            assert_reaped(d, report, d.families[-1])
             assert_state_file_is_own(d, state)
             assert wait_gone([old], timeout=10) == []
             for name, main in others.items():
@@ -248,6 +252,13 @@ def assert_reaped(d, doc, family):
     assert 1 not in {p["pid"] for p in doc["processes"]}, "PID 1 is in the kill's table"
 
 
+def listener_report(d, old_ns):
+    """The listener's report of its reap after the worker *old_ns* (PID inside) stopped."""
+    pattern = f"{PROGRAM}_{PROGRAM}_0@{old_ns}.*.report.json"
+    [path] = wait_for(lambda: list((d.host.dir / "state").glob(pattern)), 30, f"{d.name}'s listener report {pattern}")
+    return json.loads(path.read_text())
+
+
 def assert_state_file_is_own(d, path):
     doc = json.loads(path.read_text())
     assert doc["host"] == d.name, (d.name, doc["host"])
@@ -257,10 +268,14 @@ def assert_state_file_is_own(d, path):
 
 
 def assert_listener_records_are_own(d):
-    records = [json.loads(p.read_text()) for p in (d.host.dir / "state").rglob("*.json")]
-    records = [r for r in records if isinstance(r, dict) and "host" in r]
-    assert records, f"{d.name}: the listener kept no record"
+    """The listener's records (of live workers) and reports (of its reaps): host name and processes its own."""
+    docs = [json.loads(p.read_text()) for p in (d.host.dir / "state").glob("*.json")]
+    records = [r for r in docs if "workers" in r]
+    reports = [r for r in docs if "processes" in r]
+    assert records and len(reports) >= 2, f"{d.name}: the listener kept {len(records)} record(s), {len(reports)} report(s)"
     for record in records:
         assert record["host"] == d.name, (d.name, record["host"])
         foreign = [p for w in record["workers"] for p in w["procs"] if not d.is_own(p["pid"], p["create_time"])]
         assert foreign == [], f"{d.name}'s listener recorded processes not its own: {foreign}"
+    for report in reports:
+        d.assert_reported_only_own(report, "listener")
