@@ -93,6 +93,18 @@ class Storm:
 
         wait_for(complete, 60, "the listener to record every worker's family", interval=0.2)
 
+    def wait_settled(self, entries, old_pids):
+        """Wait until the new workers answer and the listener has recorded every one (their RUNNING events handled)."""
+        self.run.wait_nodes(START_TIMEOUT)
+
+        def recorded():
+            mains = {p.pid for p in self.mains().values()}
+            if mains & set(old_pids):
+                return False
+            return mains <= {e["pid"] for e in entries() if e["action"] == "recorded"}
+
+        wait_for(recorded, 60, "the listener to record every new worker", interval=0.2)
+
     def events_sent(self, since=0):
         """Serials of the events supervisord handed the listener (debug log), after the first *since* lines."""
         return [int(s) for s in _SENT.findall(self.run.log())][since:]

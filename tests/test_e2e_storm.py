@@ -49,7 +49,7 @@ def test_restart_all_of_32_workers_reaps_every_tree_and_discards_no_event(tmp_pa
         dead = [(role, f[role].pid) for f in families for role in DETACHED if is_gone(f[role])]
         assert dead == [], f"detached processes were killed: {dead}"
         assert storm.discarded() == [], storm.discarded()[:5]
-        storm.run.wait_nodes(300)
+        storm.wait_settled(listening.entries, [p.pid for p in old])
         bad = [e for e in listening.entries() if e["action"] in ("malformed", "error", "refused")]
         assert bad == [], bad
         # At least each worker's four state changes reached the listener, none dropped.
