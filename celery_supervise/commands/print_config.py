@@ -291,9 +291,8 @@ def plan(request: Request, *, executable: str = sys.executable, cwd: str | None 
         Setting("stopwaitsecs", str(LISTENER_STOPWAITSECS),
                 f"longer than --grace {LISTENER_GRACE} (and 2 s for SIGKILL): that reap is never cut short"),
         Setting("buffer_size", str(buffer_size_for(request.numprocs)),
-                f"events wait here while it reaps or restarts: room for a `restart all` of {request.numprocs} "
-                f"worker(s), {EVENTS_PER_RESTART} state changes each, at once (supervisord's default is 10, "
-                "and it drops the oldest event when full)"),
+                f"room for a `restart all`: {EVENTS_PER_RESTART} events a worker + {BUFFER_HEADROOM}, at least "
+                f"{BUFFER_SIZE} (when full, supervisord drops the oldest; its default is 10)"),
         Setting("stdout_logfile", "NONE", "stdout is the eventlistener protocol, not a log"),
     ]
     if log_dir:
