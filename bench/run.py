@@ -139,6 +139,9 @@ def storm_rows(run_id: str, args) -> list[Row]:
         + ", ".join(f"{r['restart']:.1f} s" for r in runs))
     latency.notes.append("restart all stops the listener too, first (it exits at once): the new one, started after "
                          "every worker stopped, reaps the old trees from its records")
+    stepped = sum(r["clock_stepped"] for r in runs)
+    if stepped:
+        latency.notes.append(f"{stepped} storm(s) saw the wall clock set meanwhile: their latency is not meaningful")
     rss = Row(f"event storm: listener RSS, peak over `restart all` of {n} workers", "celery-supervise listener", "-",
               Target(), ours=[r["rss"] / 2**20 for r in runs], unit="MB", min_n=MIN_N_RESTART)
     return [latency, rss]

@@ -95,6 +95,7 @@ def one(workers: int, buffer_size: int) -> dict:
             rss = PeakRSS(storm.listener)
             rss.start()
             t0 = time.time()
+            offset = t0 - time.monotonic()  # a clock set meanwhile makes the wall-clock latency meaningless
             watcher_result: dict = {}
             watcher = threading.Thread(target=lambda: watcher_result.update(
                 watch_gone(attached, time.monotonic() + 240)), daemon=True)
@@ -118,6 +119,7 @@ def one(workers: int, buffer_size: int) -> dict:
                 "left": left,
                 "detached_killed": sum(is_gone(f[r]) for f in families for r in DETACHED),
                 "start": start,
+                "clock_stepped": abs(time.time() - time.monotonic() - offset) >= 0.05,
             }
         finally:
             storm.run.stop()
