@@ -126,6 +126,7 @@ def one(workers: int, buffer_size: int) -> dict:
             clean_redis(REDIS_URL, uid)
             if KEEP_LOG:
                 Path(KEEP_LOG).write_text(storm.run.log())
+                Path(KEEP_LOG + ".listener").write_text(storm.run.log("listener"))
 
 
 def run(workers: int = WORKERS, repeats: int = 3, buffer_size: int | None = None) -> list[dict]:
