@@ -32,11 +32,11 @@ from realsupervisor import BIN, PROGRAM, Supervisord, listener_section
 
 LISTENER = "celery-supervise"
 GRACE = 2
-#: A stop is logged INFO, or WARN when stopwaitsecs ran out and it was SIGKILLed.
 #: What supervisord logs when a listener pool's buffer overflows (supervisor/process.py, _acceptEvent).
 DISCARDED = "event buffer overflowed, discarding event"
 #: How long the workers may take to answer a first ping: 32 Celery start-ups on two cores.
 START_TIMEOUT = 300.0
+# A stop is logged INFO, or WARN when stopwaitsecs ran out and supervisord SIGKILLed it.
 _STOPPED = re.compile(r"^(\S+ \S+) (?:INFO|WARN) stopped: " + re.escape(PROGRAM) + r"_\d+ ", re.M)
 _SENT = re.compile(r" DEBG event (\d+) sent to listener " + re.escape(LISTENER), re.M)
 
