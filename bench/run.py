@@ -137,8 +137,8 @@ def storm_rows(run_id: str, args) -> list[Row]:
         f"restart: {[r['events'] for r in runs]}, discarded: {[r['discarded'] for r in runs]}; attached left: "
         f"{[r['left'] for r in runs]}, detached killed: {[r['detached_killed'] for r in runs]}; restart all took "
         + ", ".join(f"{r['restart']:.1f} s" for r in runs))
-    latency.notes.append("restart all stops the listener too, first (it exits at once): the new one, started after "
-                         "every worker stopped, reaps the old trees from its records")
+    latency.notes.append("restart all stops the listener too, first: the new one, started once every worker has "
+                         "stopped, reaps the old trees from its records")
     stepped = sum(r["clock_stepped"] for r in runs)
     if stepped:
         latency.notes.append(f"{stepped} storm(s) saw the wall clock set meanwhile: their latency is not meaningful")
