@@ -51,6 +51,7 @@ BUFFER_HEADROOM = 10
 EVENTS = "PROCESS_STATE,SUPERVISOR_STATE_CHANGE,TICK_60"
 LISTENER_SUFFIX = "-supervise"
 
+
 def buffer_size_for(numprocs: int) -> int:
     """The listener's ``buffer_size`` for *numprocs* worker processes under one supervisord.
 
