@@ -262,6 +262,14 @@ def restart(
     ] = None,
     reply_timeout: ReplyTimeoutOpt = operations.DEFAULT_TIMEOUT,
     timeout: OldTimeoutOpt = None,
+    rolling: Annotated[
+        bool, typer.Option("--rolling", help="Replace the processes a batch at a time, each only once the one "
+                           "before answers a ping, so the others consume all along (needs 2 or more processes).")
+    ] = False,
+    max_unavailable: Annotated[
+        Optional[int], typer.Option("--max-unavailable", metavar="N", min=1,
+                                    help="With --rolling: processes replaced at once. [default: 1]")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Restart supervisord programs running Celery workers: savepid, drain, stop, kill, start, wait for a ping."""
@@ -269,8 +277,13 @@ def restart(
 
     state_: State = ctx.obj
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
+    if max_unavailable is not None and not rolling:
+        raise UsageError("--max-unavailable goes with --rolling")
     server = rpc.find_server(supervisor_url, configuration)
     out, err = consoles()
+    if rolling:
+        return _rolling_restart(state_, programs, server, out, err, max_unavailable, state, drain_timeout, grace,
+                                start_timeout, reply_timeout, as_json)
     drain_progress, wait_progress = report.DrainProgress(err), report.WaitProgress(err)
     try:
         result = operations.restart(
@@ -282,6 +295,25 @@ def restart(
         drain_progress.close()
         wait_progress.close()
     return Outcome(report.render_restart(out, err, result, as_json), result.problem)
+
+
+def _rolling_restart(state_: State, programs, server, out, err, max_unavailable, state, drain_timeout, grace,
+                     start_timeout, reply_timeout, as_json) -> int:
+    from .commands import rolling
+
+    progress = report.RollProgress(err)
+    drain_progress, wait_progress = report.DrainProgress(err), report.WaitProgress(err)
+    try:
+        result = rolling.roll(
+            state_.celery_app(), state_.app_spec, programs, server,
+            max_unavailable=max_unavailable or rolling.DEFAULT_MAX_UNAVAILABLE, state_path=state,
+            drain_timeout=drain_timeout, grace=grace, start_timeout=start_timeout, timeout=reply_timeout,
+            on_phase=progress, on_drain=drain_progress, on_wait=wait_progress,
+        )
+    finally:
+        drain_progress.close()
+        wait_progress.close()
+    return Outcome(report.render_rolling(out, err, result, as_json), result.problem)
 
 
 @app.command()
