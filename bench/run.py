@@ -1,6 +1,6 @@
 """Run every benchmark and print one markdown table.
 
-    python bench/run.py [--quick] [--only snapshot|kill|savepid|listener|listener-idle|drain|restart|oldscript]
+    python bench/run.py [--quick] [--only snapshot|kill|savepid|listener|listener-idle|drain|restart|rolling|oldscript]
 
 Each row gives our figure, the figure of what a user would otherwise use
 (psutil, raw ``os.kill``, ``celery inspect``, ``supervisorctl restart``,
@@ -130,6 +130,14 @@ def restart_rows(run_id: str, args) -> list[Row]:
     return rows
 
 
+def rolling_rows(run_id: str, args) -> list[Row]:
+    from bench import rolling_bench
+
+    brokers = ("redis",) if args.quick else ("filesystem", "redis")
+    results = rolling_bench.run(brokers, 5.0, MIN_N_RESTART if args.quick else 5)
+    return rolling_bench.rows_for_table(results, brokers, 5.0)
+
+
 def oldscript_rows(run_id: str, args) -> list[Row]:
     from bench import old_script_bench
 
@@ -158,6 +166,7 @@ BENCHMARKS = {
     "listener-idle": listener_idle_rows,
     "drain": drain_rows,
     "restart": restart_rows,
+    "rolling": rolling_rows,
     "oldscript": oldscript_rows,
 }
 
