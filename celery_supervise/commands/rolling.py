@@ -246,9 +246,14 @@ class RollingResult:
 PhaseCallback = Callable[[int, int, str, float], None]
 
 
-def read_plan(server, names: list[str], app, app_spec: str, max_unavailable: int) -> Plan:
-    """The plan for *names* (as :func:`rpc.expand_names` gives them) from what runs here now."""
-    infos = {rpc.full_name(i): i for i in rpc.all_process_info(server)}
+def read_plan(infos: list[dict], names: list[str], app, app_spec: str, max_unavailable: int) -> Plan:
+    """The plan for *names* (as :func:`rpc.expand_names` gives them) from what runs here now.
+
+    *infos* is supervisord's ``getAllProcessInfo``; each running process's
+    node is read from its worker's command line, and every local worker's
+    queues from its ``-Q`` (else the app's configured queues).
+    """
+    infos = {rpc.full_name(i): i for i in infos}
     node_of = {}
     for name in names:
         pid = int(infos.get(name, {}).get("pid") or 0)
@@ -293,8 +298,9 @@ def roll(
         raise UsageError("--max-unavailable must be 1 or more")
     if state_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(state_path))):
         raise StateFileError(state_path, "its folder does not exist")
-    names = rpc.expand_names(list(programs), rpc.all_process_info(server))  # unreachable: nothing done
-    result = RollingResult(read_plan(server, names, app, app_spec, max_unavailable), max_unavailable)
+    infos = rpc.all_process_info(server)  # unreachable: nothing done
+    names = rpc.expand_names(list(programs), infos)
+    result = RollingResult(read_plan(infos, names, app, app_spec, max_unavailable), max_unavailable)
     result.warnings += result.plan.warnings()
     scratch = tempfile.mkdtemp(prefix="celery-supervise-rolling-") if state_path is None else None
     began = clock()
