@@ -339,7 +339,8 @@ def roll(
 
 
 def _replaced(result: RollingResult) -> str:
-    done = [p for b in result.batches if b.problem is None and b.new_nodes for p in b.processes]
+    # Replaced: started again and every new worker answered (a leftover that survived the kill aside).
+    done = [p for b in result.batches if b.new_nodes and None not in b.new_nodes.values() for p in b.processes]
     left = [p for p in result.plan.processes if p not in done]
     return (f"replaced: {', '.join(done) or 'none'}; not replaced: {', '.join(left) or 'none'} "
             "(run restart --rolling again to finish)")
