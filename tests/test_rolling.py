@@ -124,3 +124,20 @@ def test_manage_py_knows_the_rolling_options(tmp_path):
     assert result.stderr.splitlines()[-1] == "CommandError: --max-unavailable goes with --rolling"
     result = manage("restart", "--help", tmp_path=tmp_path)
     assert "--rolling" in result.stdout and "--max-unavailable" in result.stdout
+
+
+@pytest.mark.parametrize("url, options, expected", [
+    ("redis://127.0.0.1:6379/3", {}, 1.0),  # kombu's BRPOP timeout
+    ("redis://127.0.0.1:6379/3", {"polling_interval": 2}, 2.0),
+    ("memory://", {}, 0.0),
+])
+def test_fetch_window_is_the_brokers_blocking_fetch(url, options, expected):
+    """Read from the transport only; no connection is made."""
+    from celery import Celery
+
+    app = Celery("fetch-window", broker=url, set_as_current=False)
+    app.conf.broker_transport_options = options
+    try:
+        assert rolling.fetch_window(app) == expected
+    finally:
+        app.close()

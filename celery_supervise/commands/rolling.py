@@ -242,6 +242,35 @@ class RollingResult:
 
 # ----------------------------------------------------------------------- act
 
+#: Seconds past a drained worker's in-flight fetch before it is stopped.
+FETCH_MARGIN = 0.25
+
+
+def fetch_window(app) -> float:
+    """How long a fetch in flight when a worker's consumer was cancelled may still take a message.
+
+    kombu's Redis transport waits for messages with a blocking ``BRPOP``
+    (1 s, or the ``polling_interval`` transport option). A cancel does not
+    interrupt a ``BRPOP`` already sent: until it returns it can pop a message
+    of the cancelled queue. The worker's loop puts such a message back at
+    once (kombu rejects a message for a queue with no consumer, with
+    requeue), but only while the loop runs: a worker already in its warm
+    shutdown holds the message until it closes its connection (a probe
+    waited 1.5 s for it in bench/rolling_bench.py while the other workers
+    were idle), and a worker killed meanwhile loses it. So a drained worker
+    is stopped only once this window has passed. The other transports
+    fetch inside the loop: 0.
+    """
+    conn = app.connection_for_write()  # not connected: only its transport is looked at
+    try:
+        transport = conn.transport
+        if transport.driver_type != "redis":
+            return 0.0
+        return float(getattr(transport, "brpop_timeout", 1) or 0)
+    finally:
+        conn.release()
+
+
 #: ``on_phase(batch number, batches, phase, seconds since the roll began)``, at each phase's start.
 PhaseCallback = Callable[[int, int, str, float], None]
 
@@ -282,6 +311,7 @@ def roll(
     on_wait: Callable | None = None,
     remote_factory: Callable[[object], control.Remote] = control.Remote,
     clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> RollingResult:
     """Restart *programs* a batch of *max_unavailable* processes at a time (see the module's docstring).
 
@@ -316,7 +346,7 @@ def roll(
 
             try:
                 _batch(done, batch, result, app, app_spec, server, path, drain_timeout, grace, start_timeout,
-                       timeout, phase, on_drain, on_wait, remote_factory, clock)
+                       timeout, phase, on_drain, on_wait, remote_factory, clock, sleep)
             except SuperviseError as exc:
                 touched = done.phases and done.phases[-1].name != restarting.SAVEPID or result.batches[:-1]
                 if not touched:
@@ -347,7 +377,7 @@ def _replaced(result: RollingResult) -> str:
 
 
 def _batch(done: BatchResult, batch: Batch, result: RollingResult, app, app_spec, server, path, drain_timeout,
-           grace, start_timeout, timeout, phase, on_drain, on_wait, remote_factory, clock) -> None:
+           grace, start_timeout, timeout, phase, on_drain, on_wait, remote_factory, clock, sleep) -> None:
     def took(name, started, detail=""):
         done.phases.append(restarting.Phase(name, clock() - started, detail))
 
@@ -375,8 +405,20 @@ def _batch(done: BatchResult, batch: Batch, result: RollingResult, app, app_spec
         done.drain = drained = operations.drain(app, app_spec, destinations=done.nodes, timeout=drain_timeout,
                                                 on_progress=on_drain, remote_factory=cancels)
         result.warnings += drained.warnings
+        settle = ""
+        if drained.drained:
+            # Until a fetch sent before the cancel has returned, the worker may
+            # still pop a message (see fetch_window): let it end, then a ping
+            # answered after it shows the loop has handled what it brought.
+            window = fetch_window(app)
+            if window:
+                wait = window + FETCH_MARGIN
+                sleep(wait)
+                with remote_factory(app) as remote:
+                    remote.ping(list(done.nodes), max(timeout, 0.05))
+                settle = f" (+{wait:.2f}s for the broker's fetch in flight)"
         took(restarting.DRAIN, t, f"{len(drained.targets)} worker(s) "
-             + ("drained" if drained.drained else f"still hold {len(drained.held)} task(s)"))
+             + ("drained" + settle if drained.drained else f"still hold {len(drained.held)} task(s)"))
         if not drained.drained:
             done.resumed, unconfirmed = resume(remote_factory, app, drained, timeout)
             busy = ", ".join(dict.fromkeys(h.node for h in drained.held)) or ", ".join(drained.silent)
