@@ -308,12 +308,13 @@ def _rolling_restart(state_: State, programs, server, out, err, max_unavailable,
             state_.celery_app(), state_.app_spec, programs, server,
             max_unavailable=max_unavailable or rolling.DEFAULT_MAX_UNAVAILABLE, state_path=state,
             drain_timeout=drain_timeout, grace=grace, start_timeout=start_timeout, timeout=reply_timeout,
-            on_phase=progress, on_drain=drain_progress, on_wait=wait_progress,
+            on_phase=progress, on_plan=lambda plan: report.warnings(err, plan.warnings()),
+            on_drain=drain_progress, on_wait=wait_progress,
         )
     finally:
         drain_progress.close()
         wait_progress.close()
-    return Outcome(report.render_rolling(out, err, result, as_json), result.problem)
+    return Outcome(report.render_rolling(out, err, result, as_json, shown=result.plan.warnings()), result.problem)
 
 
 @app.command()

@@ -580,9 +580,13 @@ class RollProgress:
         self.err.print(f"batch {number}/{total}: {phase} ({elapsed:.1f}s)", highlight=False, markup=False)
 
 
-def render_rolling(out: Console, err: Console, result, as_json: bool) -> int:
-    """``restart --rolling``: its document, or one plain line per batch phase and queue."""
-    warnings(err, result.warnings)
+def render_rolling(out: Console, err: Console, result, as_json: bool, shown: Iterable[str] = ()) -> int:
+    """``restart --rolling``: its document, or one plain line per batch phase and queue.
+
+    Warnings already *shown* (the plan's, before the roll) are not repeated on stderr.
+    """
+    shown = set(shown)
+    warnings(err, [w for w in result.warnings if w not in shown])
     if as_json:
         emit_json(out, result.to_document())
         return result.exit_code

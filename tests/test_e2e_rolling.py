@@ -203,7 +203,11 @@ def test_rolling_restart_keeps_a_consumer_and_loses_nothing(case, supervisor, re
     progress = [line.split(" (")[0] for line in result.stderr.splitlines() if line.startswith("batch ")]
     assert progress == [f"batch {i}/{len(batches)}: {p}" for i in range(1, len(batches) + 1)
                         for p in ("savepid", "drain", "stop", "kill", "start", "ready")]
-    # Coverage: the shared queue always had a consumer; each own queue had a gap, reported and warned about.
+    # Coverage: the shared queue always had a consumer; each own queue had a gap, reported and warned
+    # about (on stderr once, before the roll begins).
+    lines = result.stderr.splitlines()
+    warned = [i for i, line in enumerate(lines) if line.startswith("warning: queue ")]
+    assert len(warned) == NUMPROCS and max(warned) < lines.index(next(x for x in lines if x.startswith("batch "))), lines
     assert doc["queues"][q] == {"covered": True, "gap": 0.0}
     for i in range(NUMPROCS):
         own = doc["queues"][f"{q}-{i}"]

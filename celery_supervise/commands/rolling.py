@@ -307,6 +307,7 @@ def roll(
     start_timeout: float = restarting.DEFAULT_START_TIMEOUT,
     timeout: float = operations.DEFAULT_TIMEOUT,
     on_phase: PhaseCallback | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
     on_drain: Callable | None = None,
     on_wait: Callable | None = None,
     remote_factory: Callable[[object], control.Remote] = control.Remote,
@@ -332,6 +333,8 @@ def roll(
     names = rpc.expand_names(list(programs), infos)
     result = RollingResult(read_plan(infos, names, app, app_spec, max_unavailable), max_unavailable)
     result.warnings += result.plan.warnings()
+    if on_plan is not None:  # before anything is touched: the queues that will have a gap
+        on_plan(result.plan)
     scratch = tempfile.mkdtemp(prefix="celery-supervise-rolling-") if state_path is None else None
     began = clock()
     try:
