@@ -1,6 +1,6 @@
 """Run every benchmark and print one markdown table.
 
-    python bench/run.py [--quick] [--only snapshot|kill|savepid|listener|listener-idle|drain|drain-all|storm|restart|oldscript]
+    python bench/run.py [--quick] [--only snapshot|kill|savepid|listener|listener-idle|drain|drain-all|storm|restart|rolling|oldscript]
 
 Each row gives our figure, the figure of what a user would otherwise use
 (psutil, raw ``os.kill``, ``celery inspect``, ``supervisorctl restart``,
@@ -174,6 +174,14 @@ def restart_rows(run_id: str, args) -> list[Row]:
     return rows
 
 
+def rolling_rows(run_id: str, args) -> list[Row]:
+    from bench import rolling_bench
+
+    brokers = ("redis",) if args.quick else ("filesystem", "redis")
+    results = rolling_bench.run(brokers, 5.0, MIN_N_RESTART if args.quick else 5)
+    return rolling_bench.rows_for_table(results, brokers, 5.0)
+
+
 def oldscript_rows(run_id: str, args) -> list[Row]:
     from bench import old_script_bench
 
@@ -204,6 +212,7 @@ BENCHMARKS = {
     "drain-all": drain_all_rows,
     "storm": storm_rows,
     "restart": restart_rows,
+    "rolling": rolling_rows,
     "oldscript": oldscript_rows,
 }
 

@@ -257,6 +257,8 @@ def restart(
     state: opt("restart_state") = None,
     reply_timeout: ReplyTimeoutOpt = default("reply_timeout"),
     timeout: OldTimeoutOpt = None,
+    rolling: opt("rolling") = False,
+    max_unavailable: opt("max_unavailable") = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Restart supervisord programs running Celery workers: savepid, drain, stop, kill, start, wait for a ping."""
@@ -264,8 +266,13 @@ def restart(
 
     state_: State = ctx.obj
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
+    if max_unavailable is not None and not rolling:
+        raise UsageError("--max-unavailable goes with --rolling")
     server = rpc.find_server(supervisor_url, configuration)
     out, err = consoles()
+    if rolling:
+        return _rolling_restart(state_, programs, server, out, err, max_unavailable, state, drain_timeout, grace,
+                                start_timeout, reply_timeout, as_json)
     drain_progress, wait_progress = render.DrainProgress(err), render.WaitProgress(err)
     try:
         result = restarting.restart(
@@ -277,6 +284,26 @@ def restart(
         drain_progress.close()
         wait_progress.close()
     return Outcome(render.render_restart(out, err, result, as_json), result.problem)
+
+
+def _rolling_restart(state_: State, programs, server, out, err, max_unavailable, state, drain_timeout, grace,
+                     start_timeout, reply_timeout, as_json) -> int:
+    from .commands import rolling
+
+    progress = render.RollProgress(err)
+    drain_progress, wait_progress = render.DrainProgress(err), render.WaitProgress(err)
+    try:
+        result = rolling.roll(
+            state_.celery_app(), state_.app_spec, programs, server,
+            max_unavailable=max_unavailable or rolling.DEFAULT_MAX_UNAVAILABLE, state_path=state,
+            drain_timeout=drain_timeout, grace=grace, start_timeout=start_timeout, timeout=reply_timeout,
+            on_phase=progress, on_plan=lambda plan: render.warnings(err, plan.warnings()),
+            on_drain=drain_progress, on_wait=wait_progress,
+        )
+    finally:
+        drain_progress.close()
+        wait_progress.close()
+    return Outcome(render.render_rolling(out, err, result, as_json, shown=result.plan.warnings()), result.problem)
 
 
 @app.command()

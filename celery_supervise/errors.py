@@ -56,8 +56,10 @@ EXIT_CODES: dict[str, dict[int, str]] = {
     "restart": {
         EXIT_OK: "drained, stopped, cleaned up, started, and every new worker answered a ping",
         EXIT_ERROR: "error; nothing was drained, stopped or started",
-        EXIT_USAGE: _USAGE,
-        EXIT_PARTIAL: "stopped short: the drain timed out (nothing stopped), a leftover survived, "
+        EXIT_USAGE: _USAGE + "; with --rolling also: a single process, or --max-unavailable as large as "
+                    "the number of processes (no consumer would be left)",
+        EXIT_PARTIAL: "stopped short: the drain timed out (nothing stopped; with --rolling the batch consumes "
+                      "again and the batches before stay replaced), a leftover survived, "
                       "or a new worker did not answer; the last line says which and what to run next",
     },
     "deploy": {

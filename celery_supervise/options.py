@@ -116,6 +116,11 @@ OPTIONS = {o.name: o for o in (
            help="Drain this worker node, e.g. demo@host (repeatable). [default: this host's workers of -A APP]"),
     Option("all_workers", ("--all",), bool, False, help="Drain every worker that answers on the app's broker."),
     # requeue
+    Option("rolling", ("--rolling",), bool, False,
+           help="Replace the processes a batch at a time, each only once the one before answers a ping, so the "
+           "others consume all along (needs 2 or more processes)."),
+    Option("max_unavailable", ("--max-unavailable",), int, None, metavar="N", min=1,
+           help="With --rolling: processes replaced at once. [default: 1]"),
     Option("requeue_dry_run", ("--dry-run",), bool, False, help="Show what would be re-sent; send nothing."),
     # restart
     Option("restart_configuration", ("-c", "--configuration"), str, metavar="SUPERVISORD_CONF",
@@ -174,7 +179,7 @@ VERBS = {
     "drain": ("destination", "all_workers", "drain_timeout", "old_drain_timeout", "as_json"),
     "requeue": ("requeue_file", "journal", "requeue_dry_run", "as_json"),
     "restart": ("programs", "drain_timeout", "grace", "start_timeout", "supervisor_url", "restart_configuration",
-                "restart_state", "reply_timeout", "timeout", "as_json"),
+                "restart_state", "reply_timeout", "timeout", "rolling", "max_unavailable", "as_json"),
     "deploy": ("configuration", "supervisor_url", "program", "state", "grace", "shutdown_timeout",
                "deploy_start_timeout", "reply_timeout", "no_shutdown", "no_start", "requeue", "journal", "dry_run",
                "as_json"),

@@ -317,6 +317,34 @@ def render_restart(out: Console, err: Console, result: RestartResult, as_json: b
     return result.exit_code
 
 
+class RollProgress:
+    """``restart --rolling``'s ``on_phase``: one line per phase of each batch, with the time so far."""
+
+    def __init__(self, err: Console):
+        self.err = err
+
+    def __call__(self, number: int, total: int, phase: str, elapsed: float) -> None:
+        self.err.print(f"batch {number}/{total}: {phase} ({elapsed:.1f}s)", highlight=False, markup=False)
+
+
+def render_rolling(out: Console, err: Console, result, as_json: bool, shown: Iterable[str] = ()) -> int:
+    """``restart --rolling``: its document, or one plain line per batch phase and queue.
+
+    Warnings already *shown* (the plan's, before the roll) are not repeated on stderr.
+    """
+    shown = set(shown)
+    warnings(err, [w for w in result.warnings if w not in shown])
+    if as_json:
+        emit_json(out, result.to_document())
+        return result.exit_code
+    for batch in result.batches:
+        if batch.drain is not None and not batch.drain.drained:
+            render_drain(out, err, batch.drain, False)
+    for line in result.lines():
+        out.print(line, highlight=False, markup=False)
+    return result.exit_code
+
+
 # -------------------------------------------------------------- print-config
 
 

@@ -112,6 +112,22 @@ def cancel_consumer(app, conn, queue: str, *, nodes: list[str] | None, valid_for
     )
 
 
+def add_consumer(app, conn, queue: str, *, nodes: list[str], timeout: float) -> set[str]:
+    """Tell *nodes* to consume *queue* again; the nodes that acknowledged within *timeout*.
+
+    The undo of :func:`cancel_consumer`, for a worker a rolling restart
+    drained but will not stop. The worker declares the queue from the app's
+    configuration, or as a plain direct queue named after itself, as
+    ``-Q`` does. Asking a worker that already consumes *queue* is harmless.
+    """
+    replies = _retry_decode(
+        f"add_consumer {queue}",
+        lambda: app.control.add_consumer(queue, destination=list(nodes), reply=True, limit=len(nodes),
+                                         timeout=timeout, connection=conn),
+    )
+    return {name for reply in replies or () if isinstance(reply, dict) for name in reply}
+
+
 def ping(app, conn, nodes: list[str], timeout: float) -> set[str]:
     """The *nodes* that answered a ping within *timeout* (returns once all have)."""
     replies = _retry_decode(
@@ -145,6 +161,9 @@ class Remote:
 
     def ping(self, nodes: list[str], timeout: float) -> set[str]:
         return ping(self.app, self.conn, nodes, timeout)
+
+    def add_consumer(self, queue: str, nodes: list[str], timeout: float) -> set[str]:
+        return add_consumer(self.app, self.conn, queue, nodes=nodes, timeout=timeout)
 
     def close(self) -> None:
         self.conn.release()
