@@ -22,7 +22,7 @@ as ours counts). In two orders, each a side of its own:
 
 A fourth side, **ours + audit log**, is ours writing the audit log (an
 fsync'ed batch of intent lines before each round of signals, a batch of
-outcome lines after it, see ``celery_supervise/audit.py``) to a file on
+outcome lines after it, see ``celery_supervise/processes/audit.py``) to a file on
 the bench's temporary folder: the difference to ours is what the log costs.
 
 Every repeat kills a fresh tree; the spawner above it reaps what dies. The
@@ -40,7 +40,8 @@ import tempfile
 import time
 from collections import Counter
 
-from celery_supervise import audit, kill, operations, plan, snapshot
+from celery_supervise.processes import audit, kill, plan, snapshot
+from celery_supervise.processes import revisit as revisiting
 
 from .forest import WORKER, Forest, is_gone
 from .measure import Row, Target, cpu_seconds, median, order, summary, timed
@@ -53,7 +54,7 @@ def _ours(run_id: str, size: int, log: str | None = None) -> tuple[float, float,
         worker = snapshot.read_worker(tree.root)
         # What a kill from a record does first (not in the timed call):
         # re-verify every recorded process and look for newcomers.
-        revisit_seconds, _ = timed(lambda: operations.revisit(worker))
+        revisit_seconds, _ = timed(lambda: revisiting.revisit(worker))
         verdicts = plan.plan([worker], plan.Policy())
         cpu = cpu_seconds()
         log_ = None if log is None else audit.AuditLog("bench", path=log)
@@ -149,7 +150,7 @@ def _repeats(run_id, size, quick, log, row, same, cpu, logged, audited, details)
 def _notes(row, same, details):
     last = details[-1]
     row.notes.append(f"roles {last['roles']}; outcomes of the last run {last['outcomes']}")
-    row.notes.append("not in the timed call: re-verifying the record first (operations.revisit, what `kill FILE` "
+    row.notes.append("not in the timed call: re-verifying the record first (processes.revisit.revisit, what `kill FILE` "
                      f"does before it signals) took {summary([d['revisit'] for d in details])}")
     same.notes.append(f"raw children first / raw root first: {median(same.baseline) / median(row.baseline):.2f}× "
                       "(what the order alone costs; ours keeps children first)")

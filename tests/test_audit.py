@@ -22,10 +22,10 @@ import threading
 
 import pytest
 
-from celery_supervise import audit as auditing, plan, snapshot, statefile
+from celery_supervise.processes import audit as auditing, plan, snapshot, statefile
 from celery_supervise.commands import audit as audit_cmd
-from celery_supervise.plan import Policy
-from celery_supervise.procs import MAIN, Proc, read_proc
+from celery_supervise.processes.plan import Policy
+from celery_supervise.processes.procs import MAIN, Proc, read_proc
 
 from realprocs import wait_for
 

@@ -26,7 +26,7 @@ import socket
 
 import pytest
 
-from celery_supervise import audit as auditing
+from celery_supervise.processes import audit as auditing
 
 from brokers import require
 from realprocs import wait_for, wait_gone

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from celery_supervise import audit as auditing
+from celery_supervise.processes import audit as auditing
 
 from realprocs import is_gone, wait_for, wait_gone
 from realsupervisor import BIN, PROGRAM, copy_project, listener_section

@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 
-from celery_supervise import audit as auditing
+from celery_supervise.processes import audit as auditing
 
 from brokers import RABBITMQ_URL, clean_redis, delete_rabbitmq_queues, require
 from realprocs import wait_gone

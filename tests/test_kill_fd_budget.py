@@ -28,11 +28,12 @@ import pytest
 
 from test_kill import alive, fake_worker, pids, write_state  # noqa: F401 (fake_worker is a fixture)
 
-from celery_supervise import snapshot
+from celery_supervise.processes import snapshot
 
 DRIVER = """
 import os, resource, runpy, sys
-from celery_supervise import cli, kill  # imported before the limit is lowered
+from celery_supervise import cli  # imported before the limit is lowered
+from celery_supervise.processes import kill
 extra = int(sys.argv.pop(1))
 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + kill.FD_HEADROOM + extra, hard))

@@ -1,6 +1,6 @@
 """The /proc readers, against real processes."""
 
-from celery_supervise import procs
+from celery_supervise.processes import procs
 
 from realprocs import wait_for
 

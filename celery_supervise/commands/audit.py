@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import audit as auditing
+from ..processes import audit as auditing
 from ..errors import EXIT_OK, SuperviseError, UsageError
 
 #: An intent with no outcome: its run stopped between the two lines.
@@ -64,7 +64,7 @@ class Row:
     reason: str
     outcome: str | None  # None: no outcome line (see NO_OUTCOME)
 
-    def document(self) -> dict:
+    def to_document(self) -> dict:
         doc = {k: getattr(self, k) for k in self.__dataclass_fields__}
         doc["argv"], doc["cmdline"] = list(self.argv), list(self.cmdline)
         return doc
@@ -80,9 +80,14 @@ class AuditResult:
     def exit_code(self) -> int:
         return EXIT_OK
 
-    def document(self) -> dict:
-        return {"path": self.path, "exit_code": self.exit_code, "signals": [r.document() for r in self.rows],
-                "unfinished": sum(r.outcome is None for r in self.rows), "warnings": self.warnings}
+    @property
+    def unfinished(self) -> int:
+        """Signals whose run died between intent and outcome."""
+        return sum(r.outcome is None for r in self.rows)
+
+    def to_document(self) -> dict:
+        return {"path": self.path, "exit_code": self.exit_code, "signals": [r.to_document() for r in self.rows],
+                "unfinished": self.unfinished, "warnings": self.warnings}
 
 
 def _row(intent: dict | None, outcome: dict | None) -> Row:
