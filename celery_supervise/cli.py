@@ -12,18 +12,15 @@ click commands through :func:`invoke`.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Annotated, List, Optional
 
 import typer
 
-from . import __version__, operations, report, restart as restarting
-from .control import load_app
-from .errors import (
-    EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, SuperviseError, UsageError, exit_code_help,
-)
+from . import __version__, entry, operations, report, restart as restarting
+from .entry import PROG, State, internal_error  # noqa: F401 (internal_error: part of this module's API)
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Outcome, UsageError, exit_code_help
 from .plan import Policy
 
 # Newer typer vendors its own click, older typer re-exports click's; both
@@ -31,8 +28,6 @@ from .plan import Policy
 _CLICK = {c.__name__: c for c in typer.BadParameter.__mro__}
 ClickUsageError = _CLICK["UsageError"]
 ClickException = _CLICK["ClickException"]
-
-PROG = "celery-supervise"
 
 app = typer.Typer(
     name=PROG,
@@ -78,21 +73,6 @@ ProgramOpt = Annotated[
     Optional[List[str]],
     typer.Option("--program", metavar="GLOB", help="supervisord program(s) running the workers (repeatable)."),
 ]
-
-
-class State:
-    def __init__(self, app_spec: str | None):
-        self.app_spec = app_spec
-        self._app = None
-
-    def targets(self, supervisor_url, programs, timeout) -> operations.Targets:
-        return operations.Targets(app=self.celery_app(), app_spec=self.app_spec, supervisor_url=supervisor_url,
-                                  programs=tuple(programs or ()), timeout=timeout)
-
-    def celery_app(self):
-        if self.app_spec and self._app is None:
-            self._app = load_app(self.app_spec)
-        return self._app
 
 
 def consoles():
@@ -149,12 +129,9 @@ def savepid(
     as_json: JsonOpt = False,
 ) -> int:
     """Record this host's worker trees and active tasks (run before the stop)."""
-    state: State = ctx.obj
     policy = Policy.parse(spare)
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
-    result = operations.savepid(file, state.targets(supervisor_url, program, reply_timeout), policy)
-    out, err = consoles()
-    return report.render_save(out, err, result, as_json)
+    return entry.savepid(ctx.obj, file, supervisor_url, program, policy, reply_timeout, as_json)
 
 
 @app.command()
@@ -167,16 +144,8 @@ def kill(
     as_json: JsonOpt = False,
 ) -> int:
     """Kill the recorded Celery trees, sparing detached descendants (run after the stop)."""
-    state: State = ctx.obj
     policy = Policy.parse(spare) if spare is not None else None
-    out, err = consoles()
-    progress = report.WaitProgress(err)
-    try:
-        result = operations.kill(file, policy=policy, grace=grace, dry_run=dry_run,
-                                 app_spec=state.app_spec, on_wait=progress)
-    finally:
-        progress.close()
-    return report.render_kill(out, err, result, as_json)
+    return entry.kill(ctx.obj, file, grace, policy, dry_run, as_json)
 
 
 @app.command()
@@ -190,12 +159,9 @@ def status(
     as_json: JsonOpt = False,
 ) -> int:
     """Draw the live worker trees with each verdict; change nothing."""
-    state: State = ctx.obj
     policy = Policy.parse(spare)  # before any slow discovery, so a typo fails at once
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
-    result = operations.status(state.targets(supervisor_url, program, reply_timeout), policy)
-    out, err = consoles()
-    return report.render_status(out, err, result, as_json)
+    return entry.status(ctx.obj, supervisor_url, program, policy, reply_timeout, as_json)
 
 
 @app.command()
@@ -442,15 +408,9 @@ def one_line(exc: BaseException) -> tuple[int, str, str] | None:
         return EXIT_USAGE, "usage", f"{message} (see --help)" if message else ""
     if isinstance(exc, ClickException):
         return EXIT_ERROR, "error", " ".join(exc.format_message().split())
-    if isinstance(exc, (typer.Abort, KeyboardInterrupt)):
+    if isinstance(exc, typer.Abort):
         return EXIT_INTERRUPTED, "interrupted", ""
-    if isinstance(exc, SuperviseError):
-        return exc.exit_code, "usage" if exc.exit_code == EXIT_USAGE else "error", str(exc)
-    return None
-
-
-def internal_error(exc: BaseException) -> str:
-    return f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+    return entry.known_error(exc)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -459,22 +419,12 @@ def run(argv: list[str] | None = None) -> int:
         return int(invoke(argv))
     except (Exception, KeyboardInterrupt) as exc:  # translated here, and nowhere else
         known = one_line(exc)
-        if known is None:  # a bug, or a library failing in a way we did not foresee
-            if os.environ.get("CELERY_SUPERVISE_DEBUG"):
-                raise
-            print(f"{PROG}: {internal_error(exc)} (set CELERY_SUPERVISE_DEBUG=1 for a traceback)", file=sys.stderr)
-            return EXIT_ERROR
-    code, kind, message = known
-    if kind == "interrupted":
-        print(f"{PROG}: interrupted", file=sys.stderr)
-    elif message:
-        print(f"{PROG}: {kind}: {message}", file=sys.stderr)
-    return code
+        if known is None and os.environ.get("CELERY_SUPERVISE_DEBUG"):
+            raise
+        return entry.report_error(known, exc)
 
 
 def main() -> None:
-    # Our own warnings, but not kombu's and Celery's chatter ("No hostname
-    # was supplied") on every broker connection.
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr, format=f"{PROG}: %(message)s")
-    logging.getLogger("celery_supervise").setLevel(logging.WARNING)
+    """The full typer CLI, every verb; the console script is :func:`celery_supervise.entry.main`."""
+    entry.configure_logging()
     sys.exit(run())
