@@ -33,7 +33,11 @@ TEXT, FLOAT, FLAG = "text", "float", "flag"
 
 @dataclass(frozen=True)
 class Opt:
-    """One option: its parameter name, spellings, kind, default, bounds."""
+    """One option: its parameter name, spellings, kind, default, bounds.
+
+    Values are what click's parse holds in ``ctx.params``: a tuple for a
+    repeatable option.
+    """
 
     name: str
     flags: tuple[str, ...]
@@ -54,7 +58,7 @@ class Verb:
 ROOT = (Opt("app_spec", ("-A", "--app"), envvar="CELERY_APP"),)
 
 _SUPERVISOR_URL = Opt("supervisor_url", ("--supervisor-url",), envvar="SUPERVISOR_SERVER_URL")
-_PROGRAM = Opt("program", ("--program",), multiple=True)
+_PROGRAM = Opt("program", ("--program",), default=(), multiple=True)
 _SPARE = Opt("spare", ("--spare",))
 _REPLY_TIMEOUT = Opt("reply_timeout", ("--reply-timeout",), FLOAT, 2.0, minimum=0.05)
 _JSON = Opt("as_json", ("--json",), FLAG, False)
@@ -143,12 +147,14 @@ def _defaults(options: Sequence[Opt], found: dict, environ: Mapping[str, str]) -
     params = {}
     for opt in options:
         if opt.name in found:
-            params[opt.name] = found[opt.name]
+            params[opt.name] = tuple(found[opt.name]) if opt.multiple else found[opt.name]
         elif opt.envvar and environ.get(opt.envvar):
+            if opt.multiple:
+                return None  # click splits such a variable on spaces; no option of ours does this
             value = _value(opt, environ[opt.envvar])
             if value is None:
                 return None
-            params[opt.name] = [value] if opt.multiple else value
+            params[opt.name] = value
         else:
             params[opt.name] = opt.default
     return params
