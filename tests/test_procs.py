@@ -29,3 +29,37 @@ def test_child_pids_lists_a_thousand_children(real_procs):
     assert sorted(procs.child_pids(parent.pid)) == sorted(int(k) for k in kids)
     assert sorted(procs.child_pids(parent.pid, threads=1)) == sorted(int(k) for k in kids)
     assert len(list(procs.walk(procs.read_proc(parent.pid)))) == count
+
+
+def test_read_proc_agrees_with_psutil_on_a_real_tree(real_procs):
+    """Every field :func:`procs.read_proc` reads, against psutil's own reading of the same processes.
+
+    ::
+
+        bash                       (ours, attached)
+        ├── sleep                  attached
+        ├── nohup sleep            ignores SIGHUP
+        └── setsid sleep           own session
+
+    The uid is the owner of ``/proc/PID``: for these (dumpable) processes
+    the effective uid, which is also their real uid.
+    """
+    import os
+
+    import psutil
+
+    parent = real_procs.spawn(["bash", "-c", f"sleep {LIFETIME} & nohup sleep {LIFETIME} >/dev/null 2>&1 & "
+                                             f"setsid sleep {LIFETIME} & wait"])
+    wait_for(lambda: len(procs.child_pids(parent.pid)) >= 3, 30, "three children of bash")
+    kids = procs.child_pids(parent.pid)
+    real_procs.track(*kids)
+    for pid in [parent.pid, *kids]:
+        ours, theirs = procs.read_proc(pid), psutil.Process(pid)
+        assert ours.ppid == theirs.ppid()
+        assert ours.pgid == os.getpgid(pid) and ours.sid == os.getsid(pid)
+        assert ours.same_process(theirs)
+        assert ours.cmdline == tuple(theirs.cmdline())
+        assert ours.uid == theirs.uids().effective == theirs.uids().real
+        assert ours.sighup_ignored == procs.sighup_ignored(pid)
+    walked = {p.pid for p in procs.walk(procs.read_proc(parent.pid))}
+    assert walked == {k.pid for k in psutil.Process(parent.pid).children(recursive=True)}
