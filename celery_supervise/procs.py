@@ -341,6 +341,52 @@ def walk(root: Proc, *, threads: int = 0, skip: Container[int] = frozenset()) ->
             stack.append(found)
 
 
+def tree_grew(recorded: Iterable[Proc]) -> bool:
+    """Whether a walk of the tree now could find a process that *recorded* lacks.
+
+    The listener asks this every couple of seconds for every worker it
+    watches, so it reads only two small files per recorded process
+    (``stat``, for the identity and the thread count, and the ``children``
+    files) instead of walking and reading the whole tree again. True (walk
+    again) also whenever it cannot tell.
+
+    Why this misses nothing a walk would find: let X be a process a walk
+    made now would yield and the record lacks, the one nearest the main.
+    Its parent Y is the main or a process the walk yielded, so Y is in the
+    record (X is the nearest new one) and is still that very process. We
+    read Y's ``children``, which name X: either X's PID is not in the
+    record (True), or the record holds that PID for another process, whose
+    PID X now reuses, and then that PID's ``stat`` shows another creation
+    time (True). Races are the walk's own: a fork after we read its
+    parent's ``children`` is seen at the next call, as a walk would see it
+    only at its next run; a child whose parent exits before then is
+    re-parented out of the tree, where no walk from the main finds it
+    either (the kill's process-group scan is what catches those).
+    A recorded process that died is no change: records keep the dead, and
+    a dead process has no children left.
+    """
+    procs = list(recorded)
+    pids = {p.pid for p in procs}
+    for p in procs:
+        try:
+            fields = _stat_fields(_read(f"/proc/{p.pid}/stat"))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it died: nothing of its own to add
+        except OSError:
+            return True
+        if fields[_STATE] == b"Z":
+            continue
+        if not p.same_process(create_time_of(int(fields[_START]))):
+            return True  # the PID names another process now
+        try:
+            kids = child_pids(p.pid, int(fields[_THREADS]))
+        except OSError:  # not readable for us (hidepid, another user): walk
+            return True
+        if any(kid not in pids for kid in kids):
+            return True
+    return False
+
+
 def live_identity(pid: int) -> float | None:
     """Creation time of the live process *pid*, or ``None`` if it is gone.
 

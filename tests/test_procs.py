@@ -63,3 +63,74 @@ def test_read_proc_agrees_with_psutil_on_a_real_tree(real_procs):
         assert ours.sighup_ignored == procs.sighup_ignored(pid)
     walked = {p.pid for p in procs.walk(procs.read_proc(parent.pid))}
     assert walked == {k.pid for k in psutil.Process(parent.pid).children(recursive=True)}
+
+
+def _forks_on_demand(real_procs, tmp_path, name):
+    """``bash`` that blocks reading a FIFO (no fork while it waits), then forks a ``sleep``; (bash, fifo)."""
+    import os
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    main = real_procs.spawn(["bash", "-c", f"read -r _ < {fifo}; sleep {LIFETIME} & wait"])
+    return main, fifo
+
+
+def _release(fifo):
+    with open(fifo, "w") as f:  # blocks until bash opens its end: no sleep needed
+        f.write("go\n")
+
+
+def test_tree_grew_sees_a_recorded_process_fork(real_procs, tmp_path):
+    """The listener's idle check: nothing new while the tree is still; a fork of any recorded process is seen.
+
+    ::
+
+        bash                 recorded, forks when told
+        └── bash -c ...      recorded, forks when told
+            └── sleep        born after the record: seen
+    """
+    from celery_supervise import snapshot
+
+    inner_fifo = tmp_path / "inner"
+    import os
+
+    os.mkfifo(inner_fifo)
+    outer, outer_fifo = _forks_on_demand(real_procs, tmp_path, "outer")
+    # The outer bash, once released, forks; first give it a child that will fork in its turn.
+    _release(outer_fifo)
+    wait_for(lambda: procs.child_pids(outer.pid), 10, "the outer bash's first child")
+    record = snapshot.read_worker(outer.pid)
+    real_procs.track(*(p.pid for p in record.procs[1:]))
+    assert not procs.tree_grew(record.procs)
+
+    # A grandchild born below a recorded child.
+    middle = real_procs.spawn(["bash", "-c", f"read -r _ < {inner_fifo}; sleep {LIFETIME} & wait"])
+    record = snapshot.read_worker(middle.pid)
+    assert len(record.procs) == 1 and not procs.tree_grew(record.procs)
+    _release(inner_fifo)
+    wait_for(lambda: procs.child_pids(middle.pid), 10, "the fork")
+    real_procs.track(*procs.child_pids(middle.pid))
+    assert procs.tree_grew(record.procs)
+    assert not procs.tree_grew(snapshot.read_worker(middle.pid).procs)
+
+
+def test_tree_grew_on_a_reused_pid_and_not_on_a_death(real_procs):
+    """A recorded PID naming another process now (another creation time) is a change; a death is not."""
+    import dataclasses
+
+    from celery_supervise import snapshot
+
+    parent = real_procs.spawn(["bash", "-c", f"sleep {LIFETIME} & sleep {LIFETIME} & wait"])
+    wait_for(lambda: len(procs.child_pids(parent.pid)) == 2, 10, "two children")
+    record = snapshot.read_worker(parent.pid)
+    real_procs.track(*(p.pid for p in record.procs[1:]))
+    assert not procs.tree_grew(record.procs)
+    older = tuple(dataclasses.replace(p, create_time=p.create_time - 100) if i == 2 else p
+                  for i, p in enumerate(record.procs))
+    assert procs.tree_grew(older)  # as if that PID had been reused since the record
+    import psutil
+
+    kid = psutil.Process(record.procs[2].pid)
+    kid.kill()
+    wait_for(lambda: kid.pid not in procs.child_pids(parent.pid), 10, "the child reaped")
+    assert not procs.tree_grew(record.procs)
