@@ -356,18 +356,7 @@ def listener(
     spare: SpareOpt = None,
 ) -> int:
     """Run as a supervisord eventlistener: snapshot on start/stop, reap after every stop."""
-    from . import listener as listening, statefile
-
-    state: State = ctx.obj
-    policy = Policy.parse(spare)
-    supervisor, rpc = listening.from_environment(dict(os.environ))
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    # Every record there would be refused, and no worker ever reaped: say so at once.
-    statefile.check_folder(os.path.join(state_dir, "celery-worker@1.json"))
-    return listening.Listener(
-        state_dir=state_dir, programs=program or [], grace=grace, policy=policy,
-        app=state.celery_app(), app_spec=state.app_spec, supervisor=supervisor, rpc=rpc,
-    ).run()
+    return entry.listener(ctx.obj, state_dir, program, grace, Policy.parse(spare))
 
 
 def command_tree():

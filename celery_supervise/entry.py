@@ -76,6 +76,19 @@ def kill(state: State, file, grace, policy, dry_run, as_json) -> int:
     return report.render_kill(out, err, result, as_json)
 
 
+def listener(state: State, state_dir, program, grace, policy) -> int:
+    from . import listener as listening, statefile
+
+    supervisor, rpc = listening.from_environment(dict(os.environ))
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    # Every record there would be refused, and no worker ever reaped: say so at once.
+    statefile.check_folder(os.path.join(state_dir, "celery-worker@1.json"))
+    return listening.Listener(
+        state_dir=state_dir, programs=list(program or ()), grace=grace, policy=policy,
+        app=state.celery_app(), app_spec=state.app_spec, supervisor=supervisor, rpc=rpc,
+    ).run()
+
+
 def run_call(call) -> int:
     """Run a :class:`~celery_supervise.fastpath.Call`; errors propagate (as from ``cli.invoke``)."""
     from .plan import Policy
@@ -86,6 +99,8 @@ def run_call(call) -> int:
         policy = Policy.parse(p["spare"]) if p["spare"] is not None else None
         return kill(state, p["file"], p["grace"], policy, p["dry_run"], p["as_json"])
     policy = Policy.parse(p["spare"])
+    if call.verb == "listener":
+        return listener(state, p["state_dir"], p["program"], p["grace"], policy)
     if call.verb == "savepid":
         return savepid(state, p["file"], p["supervisor_url"], p["program"], policy, p["reply_timeout"], p["as_json"])
     return status(state, p["supervisor_url"], p["program"], policy, p["reply_timeout"], p["as_json"])

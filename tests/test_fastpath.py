@@ -92,6 +92,8 @@ ACCEPTED = [
     (["kill", "s.json"], {}),
     (["-A", "demo", "kill", "--grace", "0", "--dry-run", "s.json", "--spare", "none", "--json"], {}),
     (["kill", "s.json", "--grace=2.5"], {}),
+    (["-A", "demo", "listener", "--state-dir", "/var/lib/cs", "--program", "w*", "--grace", "2"], {}),
+    (["listener", "--spare=setsid", "--state-dir=/tmp/s"], {}),
 ]
 
 DECLINED = [
@@ -118,6 +120,8 @@ DECLINED = [
     (["status", "-A", "demo"], {}),
     (["kill", "s.json", "--grace", "-1"], {}),
     (["drain"], {}),
+    (["listener"], {}),  # --state-dir is required: typer's message
+    (["listener", "--state-dir", "/tmp/s", "x"], {}),
     (["restart", "prog"], {}),
     (["-A", "demo", "status"], {"_CELERY_SUPERVISE_COMPLETE": "bash_complete"}),
 ]
@@ -161,7 +165,9 @@ def test_well_formed_command_lines_are_accepted(verb, data):
     """Any ordering of valid options of a verb is taken by the fast path (so it is not declining everything)."""
     spec = fastpath.VERBS[verb]
     groups = [(data.draw(st.sampled_from(["s.json", "/tmp/f"])),)] if spec.arguments else []
-    for opt in data.draw(st.lists(st.sampled_from(spec.options), unique_by=lambda o: o.name)):
+    chosen = data.draw(st.lists(st.sampled_from(spec.options), unique_by=lambda o: o.name))
+    chosen += [o for o in spec.options if o.required and o not in chosen]
+    for opt in chosen:
         if opt.kind == fastpath.FLAG:
             groups.append((opt.flags[0],))
         else:
@@ -187,6 +193,7 @@ def test_table_defaults_and_bounds_are_the_clis():
             assert set(opt.flags) == set(param.opts), (verb, opt.name)
             assert param.multiple == opt.multiple
             assert param.envvar == opt.envvar
+            assert param.required == opt.required, (verb, opt.name)
             if opt.kind != fastpath.TEXT:
                 assert param.default == opt.default
             # Minimums: typer 0.29 keeps them in its pydantic adapters, not
