@@ -18,9 +18,9 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from . import __version__, entry, operations, report, restart as restarting
+from . import __version__, entry, operations, options, report
 from .entry import PROG, State, internal_error  # noqa: F401 (internal_error: part of this module's API)
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Outcome, UsageError, exit_code_help
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, UsageError, exit_code_help
 from .plan import Policy
 
 # Newer typer vendors its own click, older typer re-exports click's; both
@@ -37,42 +37,52 @@ app = typer.Typer(
     "then kill the whole Celery tree and spare what tasks deliberately detached.",
 )
 
-# Options shared by several commands, defined once.
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be signalled; signal nothing.")]
-JournalOpt = Annotated[
-    Optional[str],
-    typer.Option("--journal", metavar="DIR",
-                 help="The workers' task journal. [default: the one the app installs or its supervise_journal setting names]"),
-]
-SpareOpt = Annotated[
-    Optional[str],
-    typer.Option("--spare", metavar="RULES",
-                 help="Comma list of setsid, nohup, pgroup, or none. [default: setsid,nohup; "
-                 "kill: the policy recorded by savepid]"),
-]
-ReplyTimeoutOpt = Annotated[
-    float, typer.Option("--reply-timeout", metavar="SECONDS", min=0.05, help="Seconds to wait for each broker reply.")
-]
-DrainTimeoutOpt = Annotated[
-    float, typer.Option("--drain-timeout", metavar="SECONDS", min=0.1,
-                        help="Seconds the workers may take, in all, to finish their running tasks.")
-]
+# Every option's flags, help, default and bound are rows of options.OPTIONS;
+# these build typer's parameters from them, so nothing is declared twice.
+
+
+def option(name: str, **extra):
+    """typer's parameter for the option row *name* (see :mod:`celery_supervise.options`)."""
+    row = options.OPTIONS[name]
+    kwargs = dict(help=row.help or None, hidden=row.hidden)
+    for key in ("metavar", "min", "envvar"):
+        if getattr(row, key) is not None:
+            kwargs[key] = getattr(row, key)
+    return typer.Option(*row.flags, **kwargs, **extra)
+
+
+def opt(name: str, **extra):
+    """The annotated type of the option row *name*, for a command's signature."""
+    row = options.OPTIONS[name]
+    kind = List[row.type] if row.multiple else row.type
+    if row.default is None and name not in options.REQUIRED:
+        kind = Optional[kind]
+    return Annotated[kind, option(name, **extra)]
+
+
+def arg(name: str):
+    """The annotated type of the positional argument row *name*."""
+    row = options.ARGUMENTS[name]
+    kwargs = {"metavar": row.metavar} if row.metavar else {}
+    return Annotated[List[str] if row.multiple else str, typer.Argument(help=row.help, **kwargs)]
+
+
+def default(name: str):
+    return options.OPTIONS[name].default
+
+
+JsonOpt = opt("as_json")
+DryRunOpt = opt("dry_run")
+JournalOpt = opt("journal")
+SpareOpt = opt("spare")
+ReplyTimeoutOpt = opt("reply_timeout")
+DrainTimeoutOpt = opt("drain_timeout")
 # The old spelling of --reply-timeout (savepid, status, restart) and of
 # --drain-timeout (drain): it keeps its old meaning, see renamed().
-OldTimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", min=0.05, hidden=True)]
-GraceOpt = Annotated[
-    float, typer.Option("--grace", metavar="SECONDS", min=0, help="Seconds between SIGTERM and SIGKILL.")
-]
-SupervisorUrlOpt = Annotated[
-    Optional[str],
-    typer.Option("--supervisor-url", metavar="URL", envvar="SUPERVISOR_SERVER_URL",
-                 help="supervisord's XML-RPC URL, e.g. unix:///run/supervisor.sock or http://127.0.0.1:9001."),
-]
-ProgramOpt = Annotated[
-    Optional[List[str]],
-    typer.Option("--program", metavar="GLOB", help="supervisord program(s) running the workers (repeatable)."),
-]
+OldTimeoutOpt = opt("timeout")
+GraceOpt = opt("grace")
+SupervisorUrlOpt = opt("supervisor_url")
+ProgramOpt = opt("program")
 
 
 def consoles():
@@ -105,14 +115,8 @@ def show_version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    app_spec: Annotated[
-        Optional[str],
-        typer.Option("-A", "--app", metavar="APP", envvar="CELERY_APP",
-                     help="Your Celery app, as for `celery -A` (module or module:attribute)."),
-    ] = None,
-    version: Annotated[
-        bool, typer.Option("--version", is_eager=True, callback=show_version, help="Print the version and exit."),
-    ] = False,
+    app_spec: opt("app_spec") = None,
+    version: opt("version", is_eager=True, callback=show_version) = False,
 ):
     ctx.obj = State(app_spec)
 
@@ -120,11 +124,11 @@ def root(
 @app.command()
 def savepid(
     ctx: typer.Context,
-    file: Annotated[str, typer.Argument(help="State file to write (atomically, mode 0600).")],
+    file: arg("file"),
     supervisor_url: SupervisorUrlOpt = None,
     program: ProgramOpt = None,
     spare: SpareOpt = None,
-    reply_timeout: ReplyTimeoutOpt = operations.DEFAULT_TIMEOUT,
+    reply_timeout: ReplyTimeoutOpt = default("reply_timeout"),
     timeout: OldTimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> int:
@@ -137,8 +141,8 @@ def savepid(
 @app.command()
 def kill(
     ctx: typer.Context,
-    file: Annotated[str, typer.Argument(help="State file written by savepid (or the old bare PID list).")],
-    grace: GraceOpt = operations.DEFAULT_GRACE,
+    file: arg("kill_file"),
+    grace: GraceOpt = default("grace"),
     spare: SpareOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
@@ -154,7 +158,7 @@ def status(
     supervisor_url: SupervisorUrlOpt = None,
     program: ProgramOpt = None,
     spare: SpareOpt = None,
-    reply_timeout: ReplyTimeoutOpt = operations.DEFAULT_TIMEOUT,
+    reply_timeout: ReplyTimeoutOpt = default("reply_timeout"),
     timeout: OldTimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> int:
@@ -167,14 +171,10 @@ def status(
 @app.command()
 def drain(
     ctx: typer.Context,
-    destination: Annotated[
-        Optional[List[str]],
-        typer.Option("--destination", "-d", metavar="NODE",
-                     help="Drain this worker node, e.g. demo@host (repeatable). [default: this host's workers of -A APP]"),
-    ] = None,
-    all_workers: Annotated[bool, typer.Option("--all", help="Drain every worker that answers on the app's broker.")] = False,
-    drain_timeout: DrainTimeoutOpt = operations.DEFAULT_DRAIN_TIMEOUT,
-    timeout: Annotated[Optional[float], typer.Option("--timeout", min=0.1, hidden=True)] = None,
+    destination: opt("destination") = None,
+    all_workers: opt("all_workers") = False,
+    drain_timeout: DrainTimeoutOpt = default("drain_timeout"),
+    timeout: opt("old_drain_timeout") = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Stop workers taking new tasks and wait until their running ones finish (exit 3 on timeout)."""
@@ -193,9 +193,9 @@ def drain(
 @app.command()
 def requeue(
     ctx: typer.Context,
-    file: Annotated[str, typer.Argument(help="State file written by savepid before the stop.")],
+    file: arg("requeue_file"),
     journal: JournalOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be re-sent; send nothing.")] = False,
+    dry_run: opt("requeue_dry_run") = False,
     as_json: JsonOpt = False,
 ) -> int:
     """Re-send the recorded tasks the stop cut off, once (run after the stop)."""
@@ -208,25 +208,14 @@ def requeue(
 @app.command()
 def restart(
     ctx: typer.Context,
-    programs: Annotated[List[str], typer.Argument(metavar="PROGRAM...",
-                                                  help="supervisord program or process names: NAME, GROUP:NAME, GROUP:*.")],
-    drain_timeout: DrainTimeoutOpt = operations.DEFAULT_DRAIN_TIMEOUT,
-    grace: GraceOpt = operations.DEFAULT_GRACE,
-    start_timeout: Annotated[
-        float, typer.Option("--start-timeout", metavar="SECONDS", min=0.1,
-                            help="Seconds the new workers may take to answer a ping.")
-    ] = restarting.DEFAULT_START_TIMEOUT,
+    programs: arg("programs"),
+    drain_timeout: DrainTimeoutOpt = default("drain_timeout"),
+    grace: GraceOpt = default("grace"),
+    start_timeout: opt("start_timeout") = default("start_timeout"),
     supervisor_url: SupervisorUrlOpt = None,
-    configuration: Annotated[
-        Optional[str],
-        typer.Option("-c", "--configuration", metavar="SUPERVISORD_CONF",
-                     help="Read supervisord's URL and credentials from this file's [supervisorctl] section, "
-                     "as supervisorctl -c does. [default: supervisorctl's search]"),
-    ] = None,
-    state: Annotated[
-        Optional[str], typer.Option("--state", metavar="FILE", help="Keep the savepid record here. [default: a temporary file]")
-    ] = None,
-    reply_timeout: ReplyTimeoutOpt = operations.DEFAULT_TIMEOUT,
+    configuration: opt("restart_configuration") = None,
+    state: opt("restart_state") = None,
+    reply_timeout: ReplyTimeoutOpt = default("reply_timeout"),
     timeout: OldTimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> int:
@@ -253,35 +242,17 @@ def restart(
 @app.command()
 def deploy(
     ctx: typer.Context,
-    configuration: Annotated[
-        Optional[str],
-        typer.Option("-c", "--configuration", metavar="SUPERVISORD_CONF", envvar="SUPERVISORD_CONF",
-                     help="supervisord's config: `supervisord -c` starts it again, and its [supervisorctl] section "
-                     "says where it listens. [default: supervisorctl's search, with --no-shutdown]"),
-    ] = None,
+    configuration: opt("configuration") = None,
     supervisor_url: SupervisorUrlOpt = None,
     program: ProgramOpt = None,
-    state: Annotated[
-        Optional[str],
-        typer.Option("--state", metavar="FILE", help="Keep the savepid record here. [default: a private temporary "
-                     "file, kept (and printed) when tasks are left to re-send or something went wrong]"),
-    ] = None,
-    grace: GraceOpt = operations.DEFAULT_GRACE,
-    shutdown_timeout: Annotated[
-        float, typer.Option("--shutdown-timeout", min=0.1, metavar="SECONDS",
-                            help="How long supervisord may take to shut down.")
-    ] = 120.0,
-    start_timeout: Annotated[
-        float, typer.Option("--start-timeout", min=0.1, metavar="SECONDS",
-                            help="How long supervisord and the new workers may take to answer.")
-    ] = restarting.DEFAULT_START_TIMEOUT,
-    reply_timeout: ReplyTimeoutOpt = operations.DEFAULT_TIMEOUT,
-    no_shutdown: Annotated[
-        bool, typer.Option("--no-shutdown", help="Keep supervisord running (in a container it is PID 1): stop, "
-                           "clean up and start its worker programs only.")
-    ] = False,
-    no_start: Annotated[bool, typer.Option("--no-start", help="Do not start supervisord (or the programs) again.")] = False,
-    requeue: Annotated[bool, typer.Option("--requeue", help="Re-send the tasks the stop cut off (after the kill).")] = False,
+    state: opt("state") = None,
+    grace: GraceOpt = default("grace"),
+    shutdown_timeout: opt("shutdown_timeout") = default("shutdown_timeout"),
+    start_timeout: opt("deploy_start_timeout") = default("deploy_start_timeout"),
+    reply_timeout: ReplyTimeoutOpt = default("reply_timeout"),
+    no_shutdown: opt("no_shutdown") = False,
+    no_start: opt("no_start") = False,
+    requeue: opt("requeue") = False,
     journal: JournalOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
@@ -310,30 +281,13 @@ def deploy(
 @app.command("print-config")
 def print_config(
     ctx: typer.Context,
-    program: Annotated[
-        Optional[str], typer.Option("--program", metavar="NAME",
-                                    help="The worker's supervisord program name. [default: APP-worker]"),
-    ] = None,
-    command: Annotated[
-        Optional[str],
-        typer.Option("--command", metavar="CMD",
-                     help="The worker's command line. [default: the celery beside this tool's Python, "
-                     "-A APP worker -l info -n NAME@%h]"),
-    ] = None,
-    directory: Annotated[
-        Optional[str], typer.Option("--directory", metavar="DIR",
-                                    help="Where -A APP is importable. [default: the current folder]"),
-    ] = None,
-    user: Annotated[Optional[str], typer.Option("--user", metavar="USER", help="Run the worker and the listener as USER.")] = None,
-    numprocs: Annotated[int, typer.Option("--numprocs", metavar="N", min=1, help="How many worker processes.")] = 1,
-    state_dir: Annotated[
-        Optional[str], typer.Option("--state-dir", metavar="DIR",
-                                    help="The listener's records. [default: /var/lib/celery-supervise/NAME]"),
-    ] = None,
-    log_dir: Annotated[
-        Optional[str], typer.Option("--log-dir", metavar="DIR",
-                                    help="Write the worker's and the listener's logs here. [default: supervisord's childlogdir]"),
-    ] = None,
+    program: opt("worker_program") = None,
+    command: opt("command") = None,
+    directory: opt("directory") = None,
+    user: opt("user") = None,
+    numprocs: opt("numprocs") = default("numprocs"),
+    state_dir: opt("config_state_dir") = None,
+    log_dir: opt("log_dir") = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Print a conf.d snippet for your supervisord: the worker's [program:] and the eventlistener."""
@@ -349,10 +303,9 @@ def print_config(
 @app.command()
 def listener(
     ctx: typer.Context,
-    state_dir: Annotated[str, typer.Option("--state-dir", metavar="DIR",
-                                           help="Where worker records and kill reports are kept (mode 0700).")],
+    state_dir: opt("state_dir"),
     program: ProgramOpt = None,
-    grace: GraceOpt = operations.DEFAULT_GRACE,
+    grace: GraceOpt = default("grace"),
     spare: SpareOpt = None,
 ) -> int:
     """Run as a supervisord eventlistener: snapshot on start/stop, reap after every stop."""

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Protocol
 
+from . import options
 from .errors import BrokerError
 from .snapshot import Task
 
@@ -41,7 +42,7 @@ ACTIVE = "active"
 RESERVED = "reserved"
 
 #: Seconds a drain waits for the workers to hold no task, by default.
-DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = options.DRAIN_TIMEOUT
 #: Pause between two poll rounds.
 POLL_INTERVAL = 0.1
 #: Longest wait for one reply. A worker that does not answer in time counts

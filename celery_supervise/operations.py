@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import psutil
 
-from . import control, discovery, drain as draining, procs, restart as restarting, statefile
+from . import control, discovery, drain as draining, options, procs, restart as restarting, statefile
 from .discovery import Discovery
 from .errors import PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
 from .lock import reaper_lock
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
 
 # Defaults shared by every shell (CLI, Django command, listener).
-DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
-DEFAULT_TIMEOUT = 2.0  # seconds to wait for each broker reply
+DEFAULT_GRACE = options.GRACE  # seconds between SIGTERM and SIGKILL
+DEFAULT_TIMEOUT = options.REPLY_TIMEOUT  # seconds to wait for each broker reply
 DEFAULT_DRAIN_TIMEOUT = draining.DEFAULT_TIMEOUT  # seconds a drain may take in all
 
 

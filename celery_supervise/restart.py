@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from . import options
 from .errors import EXIT_OK, EXIT_PARTIAL
 
 SAVEPID = "savepid"
@@ -36,7 +37,7 @@ PING_WAIT = 0.25
 #: to a node that is not listening yet answers at once, with nothing).
 PING_INTERVAL = 0.05
 #: How long the new workers may take to answer a ping, by default.
-DEFAULT_START_TIMEOUT = 60.0
+DEFAULT_START_TIMEOUT = options.START_TIMEOUT
 
 
 @dataclass

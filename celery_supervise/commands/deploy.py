@@ -46,14 +46,14 @@ import xmlrpc.client
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import control, discovery, operations, procs, report, requeue as requeuing, rpc
+from .. import control, discovery, operations, options, procs, report, requeue as requeuing, rpc
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, StateFileError, SuperviseError, SupervisorError, UsageError
 from ..kill import KillReport
 from ..plan import Policy
 from ..restart import Phase, wait_answering
 
-DEFAULT_SHUTDOWN_TIMEOUT = 120.0
-DEFAULT_START_TIMEOUT = 60.0
+DEFAULT_SHUTDOWN_TIMEOUT = options.SHUTDOWN_TIMEOUT
+DEFAULT_START_TIMEOUT = options.START_TIMEOUT
 #: Progress and error lines on stderr start with this variable's value (scripts/deploy.sh sets its own name).
 LOG_NAME_ENV = "CELERY_SUPERVISE_LOG_NAME"
 LOG_NAME = "celery-supervise deploy"
