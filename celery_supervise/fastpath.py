@@ -6,8 +6,9 @@ whole rest of savepid beyond the broker round trip (bench/README.md has the
 breakdown). savepid and status run in supervisord's stop budget, on every
 deploy; their cost is measured against the floor of the same round trips.
 
-How: :func:`parse` reads a command line it *fully* understands from the
-plain-data table below and returns a :class:`Call`; for anything else it
+How: :func:`parse` reads a command line it *fully* understands, with the
+option rows of :mod:`celery_supervise.options` (the plain-data table the
+typer CLI is built from too), and returns a :class:`Call`; for anything else it
 returns None and the console entry point (:mod:`celery_supervise.entry`)
 hands the command line to the typer CLI untouched, so help, completion,
 ``--version``, the deprecated ``--timeout``, unknown options and every
@@ -16,7 +17,7 @@ the parser declines whatever it does not need: repeated single options,
 ``-Avalue`` and ``--`` spellings, empty values, values that begin with
 ``-``, numbers other than plain decimals.
 
-The table must say what the typer CLI says: ``tests/test_fastpath.py``
+The parse must agree with typer's: ``tests/test_fastpath.py``
 proves, for generated command lines, that every one this parser accepts
 gives the same parameters as typer's own parse, and that it declines the
 ones typer refuses.
@@ -28,7 +29,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-TEXT, FLOAT, FLAG = "text", "float", "flag"
+from . import options as table
+
+TEXT, FLOAT, INT, FLAG = "text", "float", "int", "flag"
 
 
 @dataclass(frozen=True)
@@ -55,31 +58,40 @@ class Verb:
     options: tuple[Opt, ...]
 
 
-#: The root's options (before the verb).
-ROOT = (Opt("app_spec", ("-A", "--app"), envvar="CELERY_APP"),)
+def _option(name: str) -> Opt:
+    """The parser's view of the option row *name* of :mod:`celery_supervise.options`."""
+    row = table.OPTIONS[name]
+    kind = _KINDS[row.type]  # a KeyError here is a new option type this parser must learn first
+    default = () if row.multiple else row.default
+    return Opt(name, row.flags, kind, default, minimum=row.min, multiple=row.multiple, envvar=row.envvar,
+               required=name in table.REQUIRED)
 
-_SUPERVISOR_URL = Opt("supervisor_url", ("--supervisor-url",), envvar="SUPERVISOR_SERVER_URL")
-_PROGRAM = Opt("program", ("--program",), default=(), multiple=True)
-_SPARE = Opt("spare", ("--spare",))
-_REPLY_TIMEOUT = Opt("reply_timeout", ("--reply-timeout",), FLOAT, 2.0, minimum=0.05)
-_JSON = Opt("as_json", ("--json",), FLAG, False)
-_GRACE = Opt("grace", ("--grace",), FLOAT, 10.0, minimum=0.0)
 
-#: The hot verbs and their options, as the typer CLI defines them (the
-#: deprecated ``--timeout`` is left to typer, which prints its note).
-VERBS = {
-    "savepid": Verb(("file",), (_SUPERVISOR_URL, _PROGRAM, _SPARE, _REPLY_TIMEOUT, _JSON)),
-    "status": Verb((), (_SUPERVISOR_URL, _PROGRAM, _SPARE, _REPLY_TIMEOUT, _JSON)),
-    "kill": Verb(("file",), (_GRACE, _SPARE, Opt("dry_run", ("--dry-run",), FLAG, False), _JSON)),
-    # Not hot, but long-lived: without typer (and the pydantic it brings)
-    # the listener holds 7 MB less for as long as supervisord runs.
-    "listener": Verb((), (Opt("state_dir", ("--state-dir",), required=True), _PROGRAM, _GRACE, _SPARE)),
-}
+def _verb(name: str) -> Verb:
+    rows = table.VERBS[name]
+    return Verb(tuple(_PARAMETER.get(r, r) for r in rows if r in table.ARGUMENTS),
+                tuple(_option(r) for r in rows if r in table.OPTIONS and r not in LEFT_TO_TYPER))
+
+
+_KINDS = {str: TEXT, float: FLOAT, int: INT, bool: FLAG}
+#: Argument rows whose Python parameter has another name.
+_PARAMETER = {"kill_file": "file"}
+#: The deprecated ``--timeout``: typer prints its note.
+LEFT_TO_TYPER = frozenset({"timeout"})
+#: The verbs this parser takes. The listener is not hot, but long-lived:
+#: without typer (and the pydantic it brings) it holds 7 MB less for as
+#: long as supervisord runs.
+HOT_VERBS = ("savepid", "status", "kill", "listener")
+
+#: The root's options (before the verb), and each hot verb's.
+ROOT = (_option("app_spec"),)
+VERBS = {verb: _verb(verb) for verb in HOT_VERBS}
 
 #: Shell completion asks through the environment: always typer's business.
 COMPLETION_ENV_PREFIXES = ("_CELERY_SUPERVISE_COMPLETE", "_TYPER_COMPLETE")
 
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?\Z")
+_DIGITS = re.compile(r"[0-9]+\Z")
 
 
 @dataclass(frozen=True)
@@ -95,10 +107,10 @@ def _value(opt: Opt, raw: str):
     """*raw* converted for *opt*, or None when the parser declines it."""
     if raw == "" or raw.startswith("-"):
         return None
-    if opt.kind == FLOAT:
-        if not _DECIMAL.match(raw):
+    if opt.kind in (FLOAT, INT):
+        if not (_DECIMAL if opt.kind == FLOAT else _DIGITS).match(raw):
             return None
-        number = float(raw)
+        number = float(raw) if opt.kind == FLOAT else int(raw)
         return number if opt.minimum is None or number >= opt.minimum else None
     return raw
 
