@@ -65,53 +65,33 @@ def test_read_proc_agrees_with_psutil_on_a_real_tree(real_procs):
     assert walked == {k.pid for k in psutil.Process(parent.pid).children(recursive=True)}
 
 
-def _forks_on_demand(real_procs, tmp_path, name):
-    """``bash`` that blocks reading a FIFO (no fork while it waits), then forks a ``sleep``; (bash, fifo)."""
-    import os
-
-    fifo = tmp_path / name
-    os.mkfifo(fifo)
-    main = real_procs.spawn(["bash", "-c", f"read -r _ < {fifo}; sleep {LIFETIME} & wait"])
-    return main, fifo
-
-
-def _release(fifo):
-    with open(fifo, "w") as f:  # blocks until bash opens its end: no sleep needed
-        f.write("go\n")
-
-
 def test_tree_grew_sees_a_recorded_process_fork(real_procs, tmp_path):
-    """The listener's idle check: nothing new while the tree is still; a fork of any recorded process is seen.
+    """The listener's idle check: nothing new while the tree is still; a fork below a recorded process is seen.
 
     ::
 
-        bash                 recorded, forks when told
-        └── bash -c ...      recorded, forks when told
+        bash                 recorded
+        └── bash             recorded; blocks reading a FIFO (no fork meanwhile), then forks
             └── sleep        born after the record: seen
     """
-    from celery_supervise import snapshot
-
-    inner_fifo = tmp_path / "inner"
     import os
 
-    os.mkfifo(inner_fifo)
-    outer, outer_fifo = _forks_on_demand(real_procs, tmp_path, "outer")
-    # The outer bash, once released, forks; first give it a child that will fork in its turn.
-    _release(outer_fifo)
-    wait_for(lambda: procs.child_pids(outer.pid), 10, "the outer bash's first child")
-    record = snapshot.read_worker(outer.pid)
-    real_procs.track(*(p.pid for p in record.procs[1:]))
-    assert not procs.tree_grew(record.procs)
+    from celery_supervise import snapshot
 
-    # A grandchild born below a recorded child.
-    middle = real_procs.spawn(["bash", "-c", f"read -r _ < {inner_fifo}; sleep {LIFETIME} & wait"])
-    record = snapshot.read_worker(middle.pid)
-    assert len(record.procs) == 1 and not procs.tree_grew(record.procs)
-    _release(inner_fifo)
-    wait_for(lambda: procs.child_pids(middle.pid), 10, "the fork")
-    real_procs.track(*procs.child_pids(middle.pid))
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    outer = real_procs.spawn(["bash", "-c", f"bash -c 'read -r _ < {fifo}; sleep {LIFETIME} & wait' & wait"])
+    [inner] = wait_for(lambda: procs.child_pids(outer.pid), 10, "the inner bash")
+    real_procs.track(inner)
+    record = snapshot.read_worker(outer.pid)
+    assert {p.pid for p in record.procs} == {outer.pid, inner}
+    assert not procs.tree_grew(record.procs)
+    with open(fifo, "w") as f:  # blocks until the inner bash opens its end: no sleep needed
+        f.write("go\n")
+    kids = wait_for(lambda: procs.child_pids(inner), 10, "the fork")
+    real_procs.track(*kids)
     assert procs.tree_grew(record.procs)
-    assert not procs.tree_grew(snapshot.read_worker(middle.pid).procs)
+    assert not procs.tree_grew(snapshot.read_worker(outer.pid).procs)
 
 
 def test_tree_grew_on_a_reused_pid_and_not_on_a_death(real_procs):
