@@ -1,13 +1,16 @@
 """The ``celery-supervise`` command line: a thin typer shell over the core.
 
-Each command parses its options, calls one function of
-:mod:`celery_supervise.operations`, and renders the result with
-:mod:`celery_supervise.report`. Errors become exit codes in :func:`run`,
-and nowhere else.
+Each command parses its options, calls its verb's module in
+:mod:`celery_supervise.commands`, and renders the result with
+:mod:`celery_supervise.render`. savepid, status, kill and the listener
+do so through their shells in :mod:`celery_supervise.entry`, which the
+console script's typer-free fast path runs too. Errors become exit codes
+in :func:`run`, and nowhere else.
 
-This typer app is the one table of commands and options: the Django
-command builds its parser from :func:`command_tree` and runs the very same
-click commands through :func:`invoke`.
+This typer app is the one table of commands; their options are rows of
+:mod:`celery_supervise.options` (``opt("grace")``), declared once. The
+Django command builds its parser from :func:`command_tree` and runs the
+very same click commands through :func:`invoke`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from . import __version__, entry, operations, options, report
-from .entry import PROG, State, internal_error  # noqa: F401 (internal_error: part of this module's API)
+from . import __version__, entry, options, render
+from .commands import drain as draining, requeue as requeuing, restart as restarting
+# State, internal_error and say are part of this module's API too (the Django command uses them).
+from .entry import PROG, State, internal_error, say  # noqa: F401
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, UsageError, exit_code_help
-from .plan import Policy
+from .processes.plan import Policy
 
 # Newer typer vendors its own click, older typer re-exports click's; both
 # keep click's class names, so find them from the public BadParameter.
@@ -86,7 +91,7 @@ ProgramOpt = opt("program")
 
 
 def consoles():
-    return report.consoles()
+    return render.consoles()
 
 
 def renamed(ctx: typer.Context, old: str, new: str):
@@ -181,13 +186,13 @@ def drain(
     state: State = ctx.obj
     timeout = renamed(ctx, "timeout", "drain_timeout")
     out, err = consoles()
-    progress = report.DrainProgress(err)
+    progress = render.DrainProgress(err)
     try:
-        result = operations.drain(state.celery_app(), state.app_spec, destinations=destination or (),
+        result = draining.drain(state.celery_app(), state.app_spec, destinations=destination or (),
                                   all_workers=all_workers, timeout=timeout, on_progress=progress)
     finally:
         progress.close()
-    return report.render_drain(out, err, result, as_json)
+    return render.render_drain(out, err, result, as_json)
 
 
 @app.command()
@@ -200,9 +205,9 @@ def requeue(
 ) -> int:
     """Re-send the recorded tasks the stop cut off, once (run after the stop)."""
     state: State = ctx.obj
-    result = operations.requeue(file, state.celery_app(), journal_dir=journal, dry_run=dry_run)
+    result = requeuing.requeue(file, state.celery_app(), journal_dir=journal, dry_run=dry_run)
     out, err = consoles()
-    return report.render_requeue(out, err, result, as_json)
+    return render.render_requeue(out, err, result, as_json)
 
 
 @app.command()
@@ -220,15 +225,15 @@ def restart(
     as_json: JsonOpt = False,
 ) -> int:
     """Restart supervisord programs running Celery workers: savepid, drain, stop, kill, start, wait for a ping."""
-    from . import rpc
+    from .supervisord import rpc
 
     state_: State = ctx.obj
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
     server = rpc.find_server(supervisor_url, configuration)
     out, err = consoles()
-    drain_progress, wait_progress = report.DrainProgress(err), report.WaitProgress(err)
+    drain_progress, wait_progress = render.DrainProgress(err), render.WaitProgress(err)
     try:
-        result = operations.restart(
+        result = restarting.restart(
             state_.celery_app(), state_.app_spec, programs, server, state_path=state, drain_timeout=drain_timeout,
             grace=grace, start_timeout=start_timeout, timeout=reply_timeout, on_drain=drain_progress,
             on_wait=wait_progress,
@@ -236,7 +241,7 @@ def restart(
     finally:
         drain_progress.close()
         wait_progress.close()
-    return Outcome(report.render_restart(out, err, result, as_json), result.problem)
+    return Outcome(render.render_restart(out, err, result, as_json), result.problem)
 
 
 @app.command()
@@ -269,13 +274,15 @@ def deploy(
     ))
     out, err = consoles()
     name = os.environ.get(deploying.LOG_NAME_ENV) or deploying.LOG_NAME
-    kill_progress = report.WaitProgress(err)
+    kill_progress = render.WaitProgress(err)
     try:
-        result = deploying.deploy(plan, load_app=state_.celery_app, progress=report.DeployProgress(err, name),
+        result = deploying.deploy(plan, load_app=state_.celery_app, progress=render.DeployProgress(err, name),
                                   on_wait=kill_progress)
     finally:
         kill_progress.close()
-    return Outcome(report.render_deploy(out, err, result, as_json, name), result.problem)
+    lines = [f"{name}: {result.cause}"] if result.cause else []
+    code = render.render_deploy(out, err, result, as_json)
+    return Outcome(code, result.problem, lines + ([f"{name}: error: {result.problem}"] if result.problem else []))
 
 
 @app.command("print-config")
@@ -297,7 +304,7 @@ def print_config(
                                user=user, numprocs=numprocs, state_dir=state_dir, log_dir=log_dir)
     result = printing.print_config(request)
     out, err = consoles()
-    return report.render_print_config(out, err, result, as_json)
+    return render.render_print_config(out, err, result, as_json)
 
 
 @app.command()
@@ -358,7 +365,9 @@ def one_line(exc: BaseException) -> tuple[int, str, str] | None:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; every error becomes one line on stderr."""
     try:
-        return int(invoke(argv))
+        code = invoke(argv)
+        say(code)
+        return int(code)
     except (Exception, KeyboardInterrupt) as exc:  # translated here, and nowhere else
         known = one_line(exc)
         if known is None and os.environ.get("CELERY_SUPERVISE_DEBUG"):

@@ -6,7 +6,7 @@ fully understands the command line. If so, it runs the verb's shell below
 and translates errors as :func:`celery_supervise.cli.run` does; typer is
 never imported. If not, the typer CLI gets the command line as it is.
 
-This module imports neither typer nor rich at import time: ``report``
+This module imports neither typer nor rich at import time: ``render``
 (rich) comes in only to render, after the work is done.
 """
 
@@ -29,14 +29,14 @@ class State:
         self._app = None
 
     def targets(self, supervisor_url, programs, timeout):
-        from . import operations
+        from .commands import savepid as saving
 
-        return operations.Targets(app=self.celery_app(), app_spec=self.app_spec, supervisor_url=supervisor_url,
-                                  programs=tuple(programs or ()), timeout=timeout)
+        return saving.Targets(app=self.celery_app(), app_spec=self.app_spec, supervisor_url=supervisor_url,
+                              programs=tuple(programs or ()), timeout=timeout)
 
     def celery_app(self):
         if self.app_spec and self._app is None:
-            from .control import load_app
+            from .celery_side.control import load_app
 
             self._app = load_app(self.app_spec)
         return self._app
@@ -44,40 +44,50 @@ class State:
 
 # ------------------------------------------------- the hot verbs' shells
 # Each takes parsed values (the policy already parsed, so a typo fails
-# before any slow discovery), calls the core, and renders.
+# before any slow discovery), calls its verb's module in
+# :mod:`celery_supervise.commands`, and renders with
+# :mod:`celery_supervise.render`. The typer commands call these very
+# functions, so both paths print the same and exit with the same code.
 
 
 def savepid(state: State, file, supervisor_url, program, policy, reply_timeout, as_json) -> int:
-    from . import operations, report
+    from . import render
+    from .commands import savepid as saving
+    from .errors import Outcome
 
-    result = operations.savepid(file, state.targets(supervisor_url, program, reply_timeout), policy)
-    out, err = report.consoles()
-    return report.render_save(out, err, result, as_json)
+    result = saving.savepid(file, state.targets(supervisor_url, program, reply_timeout), policy)
+    out, err = render.consoles()
+    code = render.render_save(out, err, result, as_json)
+    # The record *was* written: exit 3 with the broker's failure as one error line.
+    return Outcome(code, result.problem, [f"{PROG}: error: {result.problem}"] if result.problem else [])
 
 
 def status(state: State, supervisor_url, program, policy, reply_timeout, as_json) -> int:
-    from . import operations, report
+    from . import render
+    from .commands import savepid as saving
 
-    result = operations.status(state.targets(supervisor_url, program, reply_timeout), policy)
-    out, err = report.consoles()
-    return report.render_status(out, err, result, as_json)
+    result = saving.status(state.targets(supervisor_url, program, reply_timeout), policy)
+    out, err = render.consoles()
+    return render.render_status(out, err, result, as_json)
 
 
 def kill(state: State, file, grace, policy, dry_run, as_json) -> int:
-    from . import operations, report
+    from . import render
+    from .commands import kill as killing
 
-    out, err = report.consoles()
-    progress = report.WaitProgress(err)
+    out, err = render.consoles()
+    progress = render.WaitProgress(err)
     try:
-        result = operations.kill(file, policy=policy, grace=grace, dry_run=dry_run,
-                                 app_spec=state.app_spec, on_wait=progress)
+        result = killing.kill(file, policy=policy, grace=grace, dry_run=dry_run,
+                              app_spec=state.app_spec, on_wait=progress)
     finally:
         progress.close()
-    return report.render_kill(out, err, result, as_json)
+    return render.render_kill(out, err, result, as_json)
 
 
 def listener(state: State, state_dir, program, grace, policy) -> int:
-    from . import listener as listening, statefile
+    from . import listener as listening
+    from .processes import statefile
 
     supervisor, rpc = listening.from_environment(dict(os.environ))
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -86,12 +96,13 @@ def listener(state: State, state_dir, program, grace, policy) -> int:
     return listening.Listener(
         state_dir=state_dir, programs=list(program or ()), grace=grace, policy=policy,
         app=state.celery_app(), app_spec=state.app_spec, supervisor=supervisor, rpc=rpc,
+        rpc_url=os.environ["SUPERVISOR_SERVER_URL"],
     ).run()
 
 
 def run_call(call) -> int:
     """Run a :class:`~celery_supervise.fastpath.Call`; errors propagate (as from ``cli.invoke``)."""
-    from .plan import Policy
+    from .processes.plan import Policy
 
     p = dict(call.params)
     state = State(call.app_spec)
@@ -126,6 +137,12 @@ def internal_error(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
+def say(code: int) -> None:
+    """Print the error lines an :class:`~celery_supervise.errors.Outcome` carries, on stderr."""
+    for line in getattr(code, "say", ()):
+        print(line, file=sys.stderr, flush=True)
+
+
 def report_error(known: tuple[int, str, str] | None, exc: BaseException) -> int:
     """Print *exc* as the CLI's one line on stderr; its exit code."""
     if known is None:  # a bug, or a library failing in a way we did not foresee
@@ -141,7 +158,9 @@ def report_error(known: tuple[int, str, str] | None, exc: BaseException) -> int:
 
 def run_fast(call) -> int:
     try:
-        return int(run_call(call))
+        code = run_call(call)
+        say(code)
+        return int(code)
     except (Exception, KeyboardInterrupt) as exc:  # translated here, as cli.run does
         known = known_error(exc)
         if known is None and os.environ.get("CELERY_SUPERVISE_DEBUG"):

@@ -105,14 +105,18 @@ class Outcome(int):
     A command returns it; the CLI exits with it, and the Django command
     turns a non-zero one into ``CommandError(problem, returncode=code)``.
     Without a *problem* of its own, the line is the command's entry in
-    :data:`EXIT_CODES`.
+    :data:`EXIT_CODES`. *say* holds the error lines each shell's edge
+    prints on stderr after the output (a savepid whose broker failed, a
+    deploy that stopped short), already worded: nothing else prints them.
     """
 
     problem: str | None
+    say: tuple[str, ...]
 
-    def __new__(cls, code: int, problem: str | None = None) -> "Outcome":
+    def __new__(cls, code: int, problem: str | None = None, say: tuple[str, ...] = ()) -> "Outcome":
         self = super().__new__(cls, code)
         self.problem = problem
+        self.say = tuple(say)
         return self
 
     def explain(self, command: str) -> str:

@@ -28,11 +28,13 @@ import pytest
 
 from test_kill import alive, fake_worker, pids, write_state  # noqa: F401 (fake_worker is a fixture)
 
-from celery_supervise import snapshot
+from celery_supervise.processes import snapshot
 
 DRIVER = """
 import os, resource, sys
-from celery_supervise import entry, fastpath, kill, operations, report  # imported before the limit is lowered
+from celery_supervise import entry, fastpath, render  # imported before the limit is lowered
+from celery_supervise.commands import kill as kill_verb  # noqa: F401 (likewise)
+from celery_supervise.processes import kill
 extra = int(sys.argv.pop(1))
 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + kill.FD_HEADROOM + extra, hard))

@@ -1,6 +1,6 @@
 """The /proc readers, against real processes."""
 
-from celery_supervise import procs
+from celery_supervise.processes import procs
 
 from realprocs import wait_for
 
@@ -29,6 +29,13 @@ def test_child_pids_lists_a_thousand_children(real_procs):
     assert sorted(procs.child_pids(parent.pid)) == sorted(int(k) for k in kids)
     assert sorted(procs.child_pids(parent.pid, threads=1)) == sorted(int(k) for k in kids)
     assert len(list(procs.walk(procs.read_proc(parent.pid)))) == count
+
+
+def sighup_ignored_in_status(pid: int) -> bool:
+    """SIGHUP's bit of ``SigIgn`` in ``/proc/PID/status``: a second reading of what read_proc takes from ``stat``."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(line.split()[1] for line in f if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & 1)
 
 
 def test_read_proc_agrees_with_psutil_on_a_real_tree(real_procs):
@@ -60,7 +67,7 @@ def test_read_proc_agrees_with_psutil_on_a_real_tree(real_procs):
         assert ours.same_process(theirs)
         assert ours.cmdline == tuple(theirs.cmdline())
         assert ours.uid == theirs.uids().effective == theirs.uids().real
-        assert ours.sighup_ignored == procs.sighup_ignored(pid)
+        assert ours.sighup_ignored == sighup_ignored_in_status(pid)
     walked = {p.pid for p in procs.walk(procs.read_proc(parent.pid))}
     assert walked == {k.pid for k in psutil.Process(parent.pid).children(recursive=True)}
 
@@ -76,7 +83,7 @@ def test_tree_grew_sees_a_recorded_process_fork(real_procs, tmp_path):
     """
     import os
 
-    from celery_supervise import snapshot
+    from celery_supervise.processes import snapshot
 
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
@@ -98,7 +105,7 @@ def test_tree_grew_on_a_reused_pid_and_not_on_a_death(real_procs):
     """A recorded PID naming another process now (another creation time) is a change; a death is not."""
     import dataclasses
 
-    from celery_supervise import snapshot
+    from celery_supervise.processes import snapshot
 
     parent = real_procs.spawn(["bash", "-c", f"sleep {LIFETIME} & sleep {LIFETIME} & wait"])
     wait_for(lambda: len(procs.child_pids(parent.pid)) == 2, 10, "two children")

@@ -56,12 +56,43 @@ class Proc:
     def with_role(self, role: str) -> "Proc":
         return replace(self, role=role)
 
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.pid, self.create_time)
+
     def same_process(self, other: "Proc | psutil.Process | float") -> bool:
         """True when *other* is this very process, not a PID reuse."""
         create_time = other if isinstance(other, float) else other.create_time
         if callable(create_time):
             create_time = create_time()
         return abs(create_time - self.create_time) <= CREATE_TIME_TOLERANCE
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A process as PID plus creation time: what tells it from a later process given the same PID.
+
+    psutil's ``is_running()`` works the same way. A record's creation time
+    is rebased to this boot's clock, so two are the same within
+    :data:`CREATE_TIME_TOLERANCE`, not bit for bit.
+    """
+
+    pid: int
+    create_time: float
+
+    @classmethod
+    def of(cls, pid: int) -> "Identity | None":
+        """The live process *pid* now; ``None`` if it is gone (or a zombie)."""
+        ct = live_identity(pid)
+        return None if ct is None else cls(pid, ct)
+
+    def same(self, other: "Identity | None") -> bool:
+        return other is not None and other.pid == self.pid \
+            and abs(other.create_time - self.create_time) <= CREATE_TIME_TOLERANCE
+
+    def alive(self) -> bool:
+        """Whether this very process still runs (not a PID reuse)."""
+        return self.same(Identity.of(self.pid))
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -169,7 +200,7 @@ def boot_time() -> float:
     process: every identity this process computes, in a kill's grace wait
     or over a listener's months, agrees with every other one. A record
     written by another process carries the base it used, and
-    :func:`celery_supervise.statefile.parse` rebases it to ours.
+    :func:`celery_supervise.processes.statefile.parse` rebases it to ours.
     """
     global _base
     if _base is None:
@@ -212,26 +243,6 @@ def create_time_of(starttime_ticks: int) -> float:
     """psutil's own formula, so our identities equal ``Process.create_time()``
     (as long as the clock has not been set since :func:`boot_time` was read)."""
     return starttime_ticks / CLOCK_TICKS + boot_time()
-
-
-def sighup_ignored(pid: int) -> bool:
-    """Whether *pid* ignores SIGHUP, from ``SigIgn`` in ``/proc/PID/status``.
-
-    psutil does not expose signal dispositions. ``nohup`` works by setting
-    SIGHUP to SIG_IGN before exec, and an ignored disposition survives exec,
-    so the bit is how a nohup'd descendant is told apart from an attached one.
-    """
-    return _status_fields(_read(f"/proc/{pid}/status"))[1]
-
-
-_UID = re.compile(rb"^Uid:\s+(\d+)", re.M)
-_SIGIGN = re.compile(rb"^SigIgn:\s+([0-9a-fA-F]+)", re.M)
-
-
-def _status_fields(data: bytes) -> tuple[int, bool]:
-    """(real uid, SIGHUP ignored) from ``/proc/PID/status``."""
-    uid, sigign = _UID.search(data), _SIGIGN.search(data)
-    return (int(uid.group(1)) if uid else -1), bool(sigign and int(sigign.group(1), 16) & SIGHUP_BIT)
 
 
 def read_proc(pid: int, role: str = TASK) -> Proc | None:

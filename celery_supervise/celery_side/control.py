@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from .errors import AppError, BrokerError
+from ..errors import AppError, BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def ping(app, conn, nodes: list[str], timeout: float) -> set[str]:
 class Remote:
     """One bounded broker connection for a sequence of control calls.
 
-    What :mod:`celery_supervise.drain` needs from Celery's remote control,
+    What :mod:`celery_supervise.celery_side.drain` needs from Celery's remote control,
     behind a seam a test can replace with a scripted fake.
     """
 
@@ -154,3 +154,13 @@ class Remote:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def active_tasks(app, node: str, timeout: float) -> list:
+    """The ``active`` reply of one worker *node*, within *timeout* seconds in all; BrokerError when it fails."""
+    conn = connect(app, timeout=timeout)
+    try:
+        replies = inspect(app, conn, "active", nodes=[node], expected=1, timeout=timeout)
+    finally:
+        conn.release()
+    return replies.get(node) or []
