@@ -2,8 +2,10 @@
 
 Each command parses its options, calls its verb's module in
 :mod:`celery_supervise.commands`, and renders the result with
-:mod:`celery_supervise.render`. Errors become exit codes in :func:`run`,
-and nowhere else.
+:mod:`celery_supervise.render`. savepid, status, kill and the listener
+do so through their shells in :mod:`celery_supervise.entry`, which the
+console script's typer-free fast path runs too. Errors become exit codes
+in :func:`run`, and nowhere else.
 
 This typer app is the one table of commands; their options are rows of
 :mod:`celery_supervise.options` (``opt("grace")``), declared once. The
@@ -13,21 +15,17 @@ very same click commands through :func:`invoke`.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Annotated, List, Optional
 
 import typer
 
-from . import __version__, options, render
-from .celery_side.control import load_app
-from .commands import (
-    drain as draining, kill as killing, requeue as requeuing, restart as restarting, savepid as saving,
-)
-from .errors import (
-    EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, SuperviseError, UsageError, exit_code_help,
-)
+from . import __version__, entry, options, render
+from .commands import drain as draining, requeue as requeuing, restart as restarting
+# State, internal_error and say are part of this module's API too (the Django command uses them).
+from .entry import PROG, State, internal_error, say  # noqa: F401
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, UsageError, exit_code_help
 from .processes import audit as auditing
 from .processes.plan import Policy
 
@@ -36,8 +34,6 @@ from .processes.plan import Policy
 _CLICK = {c.__name__: c for c in typer.BadParameter.__mro__}
 ClickUsageError = _CLICK["UsageError"]
 ClickException = _CLICK["ClickException"]
-
-PROG = "celery-supervise"
 
 app = typer.Typer(
     name=PROG,
@@ -95,21 +91,6 @@ SupervisorUrlOpt = opt("supervisor_url")
 ProgramOpt = opt("program")
 
 
-class State:
-    def __init__(self, app_spec: str | None):
-        self.app_spec = app_spec
-        self._app = None
-
-    def targets(self, supervisor_url, programs, timeout) -> saving.Targets:
-        return saving.Targets(app=self.celery_app(), app_spec=self.app_spec, supervisor_url=supervisor_url,
-                                  programs=tuple(programs or ()), timeout=timeout)
-
-    def celery_app(self):
-        if self.app_spec and self._app is None:
-            self._app = load_app(self.app_spec)
-        return self._app
-
-
 def consoles():
     return render.consoles()
 
@@ -162,14 +143,9 @@ def savepid(
     as_json: JsonOpt = False,
 ) -> int:
     """Record this host's worker trees and active tasks (run before the stop)."""
-    state: State = ctx.obj
     policy = Policy.parse(spare)
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
-    result = saving.savepid(file, state.targets(supervisor_url, program, reply_timeout), policy)
-    out, err = consoles()
-    code = render.render_save(out, err, result, as_json)
-    # The record *was* written: exit 3 with the broker's failure as one error line.
-    return Outcome(code, result.problem, [f"{PROG}: error: {result.problem}"] if result.problem else [])
+    return entry.savepid(ctx.obj, file, supervisor_url, program, policy, reply_timeout, as_json)
 
 
 @app.command()
@@ -182,16 +158,8 @@ def kill(
     as_json: JsonOpt = False,
 ) -> int:
     """Kill the recorded Celery trees, sparing detached descendants (run after the stop)."""
-    state: State = ctx.obj
     policy = Policy.parse(spare) if spare is not None else None
-    out, err = consoles()
-    progress = render.WaitProgress(err)
-    try:
-        result = killing.kill(file, policy=policy, grace=grace, dry_run=dry_run,
-                                 app_spec=state.app_spec, on_wait=progress)
-    finally:
-        progress.close()
-    return render.render_kill(out, err, result, as_json)
+    return entry.kill(ctx.obj, file, grace, policy, dry_run, as_json)
 
 
 @app.command()
@@ -205,12 +173,9 @@ def status(
     as_json: JsonOpt = False,
 ) -> int:
     """Draw the live worker trees with each verdict; change nothing."""
-    state: State = ctx.obj
     policy = Policy.parse(spare)  # before any slow discovery, so a typo fails at once
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
-    result = saving.status(state.targets(supervisor_url, program, reply_timeout), policy)
-    out, err = consoles()
-    return render.render_status(out, err, result, as_json)
+    return entry.status(ctx.obj, supervisor_url, program, policy, reply_timeout, as_json)
 
 
 @app.command()
@@ -397,20 +362,7 @@ def listener(
     spare: SpareOpt = None,
 ) -> int:
     """Run as a supervisord eventlistener: snapshot on start/stop, reap after every stop."""
-    from . import listener as listening
-    from .processes import statefile
-
-    state: State = ctx.obj
-    policy = Policy.parse(spare)
-    supervisor, rpc = listening.from_environment(dict(os.environ))
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    # Every record there would be refused, and no worker ever reaped: say so at once.
-    statefile.check_folder(os.path.join(state_dir, "celery-worker@1.json"))
-    return listening.Listener(
-        state_dir=state_dir, programs=program or [], grace=grace, policy=policy,
-        app=state.celery_app(), app_spec=state.app_spec, supervisor=supervisor, rpc=rpc,
-        rpc_url=os.environ["SUPERVISOR_SERVER_URL"],
-    ).run()
+    return entry.listener(ctx.obj, state_dir, program, grace, Policy.parse(spare))
 
 
 def command_tree():
@@ -451,21 +403,9 @@ def one_line(exc: BaseException) -> tuple[int, str, str] | None:
         return EXIT_USAGE, "usage", f"{message} (see --help)" if message else ""
     if isinstance(exc, ClickException):
         return EXIT_ERROR, "error", " ".join(exc.format_message().split())
-    if isinstance(exc, (typer.Abort, KeyboardInterrupt)):
+    if isinstance(exc, typer.Abort):
         return EXIT_INTERRUPTED, "interrupted", ""
-    if isinstance(exc, SuperviseError):
-        return exc.exit_code, "usage" if exc.exit_code == EXIT_USAGE else "error", str(exc)
-    return None
-
-
-def internal_error(exc: BaseException) -> str:
-    return f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
-
-
-def say(code: int) -> None:
-    """Print the error lines an :class:`~celery_supervise.errors.Outcome` carries, on stderr."""
-    for line in getattr(code, "say", ()):
-        print(line, file=sys.stderr, flush=True)
+    return entry.known_error(exc)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -476,22 +416,12 @@ def run(argv: list[str] | None = None) -> int:
         return int(code)
     except (Exception, KeyboardInterrupt) as exc:  # translated here, and nowhere else
         known = one_line(exc)
-        if known is None:  # a bug, or a library failing in a way we did not foresee
-            if os.environ.get("CELERY_SUPERVISE_DEBUG"):
-                raise
-            print(f"{PROG}: {internal_error(exc)} (set CELERY_SUPERVISE_DEBUG=1 for a traceback)", file=sys.stderr)
-            return EXIT_ERROR
-    code, kind, message = known
-    if kind == "interrupted":
-        print(f"{PROG}: interrupted", file=sys.stderr)
-    elif message:
-        print(f"{PROG}: {kind}: {message}", file=sys.stderr)
-    return code
+        if known is None and os.environ.get("CELERY_SUPERVISE_DEBUG"):
+            raise
+        return entry.report_error(known, exc)
 
 
 def main() -> None:
-    # Our own warnings, but not kombu's and Celery's chatter ("No hostname
-    # was supplied") on every broker connection.
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr, format=f"{PROG}: %(message)s")
-    logging.getLogger("celery_supervise").setLevel(logging.WARNING)
+    """The full typer CLI, every verb; the console script is :func:`celery_supervise.entry.main`."""
+    entry.configure_logging()
     sys.exit(run())

@@ -42,7 +42,6 @@ import fnmatch
 import json
 import os
 import select
-import signal
 import sys
 import time
 from typing import Callable, Iterable, TextIO
@@ -246,8 +245,16 @@ class Listener(protocol.Loop):
                  tasks=len(found_tasks))
 
     def refresh_changed(self) -> None:
-        """Rewrite the record of every worker we watch that has a new process."""
+        """Rewrite the record of every worker we watch that has a new process.
+
+        A tree is walked again only when :func:`procs.tree_grew` says a walk
+        could find a process its record lacks (why that misses nothing is
+        written there): idle, that is two small reads per process instead
+        of a whole snapshot per worker every :data:`REFRESH_INTERVAL`.
+        """
         for w in list(self._last.values()):
+            if not procs.tree_grew(w.procs):
+                continue
             self.safely("refresh", lambda: self.record(w.program or "?", w.main.pid, "tree grew", if_changed=True))
 
     def _active_tasks(self, main_pid: int, command) -> tuple[Task, ...]:
@@ -393,25 +400,18 @@ class Listener(protocol.Loop):
             elif replaced and self._ours(sup):
                 orphans.append((path, main, f"{why}: still running"))
         if orphans:
-            self.warm_stop([main for _, main, _ in orphans], {main.pid: path for path, main, _ in orphans})
+            self.warm_stop(orphans)
             for path, _, reason in orphans:
                 self.reap(path, reason)
 
-    def warm_stop(self, mains: list[procs.Proc], records: dict[int, str] | None = None) -> None:
-        """SIGTERM the mains alone (Celery's warm shutdown), wait up to --grace for them."""
-        audit = auditing.AuditLog("listener")
-        audit.records.update(records or {})
-        reason = "warm stop: the worker's supervisord is gone"
-        audit.intend(signal.SIGTERM, [(main, reason) for main in mains])
-        results = [(main, killing.signal_proc(main, signal.SIGTERM)) for main in mains]
-        audit.settle(signal.SIGTERM, [(main, reason, killing.AUDIT_OUTCOMES.get(r, f"error: {r}")) for main, r in results])
-        for main, result in results:
+    def warm_stop(self, orphans: list[tuple[str, procs.Proc, str]]) -> None:
+        """SIGTERM the mains alone (Celery's warm shutdown), wait up to --grace for them (``kill.warm_stop``)."""
+        mains = [main for _, main, _ in orphans]
+        audit = auditing.AuditLog("listener", records={main.pid: path for path, main, _ in orphans})
+        for main, result in zip(mains, killing.warm_stop(mains, self.grace, audit, self.monotonic, self.sleep)):
             self.log("warm-stop", pid=main.pid, result=result, grace=self.grace)
         if audit.error:
             self.log("warning", warning=audit.warning())
-        deadline = self.monotonic() + self.grace
-        while any(killing.alive(m) for m in mains) and self.monotonic() < deadline:
-            self.sleep(killing.POLL_INTERVAL)
 
     def _reap_if_dead(self, path: str, why: str) -> None:
         if os.path.exists(path) and self._main_dead(path):

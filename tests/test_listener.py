@@ -332,3 +332,34 @@ def test_each_program_and_process_has_its_own_record(tmp_path, real_procs):
     (line,) = [entry for entry in logged(listener) if entry["action"] == "reaped"]
     assert line["record"] == f"celery-b_celery-b_0@{second.pid}.json" and line["killed"] == [second_kid.pid]
     assert not gone(first) and not gone(first_kid)
+
+
+def test_idle_refresh_records_a_process_forked_by_a_recorded_one(tmp_path, real_procs):
+    """A record never drops a live process: a recorded process forks while the listener idles.
+
+    ::
+
+        bash (main, own group)   recorded; forks a sleep once told, during the idle wait
+        └── sleep                born after the record: in the record after one refresh
+    """
+    import os
+
+    from realprocs import wait_for
+
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    main = real_procs.spawn(["bash", "-c", f"read -r _ < {fifo}; sleep 60 & wait"], process_group=0)
+    listener = make_listener(tmp_path)
+    listener.record("w", main.pid, "test")
+    path = listener.record_path("w", main.pid)
+    listener.refresh_changed()  # idle, nothing new: the record is not rewritten
+    with open(fifo, "w") as f:
+        f.write("go\n")
+    kids = wait_for(lambda: procs.child_pids(main.pid), 10, "the fork")
+    real_procs.track(*kids)
+    listener.refresh_changed()
+    with open(path) as f:
+        recorded = {p["pid"] for w in json.load(f)["workers"] for p in w["procs"]}
+    assert recorded == {main.pid, *kids}
+    assert [(line["action"], line["why"], line["processes"]) for line in logged(listener)] == [
+        ("recorded", "test", 1), ("recorded", "tree grew", 2)]

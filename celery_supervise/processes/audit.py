@@ -87,18 +87,19 @@ class AuditLog:
     """The audit lines of one run (one kill, one warm-stop), written to *path*.
 
     *verb* and *argv* say which command sent the signals; *record* is the
-    state file or listener record the targets came from. Nothing is opened
+    state file or listener record the targets came from (*records*: each
+    PID's own, where one run spans several records). Nothing is opened
     until the first :meth:`intend`, so a dry run (which never signals)
     leaves no trace, not even an empty file.
     """
 
     def __init__(self, verb: str, *, path: str | None = None, record: str | None = None,
-                 argv: Sequence[str] | None = None, clock: Callable[[], float] = time.time,
-                 env: Mapping[str, str] = os.environ):
+                 records: Mapping[int, str] | None = None, argv: Sequence[str] | None = None,
+                 clock: Callable[[], float] = time.time, env: Mapping[str, str] = os.environ):
         self.verb = verb
         self.path = os.path.abspath(path or default_path(env))
         self.record = record
-        self.records: dict[int, str] = {}  # pid -> its own record, where one run spans several (warm-stop)
+        self.records = dict(records or {})  # pid -> its own record, where one run spans several (warm-stop)
         self.argv = [redact(a) for a in (sys.argv if argv is None else argv)]
         self.clock = clock
         self.run = uuid.uuid4().hex

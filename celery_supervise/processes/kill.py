@@ -387,14 +387,40 @@ def _carry_out(targets: list[Verdict], grace: float, act: _Acts, report: KillRep
                 report.outcomes.append(Outcome(v.proc, v.worker_pid, KILLED, v.reason, "SIGKILL"))
 
 
+def send_logged(targets: list[tuple[Proc, str]], sig: int, signaller: Callable[[Proc, int], str] = signal_proc,
+                audit: auditing.AuditLog | None = None) -> list[str]:
+    """Send *sig* to each ``(proc, reason)``, one round of *audit*; each one's result (SENT...).
+
+    The intents are on disk before the first signal of the round, the
+    outcomes written once the round is over: two writes, not two per target.
+    """
+    if audit is not None:
+        audit.intend(sig, targets)
+    results = [signaller(proc, sig) for proc, _ in targets]
+    if audit is not None:
+        audit.settle(sig, [(proc, reason, AUDIT_OUTCOMES.get(r, f"error: {r}"))
+                           for (proc, reason), r in zip(targets, results)])
+    return results
+
+
+WARM_STOP = "warm stop: the worker's supervisord is gone"
+
+
+def warm_stop(mains: list[Proc], grace: float, audit: auditing.AuditLog | None = None,
+              clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> list[str]:
+    """SIGTERM *mains* alone (Celery's warm shutdown), logged to *audit*; wait up to *grace* for them to exit.
+
+    Each main's result (SENT...), in order. The caller reaps what is left.
+    """
+    results = send_logged([(main, WARM_STOP) for main in mains], signal.SIGTERM, audit=audit)
+    deadline = clock() + grace
+    while any(alive(m) for m in mains) and clock() < deadline:
+        sleep(POLL_INTERVAL)
+    return results
+
+
 def _send_all(targets: list[Verdict], sig: int, act: _Acts, report: KillReport) -> list[Verdict]:
-    # The intents are on disk before the first signal of the round, the
-    # outcomes written once the round is over: two writes, not two per target.
-    if act.audit is not None:
-        act.audit.intend(sig, [(v.proc, v.reason) for v in targets])
-    results = [(v, act.signal(v.proc, sig)) for v in targets]
-    if act.audit is not None:
-        act.audit.settle(sig, [(v.proc, v.reason, AUDIT_OUTCOMES.get(r, f"error: {r}")) for v, r in results])
+    results = zip(targets, send_logged([(v.proc, v.reason) for v in targets], sig, act.signal, act.audit))
     sent = []
     for v, result in results:
         if result == SENT:
