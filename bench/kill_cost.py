@@ -20,6 +20,11 @@ as ours counts). In two orders, each a side of its own:
   and ours is what the identity checks and pidfds cost, and the
   difference between the two raw orders what the order costs.
 
+A fourth side, **ours + audit log**, is ours writing the audit log (an
+fsync'ed batch of intent lines before each round of signals, a batch of
+outcome lines after it, see ``celery_supervise/processes/audit.py``) to a file on
+the bench's temporary folder: the difference to ours is what the log costs.
+
 Every repeat kills a fresh tree; the spawner above it reaps what dies. The
 order of the three sides rotates from one repeat to the next. Besides the
 wall time, ours and root-first raw report their CPU time (user + system of
@@ -29,20 +34,22 @@ this process during the call).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections import Counter
 
-from celery_supervise.processes import kill, plan, snapshot
+from celery_supervise.processes import audit, kill, plan, snapshot
 from celery_supervise.processes import revisit as revisiting
 
 from .forest import WORKER, Forest, is_gone
 from .measure import Row, Target, cpu_seconds, median, order, summary, timed
 
-SIDES = ("ours", "raw root first", "raw children first")
+SIDES = ("ours", "ours + audit log", "raw root first", "raw children first")
 
 
-def _ours(run_id: str, size: int) -> tuple[float, float, dict]:
+def _ours(run_id: str, size: int, log: str | None = None) -> tuple[float, float, dict]:
     with Forest(WORKER, size, run_id=run_id) as tree:
         worker = snapshot.read_worker(tree.root)
         # What a kill from a record does first (not in the timed call):
@@ -50,7 +57,10 @@ def _ours(run_id: str, size: int) -> tuple[float, float, dict]:
         revisit_seconds, _ = timed(lambda: revisiting.revisit(worker))
         verdicts = plan.plan([worker], plan.Policy())
         cpu = cpu_seconds()
-        seconds, report = timed(lambda: kill.execute(verdicts, grace=5))
+        log_ = None if log is None else audit.AuditLog("bench", path=log)
+        seconds, report = timed(lambda: kill.execute(verdicts, grace=5, audit=log_))
+        if log_ is not None and not log_.written:
+            raise RuntimeError(log_.error)
         cpu = cpu_seconds() - cpu
         left = [p.pid for p in worker.procs if not is_gone(p.pid)]
         tree.wait_empty()
@@ -97,7 +107,22 @@ def run(run_id: str, quick: bool = False, size: int = 1000) -> list[Row]:
                "os.kill(SIGTERM) each PID, children first, poll until gone", Target())
     cpu = Row(f"kill: {size:,}-process worker tree, CPU time of the killing process", ours_label, root_label,
               Target())
+    logged = Row(f"kill: {size:,}-process worker tree, writing the audit log", "the same, with an audit log",
+                 "the same, no audit log", Target())
+    audited = Row(f"kill: {size:,}-process worker tree with the audit log (SIGTERM → all gone)",
+                  "kill.execute(..., audit=AuditLog)", root_label, Target(ratio=1.2))
     details = []
+    folder = tempfile.mkdtemp(prefix="kill-cost-audit-")
+    try:
+        _repeats(run_id, size, quick, os.path.join(folder, "audit.jsonl"), row, same, cpu, logged, audited, details)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    audited.baseline = row.baseline
+    logged.baseline = row.ours
+    return _notes(row, same, details) + [cpu, audited, logged]
+
+
+def _repeats(run_id, size, quick, log, row, same, cpu, logged, audited, details) -> None:
     for i in range(7 if quick else 11):
         for side in order(i, SIDES):
             if side == "ours":
@@ -107,6 +132,11 @@ def run(run_id: str, quick: bool = False, size: int = 1000) -> list[Row]:
                 cpu.ours.append(used)
                 details.append(info)
                 continue
+            if side == "ours + audit log":
+                seconds, _used, _info = _ours(run_id, size, log)
+                logged.ours.append(seconds)
+                audited.ours.append(seconds)
+                continue
             seconds, used, left = _baseline(run_id, size, root_first=side == "raw root first")
             if side == "raw root first":
                 row.baseline.append(seconds)
@@ -115,6 +145,9 @@ def run(run_id: str, quick: bool = False, size: int = 1000) -> list[Row]:
                 same.baseline.append(seconds)
             if left:
                 row.notes.append(f"{side}: {len(left)} processes outlived SIGTERM for 5 s")
+
+
+def _notes(row, same, details):
     last = details[-1]
     row.notes.append(f"roles {last['roles']}; outcomes of the last run {last['outcomes']}")
     row.notes.append("not in the timed call: re-verifying the record first (processes.revisit.revisit, what `kill FILE` "
@@ -124,4 +157,4 @@ def run(run_id: str, quick: bool = False, size: int = 1000) -> list[Row]:
     stragglers = sum(len(d["left"]) for d in details)
     if stragglers:
         row.notes.append(f"ours: {stragglers} processes were still alive when execute() returned")
-    return [row, same, cpu]
+    return [row, same]

@@ -1,6 +1,7 @@
 """Soak: restart a real worker under a real supervisord, again and again, and count what went wrong.
 
     python bench/soak.py [--cycles 200] [--quick] [--broker redis|filesystem] [--seed 1] [--json]
+    python bench/soak.py --chaos [--cycles 1000] [--seed S] [--json]
 
 One supervisord (the tests' harness, ``tests/realsupervisor.py``) runs the
 demo worker (``-c 3``, ``stopsignal=TERM``, ``stopwaitsecs=30``) from a
@@ -36,10 +37,28 @@ chance to finish:
   creation time;
 * **tasks lost**: tasks sent whose ``.done`` marker never appeared (60 s
   after the cycle settled); a task ``requeue`` sent again counts as done
-  only once its re-run has written the marker;
+  only once its re-run has written the marker; one whose message is still
+  in Redis' unacked set (a worker had it prefetched when it, or its broker,
+  was killed: Redis delivers it again after ``visibility_timeout``) is
+  shown as *held by the broker* instead;
 * **innocents killed**: bystanders, each cycle a ``sleep`` child of the
   soak and a ``setsid``'d one, and the ``bystander`` program's ``sleep``
   (in ``kill-9`` cycles the orphaned one), found gone before their lifetime.
+
+* **audit lines missing**: every cycle also runs ``spawn_witnesses``,
+  whose attached child (``django_app/demo/witness.py``) writes down each
+  signal it receives and its sender's PID; each such signal must have its
+  ``delivered`` line in the audit log (same PID, creation time, signal and
+  sender), and a witness that SIGTERM does not end and that died must have
+  its SIGKILL there. The run's audit log is ``RUNDIR/audit/audit.jsonl``.
+
+With ``--chaos``, each cycle draws one fault from ``bench/chaos.py``'s
+table (each fault once per round of the table, in an order ``--seed``
+shuffles; ``--faults`` narrows the table) (the broker, a private ``redis-server``, killed
+during savepid, drain or requeue; supervisord SIGKILLed mid-stop; the tool
+SIGKILLed mid-kill and run again; the listener SIGKILLed mid-reap; the
+state folder full; the clock stepped; a child that ignores SIGTERM) and
+restarts the worker through it; the counts are the same.
 
 Every count must be 0: the exit status is 1 otherwise, 2 when a cycle could
 not be carried out (a command failed, a worker never answered). Times are
@@ -78,12 +97,16 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the harness lives with the te
 import psutil  # noqa: E402
 
 from realprocs import RUN_ENV_VAR, WaitTimeout, is_gone, marked_processes, reap, reap_leaks, wait_for, wait_gone  # noqa: E402
-from realsupervisor import BIN, PROGRAM, Supervisord, SupervisordFailed, copy_project, listener_section  # noqa: E402
+from realsupervisor import BIN, PROGRAM, DemoClient, Supervisord, SupervisordFailed, copy_project, listener_section  # noqa: E402
 from taskfamily import ATTACHED, DETACHED, Family  # noqa: E402
+from privateredis import PrivateRedis  # noqa: E402
+
+from bench import chaos  # noqa: E402
 
 #: The soak's own Redis database: flushed at the start, nothing else is touched.
 REDIS_URL = "redis://127.0.0.1:6379/14"
 MODES = ("deploy", "restart", "supervisorctl", "kill-9")
+COUNTS = ("attached_leaked", "detached_killed", "tasks_lost", "innocents_killed", "audit_missing")
 LISTENER = "celery-supervise"
 BYSTANDER = "bystander"
 #: As conf/supervisord.conf: the listener's --grace.
@@ -131,6 +154,14 @@ class Config:
     modes: tuple[str, ...] = MODES
     #: Keep the run's folder (logs, state files, markers) instead of removing it.
     keep: bool = False
+    #: Draw one fault per cycle from bench/chaos.py (a private redis-server is the broker).
+    chaos: bool = False
+    #: The faults to draw from (default: every one bench/chaos.py has, and this user may cause).
+    faults: tuple[str, ...] = ()
+    #: The broker of a plain soak (a chaos soak runs a redis-server of its own).
+    redis_url: str = REDIS_URL
+    #: Start no cycle after this many minutes (the tables give the cycles actually run).
+    minutes: float | None = None
 
 
 @dataclass
@@ -163,6 +194,11 @@ class CycleResult:
     detached_killed: list[str] = field(default_factory=list)
     tasks_lost: list[str] = field(default_factory=list)
     innocents_killed: list[str] = field(default_factory=list)
+    audit_missing: list[str] = field(default_factory=list)
+    #: Not done, but held in the broker's unacked set (a worker had it prefetched when the broker
+    #: died): Redis delivers it again after visibility_timeout. Shown, not counted as lost.
+    delayed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     sent: int = 0
     requeued: int = 0
     ran_twice: int = 0
@@ -178,7 +214,7 @@ class SoakResult:
 
     def counts(self) -> dict[str, int]:
         return {name: sum(len(getattr(c, name)) for c in self.cycles)
-                for name in ("attached_leaked", "detached_killed", "tasks_lost", "innocents_killed")}
+                for name in COUNTS}
 
     def exit_code(self) -> int:
         if self.error is not None:
@@ -188,7 +224,7 @@ class SoakResult:
     def times(self) -> dict[str, dict[str, dict[str, float]]]:
         """``{mode: {"restart"|"cycle": {"n", "median", "min", "max"}}}``."""
         out = {}
-        for mode in MODES:
+        for mode in dict.fromkeys(c.mode for c in self.cycles):
             mine = [c for c in self.cycles if c.mode == mode]
             if not mine:
                 continue
@@ -204,9 +240,10 @@ class SoakResult:
                 "counts": self.counts(), "exit_code": self.exit_code(), "error": self.error,
                 "sent": sum(c.sent for c in self.cycles), "requeued": sum(c.requeued for c in self.cycles),
                 "ran_twice": sum(c.ran_twice for c in self.cycles), "times": self.times(),
+                "delayed": sum(len(c.delayed) for c in self.cycles),
                 "final_leftovers": self.final_leftovers, "listener_problems": self.listener_problems,
-                "details": [c.__dict__ for c in self.cycles
-                            if c.attached_leaked or c.detached_killed or c.tasks_lost or c.innocents_killed]}
+                "chaos": self.config.chaos, "notes": {c.number: c.notes for c in self.cycles if c.notes},
+                "details": [c.__dict__ for c in self.cycles if any(getattr(c, k) for k in COUNTS)]}
 
 
 # ---------------------------------------------------------------- the soak
@@ -215,13 +252,33 @@ class SoakResult:
 class Soak:
     """One supervisord, its worker, and everything the cycles must account for."""
 
+    # For bench/chaos.py's faults, which get the soak and nothing else.
+    CycleFailed = CycleFailed
+    BIN = BIN
+    LISTENER = LISTENER
+    KILL_GRACE = KILL_GRACE
+
     def __init__(self, config: Config, workdir: Path, log=print):
         self.config = config
         self.dir = workdir
         self.log = log
         self.rng = random.Random(config.seed)
+        self.fault_rng = random.Random(f"faults-{config.seed}")  # the draw depends on the seed alone
         self.uid = uuid.uuid4().hex[:8]
-        self.url = REDIS_URL if config.broker == "redis" else None
+        self.url = config.redis_url if config.broker == "redis" else None
+        self.redis = None
+        if config.chaos:  # a broker of our own, to kill and start again
+            self.redis = PrivateRedis(workdir / "redis")
+            self.url = self.redis.url
+        # Every signal the tool sends in this run (CLI, deploy, restart, the listener) goes here.
+        self.audit_path = workdir / "audit" / "audit.jsonl"
+        os.environ["CELERY_SUPERVISE_AUDIT_LOG"] = str(self.audit_path)
+        self.fault: str | None = None
+        self.deck: list[str] = []
+        self.fault_notes: list[str] = []
+        self.cycle_program: Watched | None = None
+        self._full: Path | None = None
+        self.witnesses: list[dict] = []  # spawn_witnesses markers of the current worker
         self.queue = f"soak-{self.uid}" if self.url else None
         self.project = copy_project(workdir / "project")
         (workdir / "sup").mkdir()
@@ -261,10 +318,12 @@ class Soak:
         return None
 
     def start(self) -> None:
-        if self.url:
+        if self.redis is not None:
+            self.redis.start()
+        elif self.url:
             import redis
 
-            client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+            client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
             try:
                 client.flushdb()  # db 14 only, and only here
             finally:
@@ -277,7 +336,19 @@ class Soak:
 
         def answering():
             pid = self.process_pid(PROGRAM)
-            replies = self.run.celery.app.control.ping(destination=[self.node], limit=1, timeout=0.5) if pid else []
+            if pid is None and self.redis is not None and self.worker_died():
+                # kombu can crash the worker on the broker's loss (exit 1, an AttributeError in
+                # restore_unacked); supervisord's autorestart would start it, the soak does.
+                self.fault_notes.append("the worker exited on the broker's loss; started again")
+                self.run.ctl("start", f"{PROGRAM}:*", timeout=120)
+                return None
+            try:
+                replies = self.run.celery.app.control.ping(destination=[self.node], limit=1, timeout=0.5) if pid else []
+            except Exception:  # noqa: BLE001 - the broker was killed (chaos): its pooled connections are dead
+                if self.redis is None:
+                    raise
+                self.fresh_client()
+                return None
             return pid if any(self.node in r for r in replies or ()) else None
 
         try:
@@ -321,9 +392,15 @@ class Soak:
         """Two ``spawn_family`` and one long ``mark`` running, short ``mark``s queued; the families."""
         client, lo_hi = self.run.celery, self.config.hold
         self.sent = {}
+        client.marker_dir.mkdir(exist_ok=True)
         family_ids = [client.spawn_family(hold=self.rng.uniform(*lo_hi), lifetime=self.config.lifetime,
                                           queue=self.queue) for _ in range(2)]
         long_mark = client.mark(hold=self.rng.uniform(*lo_hi), queue=self.queue)
+        witness_id = client.app.send_task(
+            "demo.tasks.spawn_witnesses", queue=self.queue,
+            kwargs={"marker_dir": str(client.marker_dir), "hold": self.rng.uniform(*lo_hi),
+                    "lifetime": self.config.lifetime, "stay": self.fault in chaos.NEEDS_STUBBORN}).id
+        self.sent[witness_id] = "spawn_witnesses"
         shorts = [client.mark(hold=0, queue=self.queue) for _ in range(self.config.short_marks)]
         self.sent.update({t: "spawn_family" for t in family_ids})
         self.sent.update({t: "mark" for t in [long_mark, *shorts]})
@@ -332,7 +409,114 @@ class Soak:
             marker = client.wait_for_marker(task_id, timeout=30)
             families.append(self.adopt(marker))
         client.wait_for_mark(long_mark, "started", timeout=30)
+        self.witnesses.append(self.adopt_witnesses(client.wait_for_marker(witness_id, timeout=30)))
         return families
+
+    def adopt_witnesses(self, marker: dict) -> dict:
+        procs = {}
+        for role, pid in marker["children"].items():
+            try:
+                procs[role] = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                raise CycleFailed(f"witness {role} {pid} of task {marker['task_id']} died before it was seen")
+        return {"marker": marker, "procs": procs}
+
+    def audit_missing(self, witnesses: list[dict], gone: set[int]) -> list[str]:
+        """Signals a witness received (and a stubborn witness's death) that the audit log does not hold.
+
+        A signal is held by its ``delivered`` outcome line, or, when its
+        sender died between the signal and the outcome line (the tool or the
+        listener SIGKILLed mid-kill), by its intent line alone: written and
+        fsynced before the signal, with no outcome line in its run. The
+        reader shows such a row as "no outcome"; the cycle's notes name it.
+        """
+        lines = chaos.audit_lines(self)
+        settled = {(x["run"], x["process"]["pid"], x["signal"]) for x in lines if x.get("phase") == "outcome"}
+        delivered, intent_only = set(), set()
+        for line in lines:
+            proc = line.get("process") or {}
+            key = (proc.get("pid"), line.get("signal"), line.get("by"))
+            if line.get("phase") == "outcome" and line.get("outcome") == "delivered":
+                delivered.add(key)
+            elif line.get("phase") == "intent" and (line["run"], key[0], key[1]) not in settled:
+                intent_only.add(key)
+        missing = []
+        for w in witnesses:
+            for role, proc in w["procs"].items():
+                try:
+                    received = (Path(w["marker"]["folders"][role]) / "signals").read_text().split("\n")
+                except FileNotFoundError:
+                    received = []
+                for line in filter(None, received):
+                    name, sender = line.split()
+                    key = (proc.pid, name, int(sender))  # the PID with the sender: creation times are read two ways
+                    if key in delivered:
+                        continue
+                    if key in intent_only:
+                        self.fault_notes.append(f"{name} from {sender} to {role} {proc.pid} is logged as an intent "
+                                                "without outcome (its sender died before the outcome line)")
+                        continue
+                    missing.append(f"{name} from {sender} to {role} {proc.pid}")
+                if role == "stubborn" and proc.pid in gone and not any(
+                        d[:2] == (proc.pid, "SIGKILL") for d in delivered | intent_only):
+                    missing.append(f"SIGKILL to {role} {proc.pid}: it died, and no SIGKILL of ours is logged")
+        return missing
+
+    def worker_died(self) -> bool:
+        return any(i["group"] == PROGRAM and i["statename"] in ("EXITED", "FATAL", "BACKOFF")
+                   for i in self.run.proxy().supervisor.getAllProcessInfo())
+
+    def held_by_the_broker(self, task_ids: list[str]) -> set[str]:
+        """Those of *task_ids* whose message sits in Redis' unacked set (delivered again after visibility_timeout)."""
+        if not self.url or not task_ids:
+            return set()
+        import redis
+
+        client = self.redis.client() if self.redis is not None else redis.Redis.from_url(self.url, socket_timeout=5)
+        try:
+            raw = b"".join(client.hvals("unacked"))
+        except Exception:  # noqa: BLE001 - the broker is down: nothing can be shown held
+            return set()
+        finally:
+            client.close()
+        return {t for t in task_ids if t.encode() in raw}
+
+    def fresh_client(self) -> None:
+        """A new Celery client: the old one's connections (and reply queue) died with the broker."""
+        old = self.run.celery
+        self.run.celery = DemoClient(self.run.broker_dir, old.marker_dir, broker_url=self.url)
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001 - closing what a dead broker left
+            pass
+
+    def missed(self, why: str) -> None:
+        """A fault's handshake never came: the cycle went on without the fault; said, never hidden."""
+        self.fault_notes.append(f"FAULT MISSED: {why}")
+
+    def program_innocents(self) -> list[Watched]:
+        if self.cycle_program is None:
+            return []
+        self.pending.append(self.cycle_program.proc)
+        return [self.cycle_program]
+
+    def restart_only(self, mode: str, number: int, state: Path) -> None:
+        """``celery-supervise restart --state STATE``, without the requeue (a fault comes first)."""
+        result = self.cli("restart", PROGRAM, "-c", str(self.run.conf_path), "--grace", str(KILL_GRACE),
+                          "--state", str(state), "--json", timeout=300)
+        if result.returncode != 0:
+            raise CycleFailed(f"restart exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        self.wait_worker()
+
+    def full_dir(self) -> Path:
+        """A tiny tmpfs of the run's own (root only), for the "state folder full" fault."""
+        if self._full is None:
+            path = self.dir / "full"
+            path.mkdir(mode=0o700)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={chaos.FULL_SIZE},mode=0700", "tmpfs", str(path)],
+                           check=True, stdin=subprocess.DEVNULL, capture_output=True)
+            self._full = path
+        return self._full
 
     def adopt(self, marker: dict) -> Family:
         """Track a family's children: the detached ones are watched from now on."""
@@ -460,16 +644,29 @@ class Soak:
 
     def cycle(self, number: int, mode: str) -> CycleResult:
         started = time.monotonic()
+        self.fault_notes = []
+        if self.config.chaos:
+            if not self.deck:  # each fault once per round, in an order the seed shuffles
+                self.deck = sorted(self.faults())
+                self.fault_rng.shuffle(self.deck)
+            self.fault = self.deck.pop()
         main = psutil.Process(self.process_pid(PROGRAM))
         pools = main.children()
         soak_bystanders = self.bystanders()
         self.families.extend(self.send_tasks())
         families, self.families = self.families, []
+        witnesses, self.witnesses = self.witnesses, []
 
         restart_started = time.monotonic()
-        requeued, innocents = self.restart(mode, number)
+        if self.fault is not None:
+            self.cycle_program = self.bystander_program()
+            requeued, innocents = chaos.FAULTS[self.fault](self, number, self.states / f"cycle{number}.json")
+            mode = self.fault
+        else:
+            requeued, innocents = self.restart(mode, number)
         restart_seconds = time.monotonic() - restart_started
-        result = CycleResult(number, mode, restart_seconds, 0.0, sent=len(self.sent), requeued=len(requeued))
+        result = CycleResult(number, mode, restart_seconds, 0.0, sent=len(self.sent), requeued=len(requeued),
+                             notes=list(self.fault_notes))
 
         # Lost: never finished, even after requeue sent it again.
         waiting = set(self.sent)
@@ -478,7 +675,10 @@ class Soak:
                      interval=0.1)
         except WaitTimeout:
             pass
-        result.tasks_lost = [f"{self.sent[t]} {t}" for t in sorted(waiting) if not self.done(t)]
+        unfinished = [t for t in sorted(waiting) if not self.done(t)]
+        held = self.held_by_the_broker(unfinished)
+        result.tasks_lost = [f"{self.sent[t]} {t}" for t in unfinished if t not in held]
+        result.delayed = [f"{self.sent[t]} {t}" for t in unfinished if t in held]
         result.ran_twice = sum(1 for t, name in self.sent.items() if name == "mark" and self.runs(t) > 1)
         # A spawn_family sent again ran on the new worker: its children are
         # the new worker's, to be handled by the next cycle.
@@ -487,11 +687,19 @@ class Soak:
                 marker = json.loads((self.run.marker_dir / f"{task_id}.json").read_text())
                 if marker["pool_pid"] not in {f.pool_pid for f in families}:
                     self.families.append(self.adopt(marker))
+            if self.sent.get(task_id) == "spawn_witnesses" and self.done(task_id):
+                marker = json.loads((self.run.marker_dir / f"{task_id}.json").read_text())
+                if marker["pool_pid"] not in {w["marker"]["pool_pid"] for w in witnesses}:
+                    self.witnesses.append(self.adopt_witnesses(marker))
 
         # Attached: the old tree and its tasks' attached children are gone.
-        should_die = [main, *pools, *(f.procs[r] for f in families for r in ATTACHED)]
+        should_die = [main, *pools, *(f.procs[r] for f in families for r in ATTACHED),
+                      *(p for w in witnesses for p in w["procs"].values())]
         left = wait_gone(should_die, LEAK_TIMEOUT)
         result.attached_leaked = [_describe(p) for p in left]
+        # Before the soak's own reap, whose signals are not the tool's.
+        result.audit_missing = self.audit_missing(witnesses, {p.pid for p in should_die} - {p.pid for p in left})
+        result.notes = list(self.fault_notes)
         reap(left)
         # Anything else carrying the mark, outside the current supervisord and the watched ones.
         result.attached_leaked += [_describe(p) for p in self.strays(innocents, soak_bystanders)]
@@ -519,6 +727,12 @@ class Soak:
             self.log(f"soak: the kernel's boot time moved by {btime - self.btime:+.0f} s (a wall-clock step)")
             self.btime = btime
         return result
+
+    def faults(self) -> list[str]:
+        names = set(self.config.faults or chaos.FAULTS)
+        if os.geteuid() != 0:  # mounting a tiny filesystem and setting the clock need root
+            names -= {"state-folder-full", "clock-stepped"}
+        return sorted(names)
 
     def strays(self, innocents: list[Watched], bystanders) -> list[psutil.Process]:
         """Live marked processes that nobody accounts for; killed by PID."""
@@ -551,6 +765,10 @@ class Soak:
         try:
             self.run.stop()
         finally:
+            if self.redis is not None:
+                self.redis.stop()
+            if self._full is not None:
+                subprocess.run(["umount", str(self._full)], stdin=subprocess.DEVNULL, capture_output=True)
             # The in-flight cycle's bystanders: the program's is supervisord's own,
             # unless it was orphaned; both are gone or killed by PID here.
             self.retire([w.proc for w in self.watched] + self.pending)
@@ -582,14 +800,20 @@ def run(config: Config, log=print) -> SoakResult:
     try:
         soak = Soak(config, workdir, log=log)
         soak.start()
+        began = time.monotonic()
         for number in range(1, config.cycles + 1):
+            if config.minutes is not None and time.monotonic() - began > config.minutes * 60:
+                log(f"soak: --minutes {config.minutes:g} spent: stopping after {number - 1} cycle(s)")
+                break
             mode = config.modes[(number - 1) % len(config.modes)]
             cycle = soak.cycle(number, mode)
             result.cycles.append(cycle)
-            bad = {k: getattr(cycle, k) for k in ("attached_leaked", "detached_killed", "tasks_lost",
-                                                   "innocents_killed") if getattr(cycle, k)}
+            bad = {k: getattr(cycle, k) for k in COUNTS if getattr(cycle, k)}
+            mode = cycle.mode
             log(f"cycle {number:3d} {mode:13s} restart {cycle.restart_seconds:5.2f}s cycle {cycle.cycle_seconds:5.2f}s"
-                f" sent {cycle.sent} requeued {cycle.requeued}" + (f"  PROBLEMS {bad}" if bad else ""))
+                f" sent {cycle.sent} requeued {cycle.requeued}" + (f"  PROBLEMS {bad}" if bad else "")
+                + (f"  ({'; '.join(cycle.notes)})" if cycle.notes else "")
+                + (f"  held by the broker (unacked): {cycle.delayed}" if cycle.delayed else ""))
         result.listener_problems = [e for e in soak.listener_entries()
                                     if e.get("action") in ("error", "refused", "malformed", "not-json")]
     except (CycleFailed, WaitTimeout, SupervisordFailed, subprocess.TimeoutExpired, OSError) as exc:
@@ -606,10 +830,17 @@ def run(config: Config, log=print) -> SoakResult:
 
 def summary(result: SoakResult) -> str:
     doc = result.document()
-    lines = [f"soak: {doc['cycles']} cycle(s) on {doc['broker']}, seed {doc['seed']}: "
+    kind = "chaos soak" if doc["chaos"] else "soak"
+    lines = [f"{kind}: {doc['cycles']} cycle(s) on {doc['broker']}, seed {doc['seed']}: "
              f"{doc['sent']} task(s) sent, {doc['requeued']} re-sent by requeue, {doc['ran_twice']} ran twice",
              "", "| count | value |", "|---|---|"]
     lines += [f"| {name.replace('_', ' ')} | {value} |" for name, value in doc["counts"].items()]
+    missed = sum(n.startswith("FAULT MISSED") for notes in doc["notes"].values() for n in notes)
+    if doc["chaos"]:
+        lines += ["", f"faults whose handshake never came (the cycle ran without its fault): {missed}"]
+    if doc["chaos"] or doc["delayed"]:
+        lines += [f"tasks not done but held in the broker's unacked set (a worker had them prefetched "
+                  f"when it, or its broker, was killed; Redis delivers them again after visibility_timeout): {doc['delayed']}"]
     lines += ["", "| mode | cycles | restart median (min–max) | whole cycle median (min–max) |", "|---|---|---|---|"]
     for mode, t in doc["times"].items():
         r, c = t["restart"], t["cycle"]
@@ -617,7 +848,7 @@ def summary(result: SoakResult) -> str:
                      f"| {c['median']:.2f} s ({c['min']:.2f}–{c['max']:.2f}) |")
     for d in doc["details"]:
         lines.append(f"cycle {d['number']} ({d['mode']}): " + "; ".join(
-            f"{k}: {d[k]}" for k in ("attached_leaked", "detached_killed", "tasks_lost", "innocents_killed") if d[k]))
+            f"{k}: {d[k]}" for k in COUNTS if d[k]))
     if doc["listener_problems"]:
         lines.append(f"listener problems: {doc['listener_problems']}")
     if doc["final_leftovers"]:
@@ -637,13 +868,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the tasks' hold times")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma list of the modes to alternate, in order (default {','.join(MODES)})")
+    parser.add_argument("--chaos", action="store_true",
+                        help="draw one fault per cycle from bench/chaos.py (the broker is a private redis-server)")
+    parser.add_argument("--faults", default="", metavar="LIST",
+                        help="--chaos: comma list of the faults to draw from (default: all of bench/chaos.py's)")
+    parser.add_argument("--redis-url", default=REDIS_URL, metavar="URL",
+                        help=f"the plain soak's Redis database, flushed at the start (default {REDIS_URL})")
+    parser.add_argument("--minutes", type=float, default=None, metavar="M",
+                        help="start no new cycle after M minutes; the tables count the cycles run")
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (logs, state files, markers)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes: a comma list of {', '.join(MODES)}")
-    config = Config(broker=args.broker, seed=args.seed, modes=modes, keep=args.keep)
+    faults = tuple(f for f in args.faults.split(",") if f)
+    if set(faults) - set(chaos.FAULTS):
+        parser.error(f"--faults: a comma list of {', '.join(sorted(chaos.FAULTS))}")
+    config = Config(broker=args.broker, seed=args.seed, modes=modes, keep=args.keep, chaos=args.chaos,
+                    faults=faults, redis_url=args.redis_url, minutes=args.minutes)
     if args.quick:
         config.cycles, config.lifetime, config.hold, config.short_marks = 4, 120, (0.5, 2.0), 1
     if args.cycles is not None:

@@ -26,6 +26,7 @@ from .commands import drain as draining, requeue as requeuing, restart as restar
 # State, internal_error and say are part of this module's API too (the Django command uses them).
 from .entry import PROG, State, internal_error, say  # noqa: F401
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Outcome, UsageError, exit_code_help
+from .processes import audit as auditing
 from .processes.plan import Policy
 
 # Newer typer vendors its own click, older typer re-exports click's; both
@@ -122,7 +123,11 @@ def root(
     ctx: typer.Context,
     app_spec: opt("app_spec") = None,
     version: opt("version", is_eager=True, callback=show_version) = False,
+    audit_log: opt("audit_log") = None,
 ):
+    if audit_log:
+        # The one setting every signalling path reads (kill, restart, deploy): for this run.
+        os.environ[auditing.ENV] = os.path.abspath(audit_log)
     ctx.obj = State(app_spec)
 
 
@@ -332,6 +337,20 @@ def print_config(
     result = printing.print_config(request)
     out, err = consoles()
     return render.render_print_config(out, err, result, as_json)
+
+
+@app.command()
+def audit(
+    since: opt("since") = None,
+    pid: opt("pid") = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """Read the audit log back: one row per signal, its intent joined to its outcome (see --audit-log)."""
+    from .commands import audit as auditing_cmd
+
+    result = auditing_cmd.audit(since=since, pid=pid)
+    out, err = consoles()
+    return render.render_audit(out, err, result, as_json)
 
 
 @app.command()

@@ -75,6 +75,11 @@ EXIT_CODES: dict[str, dict[int, str]] = {
         EXIT_ERROR: "error; nothing was printed",
         EXIT_USAGE: _USAGE,
     },
+    "audit": {
+        EXIT_OK: "the signals are shown (none, when the log does not exist yet)",
+        EXIT_ERROR: "error: the audit log could not be read",
+        EXIT_USAGE: _USAGE,
+    },
     "listener": {
         EXIT_OK: "end of input or SIGTERM: supervisord is gone or stopped the listener",
         EXIT_ERROR: "error at start-up (the state folder, the Celery app)",

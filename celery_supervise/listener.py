@@ -42,7 +42,6 @@ import fnmatch
 import json
 import os
 import select
-import signal
 import sys
 import time
 from typing import Callable, Iterable, TextIO
@@ -53,7 +52,7 @@ from supervisor import childutils
 from .celery_side import control, discovery, task_json
 from .commands import kill as kill_verb, savepid as savepid_verb
 from .errors import EXIT_USAGE, SuperviseError, SupervisorError, UsageError
-from .processes import kill as killing, procs, snapshot, statefile
+from .processes import audit as auditing, kill as killing, procs, snapshot, statefile
 from .processes.plan import Policy
 from .processes.procs import Identity
 from .processes.snapshot import Task
@@ -352,7 +351,7 @@ class Listener(protocol.Loop):
         if rec is None:
             return
         try:
-            result = kill_verb.kill(path, grace=self.grace)
+            result = kill_verb.kill(path, grace=self.grace, audit=auditing.AuditLog("listener"))
         except SuperviseError as exc:
             if not os.path.lexists(path):
                 return  # another reaper got there first, under the lock
@@ -401,18 +400,18 @@ class Listener(protocol.Loop):
             elif replaced and self._ours(sup):
                 orphans.append((path, main, f"{why}: still running"))
         if orphans:
-            self.warm_stop([main for _, main, _ in orphans])
+            self.warm_stop(orphans)
             for path, _, reason in orphans:
                 self.reap(path, reason)
 
-    def warm_stop(self, mains: list[procs.Proc]) -> None:
-        """SIGTERM the mains alone (Celery's warm shutdown), wait up to --grace for them."""
-        for main in mains:
-            result = killing.signal_proc(main, signal.SIGTERM)
+    def warm_stop(self, orphans: list[tuple[str, procs.Proc, str]]) -> None:
+        """SIGTERM the mains alone (Celery's warm shutdown), wait up to --grace for them (``kill.warm_stop``)."""
+        mains = [main for _, main, _ in orphans]
+        audit = auditing.AuditLog("listener", records={main.pid: path for path, main, _ in orphans})
+        for main, result in zip(mains, killing.warm_stop(mains, self.grace, audit, self.monotonic, self.sleep)):
             self.log("warm-stop", pid=main.pid, result=result, grace=self.grace)
-        deadline = self.monotonic() + self.grace
-        while any(killing.alive(m) for m in mains) and self.monotonic() < deadline:
-            self.sleep(killing.POLL_INTERVAL)
+        if audit.error:
+            self.log("warning", warning=audit.warning())
 
     def _reap_if_dead(self, path: str, why: str) -> None:
         if os.path.exists(path) and self._main_dead(path):

@@ -85,6 +85,10 @@ OPTIONS = {o.name: o for o in (
     Option("app_spec", ("-A", "--app"), str, metavar="APP", envvar="CELERY_APP",
            help="Your Celery app, as for `celery -A` (module or module:attribute)."),
     Option("version", ("--version",), bool, False, help="Print the version and exit."),
+    # The variable is processes.audit.ENV (this module imports nothing).
+    Option("audit_log", ("--audit-log",), str, metavar="PATH", envvar="CELERY_SUPERVISE_AUDIT_LOG",
+           help="Append a JSON line before and after every signal sent here. [default: "
+           "/var/log/celery-supervise/audit.jsonl as root, else $XDG_STATE_HOME/celery-supervise/audit.jsonl]"),
     # Shared by several verbs.
     Option("as_json", ("--json",), bool, False, help="Print one JSON document on stdout."),
     Option("dry_run", ("--dry-run",), bool, False, help="Show what would be signalled; signal nothing."),
@@ -158,6 +162,10 @@ OPTIONS = {o.name: o for o in (
            help="The listener's records. [default: /var/lib/celery-supervise/NAME]"),
     Option("log_dir", ("--log-dir",), str, metavar="DIR",
            help="Write the worker's and the listener's logs here. [default: supervisord's childlogdir]"),
+    # audit
+    Option("since", ("--since",), str, metavar="T",
+           help="Only signals from T on: an ISO time (UTC unless it says) or an age such as 30s, 10m, 2h, 1d."),
+    Option("pid", ("--pid",), int, metavar="N", min=1, help="Only the signals sent to PID N."),
     # listener
     Option("state_dir", ("--state-dir",), str, metavar="DIR",
            help="Where worker records and kill reports are kept (mode 0700)."),
@@ -185,6 +193,7 @@ VERBS = {
                "as_json"),
     "print-config": ("worker_program", "command", "directory", "user", "numprocs", "config_state_dir", "log_dir",
                      "as_json"),
+    "audit": ("since", "pid", "as_json"),
     "listener": ("state_dir", "program", "grace", "spare"),
 }
 

@@ -404,3 +404,27 @@ def render_deploy(out: Console, err: Console, result, as_json: bool) -> int:
             out.print(f"record: {result.state_file}", highlight=False, markup=False, soft_wrap=True)
     out.file.flush()
     return result.exit_code
+
+
+# --------------------------------------------------------------------- audit
+
+
+def render_audit(out: Console, err: Console, result, as_json: bool) -> int:
+    """One row per signal of the audit log: intent joined to outcome."""
+    warnings(err, result.warnings)
+    if as_json:
+        emit_json(out, result.to_document())
+        return result.exit_code
+    table = new_table(f"celery-supervise audit: {escape(result.path)}")
+    for col in ("time (UTC)", "command", "uid", "pid", "process", "signal", "reason", "outcome"):
+        table.add_column(col, overflow="fold")
+    for r in result.rows:
+        outcome = "[red]no outcome: the run died mid-signal[/]" if r.outcome is None else escape(r.outcome)
+        table.add_row(escape(r.time.replace("T", " ").rstrip("Z")[:23]), escape(r.verb), str(r.uid), str(r.pid),
+                      escape(display_command(r.cmdline)), escape(r.signal), escape(r.reason), outcome)
+    if result.rows:
+        out.print(table)
+    unfinished = result.unfinished
+    out.print(f"{len(result.rows)} signal(s)" + (f", {unfinished} without an outcome" if unfinished else ""),
+              highlight=False)
+    return result.exit_code

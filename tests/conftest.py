@@ -52,6 +52,14 @@ def process_leak_guard(test_run_id):
         pytest.fail(f"test left {message}", pytrace=False)
 
 
+@pytest.fixture(autouse=True)
+def audit_log(tmp_path, monkeypatch):
+    """Every test's signals go to its own audit log (never the user's), and this is its path."""
+    path = tmp_path / "audit" / "audit.jsonl"
+    monkeypatch.setenv("CELERY_SUPERVISE_AUDIT_LOG", str(path))
+    return path
+
+
 @pytest.fixture
 def real_procs(tmp_path):
     """A :class:`realprocs.RealProcs` working in ``tmp_path/procs``; reaps at teardown."""

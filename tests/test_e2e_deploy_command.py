@@ -26,6 +26,8 @@ import socket
 
 import pytest
 
+from celery_supervise.processes import audit as auditing
+
 from brokers import require
 from realprocs import wait_for, wait_gone
 from realsupervisor import copy_project
@@ -89,6 +91,20 @@ def check_processes(tree, families):
     assert all(alive(f.procs[role]) for f in families for role in DETACHED)
 
 
+def check_audit(audit_log, state, tree, families):
+    """The deploy's kill logged its signals: the leftovers' SIGTERMs, never a detached process."""
+    lines, bad = auditing.read_lines(str(audit_log))
+    assert bad == 0 and lines
+    assert {(x["command"]["verb"], x["record"]) for x in lines} == {("deploy", os.path.abspath(state))}
+    delivered = {x["process"]["pid"] for x in lines if x["outcome"] == auditing.DELIVERED}
+    attached = {f.procs[role].pid for f in families for role in ATTACHED}
+    # The leaves certainly got their SIGTERM; a shell above one may exit with it before its own turn (gone).
+    assert {f.procs["plain"].pid for f in families} <= delivered <= attached | {tree.main.pid, *(p.pid for p in tree.pools)}
+    named = {x["process"]["pid"] for x in lines}
+    assert not named & {f.procs[role].pid for f in families for role in DETACHED}
+    assert all(r["outcome"] is not None for r in auditing.join(lines))
+
+
 def new_daemon(run, real_procs, old_worker):
     """The supervisord the deploy started (daemonized, found by its socket) and its new worker, tracked."""
     daemon = run.daemon()
@@ -106,7 +122,7 @@ def stop_daemon(run, daemon):
     assert wait_gone([daemon], timeout=30) == []
 
 
-def test_deploy_restarts_cleanly_and_names_the_tasks_the_stop_cut_off(supervisor, real_procs, project):
+def test_deploy_restarts_cleanly_and_names_the_tasks_the_stop_cut_off(supervisor, real_procs, project, audit_log):
     run = supervisor(stopwaitsecs=2, project_dir=project, nodaemon=False)
     run.wait_ready()
     tree = worker_tree(run, real_procs)
@@ -136,6 +152,7 @@ def test_deploy_restarts_cleanly_and_names_the_tasks_the_stop_cut_off(supervisor
     kept = kept_record(state)
 
     check_processes(tree, families)
+    check_audit(audit_log, state, tree, families)
     assert run.proc.poll() == 0
     daemon = new_daemon(run, real_procs, tree.main)
     assert daemon.pid == int(new_pid)

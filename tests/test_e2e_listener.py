@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
+from celery_supervise.processes import audit as auditing
+
 from realprocs import is_gone, wait_for, wait_gone
 from realsupervisor import BIN, PROGRAM, copy_project, listener_section
 
@@ -204,6 +206,33 @@ def assert_report(doc, families, gone=(), killed=(), tasks=None):
         assert {t["id"] for t in doc["tasks"]} == set(tasks), doc["tasks"]
 
 
+def assert_audited(audit_log, doc, record, warm_stopped=()):
+    """The audit log holds each signal the reap's report says killed a process, and nothing else.
+
+    A process killed by SIGTERM or SIGKILL has that signal ``delivered``;
+    every line is the listener's, names *record*, and every intent has its
+    outcome. A warm-stopped main (*warm_stopped*) has a SIGTERM of its own.
+    """
+    lines, bad = auditing.read_lines(str(audit_log))
+    assert bad == 0
+    delivered = {}
+    for line in lines:
+        assert line["command"]["verb"] == "listener" and line["record"].endswith(record), line
+        if line["outcome"] == auditing.DELIVERED:
+            delivered.setdefault(line["process"]["pid"], []).append((line["signal"], line["reason"]))
+    expected = {}
+    for pid in warm_stopped:
+        expected.setdefault(pid, []).append(("SIGTERM", "warm stop: the worker's supervisord is gone"))
+    for p in doc["processes"]:
+        if p["status"] == "killed" and p["signal"]:
+            # SIGKILL: it had its SIGTERM too (delivered, or it died with it while we looked)
+            sigs = ["SIGTERM", "SIGKILL"] if p["signal"] == "SIGKILL" else ["SIGTERM"]
+            expected.setdefault(p["pid"], []).extend((s, p["reason"]) for s in sigs)
+    assert {pid: sorted(v) for pid, v in delivered.items()} == {pid: sorted(v) for pid, v in expected.items()}
+    rows = auditing.join(lines)
+    assert all(r["intent"] is not None and r["outcome"] is not None for r in rows), rows
+
+
 @pytest.fixture
 def listening(supervisor, real_procs, tmp_path):
     """Factory: supervisord with the worker and the listener, both ready and recorded."""
@@ -228,7 +257,7 @@ def listening(supervisor, real_procs, tmp_path):
     return start
 
 
-def test_stop_kills_attached_leftovers_spares_detached(listening, real_procs):
+def test_stop_kills_attached_leftovers_spares_detached(listening, real_procs, audit_log):
     """``supervisorctl stop``: STOPPING snapshots tree and tasks, the worker's exit triggers the reap."""
     lst = listening()
     [main] = lst.worker_mains().values()
@@ -250,6 +279,7 @@ def test_stop_kills_attached_leftovers_spares_detached(listening, real_procs):
     assert stopping[0]["tasks"] == 2
     assert lst.records() == []  # the record is consumed by the reap
     lst.check_log()
+    assert_audited(audit_log, reports[os.path.basename(entry["report"])], entry["record"])
     assert real_procs.reap() == []
 
 
@@ -339,7 +369,7 @@ def test_stop_all_leftovers_are_reaped_when_the_listener_starts(listening, real_
     assert real_procs.reap(timeout=10) == []
 
 
-def test_supervisord_killed_then_started_again(listening, real_procs):
+def test_supervisord_killed_then_started_again(listening, real_procs, audit_log):
     """kill -9 of supervisord: the listener leaves at end of input; the next one warm-stops the orphan."""
     lst = listening()
     [main] = lst.worker_mains().values()
@@ -367,9 +397,11 @@ def test_supervisord_killed_then_started_again(listening, real_procs):
     assert new.pid != main.pid
     assert_survivors(families, dead=[main, *pools], alive=[new])
     # The main outlived its warm-shutdown grace (its tasks hold): killed.
-    assert_report(lst.reports()[os.path.basename(entry["report"])], families, killed=[main], gone=pools)
+    doc = lst.reports()[os.path.basename(entry["report"])]
+    assert_report(doc, families, killed=[main], gone=pools)
     lst.wait_recorded([new.pid])
     lst.check_log()
+    assert_audited(audit_log, doc, entry["record"], warm_stopped=[main.pid])
     assert real_procs.reap(timeout=10) == []
 
 

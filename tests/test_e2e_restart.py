@@ -22,6 +22,8 @@ import uuid
 
 import pytest
 
+from celery_supervise.processes import audit as auditing
+
 from brokers import RABBITMQ_URL, clean_redis, delete_rabbitmq_queues, require
 from realprocs import wait_gone
 from realsupervisor import PROGRAM, copy_project
@@ -92,9 +94,23 @@ def check_restart(doc, run, old_pid, families):
     for family in families:
         assert not any(alive(family.procs[r]) for r in ATTACHED), "an attached leftover survived"
         assert all(alive(family.procs[r]) for r in DETACHED), "a detached child was killed"
+    check_audit(doc, families)
     [new_pid] = run.worker_pids()
     assert new_pid != old_pid
     assert node in run.celery.ping()
+
+
+def check_audit(doc, families):
+    """The restart's kill logged its signals: each leftover's SIGTERM, never a detached process."""
+    audit = doc["kill"]["audit"]
+    assert audit["written"] is True, audit
+    lines = [x for x in auditing.read_lines(audit["path"])[0] if x["run"] == audit["run"]]
+    assert {x["command"]["verb"] for x in lines} == {"restart"} and len(lines) == audit["lines"]
+    delivered = {x["process"]["pid"] for x in lines if x["outcome"] == auditing.DELIVERED}
+    attached = {f.procs[r].pid for f in families for r in ATTACHED}
+    # The leaves certainly got theirs; a shell above one may exit with it before its own turn (gone).
+    assert {f.procs["plain"].pid for f in families} <= delivered <= attached
+    assert not {x["process"]["pid"] for x in lines} & {f.procs[r].pid for f in families for r in DETACHED}
 
 
 def test_restart_idle_worker(broker, supervisor, real_procs, project):

@@ -28,6 +28,8 @@ import uuid
 
 import pytest
 
+from celery_supervise.processes import audit as auditing
+
 from brokers import clean_redis, require
 from realprocs import wait_for, wait_gone
 from realsupervisor import PROGRAM, DemoClient, copy_project
@@ -199,6 +201,13 @@ def test_rolling_restart_keeps_a_consumer_and_loses_nothing(case, supervisor, re
     for b, numbers in zip(doc["batches"], batches):
         assert [p["name"] for p in b["phases"]] == ["savepid", "drain", "stop", "kill", "start", "ready"]
         assert b["kill"].startswith(f"killed {len(ATTACHED) * len(numbers)}, spared {len(DETACHED) * len(numbers)}"), b
+    # Each batch's kill is in the audit log as restart --rolling's, one run per batch.
+    audits = [b["audit"] for b in doc["batches"]]
+    assert all(a["written"] for a in audits) and len({a["run"] for a in audits}) == len(audits), audits
+    for a in audits:
+        lines = [x for x in auditing.read_lines(a["path"])[0] if x["run"] == a["run"]]
+        assert len(lines) == a["lines"] > 0 and {x["command"]["verb"] for x in lines} == {"restart"}, lines
+        assert all("--rolling" in x["command"]["argv"] for x in lines)
     # Progress on stderr: each batch's phases, with the time so far.
     progress = [line.split(" (")[0] for line in result.stderr.splitlines() if line.startswith("batch ")]
     assert progress == [f"batch {i}/{len(batches)}: {p}" for i in range(1, len(batches) + 1)

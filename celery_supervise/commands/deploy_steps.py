@@ -13,6 +13,7 @@ from typing import Callable
 from ..celery_side import discovery
 from ..errors import SuperviseError, SupervisorError
 from ..processes import procs
+from ..processes.audit import AuditLog
 from ..processes.plan import Policy
 from ..supervisord import daemon, rpc
 from . import kill as kill_verb, requeue as requeue_verb, restart as restart_verb, savepid as savepid_verb
@@ -105,7 +106,8 @@ def _kill(run: Run) -> None:
     o, result = run.options, run.result
     run.step(f"killing what the workers left behind (grace {o.grace:g}s)")
     t = run.clock()
-    result.kill = killed = kill_verb.kill(result.state_file, grace=o.grace, app_spec=o.app_spec, on_wait=run.on_wait)
+    result.kill = killed = kill_verb.kill(result.state_file, grace=o.grace, app_spec=o.app_spec, on_wait=run.on_wait,
+                                          audit=AuditLog("deploy"))
     result.warnings += killed.warnings
     run.phase(KILL, t, killed.summary())
     if killed.partial:  # the workers are started all the same: a worker down is worse than a stray process

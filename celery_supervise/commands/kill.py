@@ -10,6 +10,7 @@ our project are acted on.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterable
 
 import psutil
@@ -17,7 +18,7 @@ import psutil
 from .. import options
 from ..celery_side import discovery
 from ..errors import UsageError
-from ..processes import procs, statefile
+from ..processes import audit as auditing, procs, statefile
 from ..processes.kill import GONE, REFUSED, KillReport, Outcome, execute
 from ..processes.lock import reaper_lock
 from ..processes.plan import Policy, plan
@@ -100,16 +101,26 @@ def kill(
     dry_run: bool = False,
     app_spec: str | None = None,
     on_wait: Callable[[int, float, float], None] | None = None,
+    audit: auditing.AuditLog | None = None,
 ) -> KillReport:
-    """Kill what *path* recorded (and its late-born orphans) by the verdicts."""
+    """Kill what *path* recorded (and its late-born orphans) by the verdicts.
+
+    Every signal goes to *audit* (by default the audit log of a ``kill``
+    command, see :mod:`celery_supervise.processes.audit`), with *path* as
+    its record.
+    """
     if grace < 0:
         raise UsageError("--grace must not be negative")
+    if audit is None:
+        audit = auditing.AuditLog("kill")
+    audit.record = audit.record or os.path.abspath(path)
     # A dry run changes nothing, so it need not wait for a running reaper.
     with contextlib.nullcontext() if dry_run else reaper_lock():
-        return _kill_locked(path, policy=policy, grace=grace, dry_run=dry_run, app_spec=app_spec, on_wait=on_wait)
+        return _kill_locked(path, policy=policy, grace=grace, dry_run=dry_run, app_spec=app_spec, on_wait=on_wait,
+                            audit=audit)
 
 
-def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillReport:
+def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait, audit) -> KillReport:
     # Read under the lock: a reaper that waited sees the world as the
     # previous one left it, and its re-verification reports those as gone.
     record = statefile.read_here(path)
@@ -131,7 +142,7 @@ def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillRepo
             settled += done
         sup = [w.supervisor_pid for w in record.snapshot.workers if w.supervisor_pid]
     verdicts = plan(workers, policy, protected_pids(sup))
-    report = execute(verdicts, grace=grace, dry_run=dry_run, on_wait=on_wait)
+    report = execute(verdicts, grace=grace, dry_run=dry_run, on_wait=on_wait, audit=audit)
     report.outcomes[:0] = settled
     report.warnings[:0] = warnings
     return report

@@ -29,6 +29,7 @@ from ..celery_side import control, discovery
 from ..celery_side.drain import seconds
 from ..errors import EXIT_OK, EXIT_PARTIAL, PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
 from ..processes import procs
+from ..processes.audit import AuditLog
 from ..processes.kill import FAILED, GONE, KILLED, SPARED, KillReport
 from ..processes.plan import Policy
 from ..processes.statefile import proc_to_dict
@@ -106,6 +107,7 @@ class RestartResult:
             "kill": None if self.kill is None else {
                 "summary": self.kill.counts(),
                 "failed": [{**proc_to_dict(o.proc), "reason": o.reason} for o in self.kill.by_status(FAILED)],
+                "audit": self.kill.audit,
             },
             "state_file": self.state_file,
             "problem": self.problem,
@@ -290,7 +292,7 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     phase(STOP, t, f"{len(was_running)} of {len(result.processes)} process(es) were running")
 
     t = clock()
-    result.kill = killed = kill(path, grace=grace, app_spec=app_spec, on_wait=on_wait)
+    result.kill = killed = kill(path, grace=grace, app_spec=app_spec, on_wait=on_wait, audit=AuditLog("restart"))
     result.warnings += killed.warnings
     phase(KILL, t, _kill_summary(killed))
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from ..celery_side import control, discovery, drain as draining
+from ..processes.audit import AuditLog
 from ..supervisord import rpc
 from . import restart as restarting
 from .drain import DEFAULT_DRAIN_TIMEOUT, drain
@@ -83,6 +84,7 @@ class BatchResult:
             "new_nodes": {n: None if s is None else round(s, 3) for n, s in self.new_nodes.items()},
             "gap": None if self.gap is None else round(self.gap, 3),
             "kill": None if self.kill is None else restarting._kill_summary(self.kill),
+            "audit": None if self.kill is None else self.kill.audit,
             "resumed": self.resumed,
             "state_file": self.state_file,
             "problem": self.problem,
@@ -368,7 +370,8 @@ def _batch(done: BatchResult, batch: Batch, result: RollingResult, app, app_spec
     # 4. Their attached leftovers; the detached are spared.
     phase(restarting.KILL)
     t = clock()
-    done.kill = killed = kill(path, grace=grace, app_spec=app_spec, on_wait=on_wait)
+    # The verb is the command's (`restart`); its argv says --rolling. One run per batch.
+    done.kill = killed = kill(path, grace=grace, app_spec=app_spec, on_wait=on_wait, audit=AuditLog("restart"))
     result.warnings += killed.warnings
     took(restarting.KILL, t, restarting._kill_summary(killed))
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from ..errors import EXIT_OK, EXIT_PARTIAL
-from . import procs
+from . import audit as auditing, procs
 from .plan import KILL, REFUSE, SPARE, Verdict
 from .procs import Proc
 from .statefile import proc_to_dict
@@ -60,6 +60,7 @@ class KillReport:
     outcomes: list[Outcome] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+    audit: dict | None = None  # AuditLog.document() of the run; None when nothing was to be signalled
 
     def by_status(self, status: str) -> list[Outcome]:
         return [o for o in self.outcomes if o.status == status]
@@ -101,6 +102,7 @@ class KillReport:
                 for o in self.ordered()
             ],
             "warnings": self.warnings,
+            "audit": self.audit,
         }
 
 
@@ -308,6 +310,7 @@ def execute(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] | None = None,
     on_wait: Callable[[int, float, float], None] | None = None,
+    audit: auditing.AuditLog | None = None,
 ) -> KillReport:
     """Apply *verdicts*: TERM every ``kill`` bottom-up, wait *grace*, KILL the rest.
 
@@ -315,7 +318,9 @@ def execute(
     which also say when each one has exited. *signaller*, *is_alive* and
     *sleep* replace those (for tests: :func:`signal_proc`, :func:`alive` and
     ``time.sleep`` are the per-signal equivalents). *on_wait(left,
-    elapsed, grace)* is called while waiting, for progress.
+    elapsed, grace)* is called while waiting, for progress. *audit* gets
+    each round of signals before (intent) and after (outcome) it is sent;
+    a log it cannot write becomes a warning, never a reason not to kill.
     """
     report = KillReport(dry_run=dry_run)
     targets = []
@@ -343,8 +348,12 @@ def execute(
     ordered = bottom_up(targets)
     with Pins(budget=0 if signaller is not None else None) as pins:
         pins.pin(v.proc for v in ordered)
-        act = _Acts(signaller or pins.signal, is_alive or pins.alive, clock, sleep or pins.sleep)
+        act = _Acts(signaller or pins.signal, is_alive or pins.alive, clock, sleep or pins.sleep, audit)
         _carry_out(ordered, grace, act, report, on_wait)
+    if audit is not None and ordered:
+        report.audit = audit.document()
+        if audit.warning():
+            report.warnings.append(audit.warning())
     return report
 
 
@@ -354,6 +363,11 @@ class _Acts:
     alive: Callable[[Proc], bool]
     clock: Callable[[], float]
     sleep: Callable[[float], None]
+    audit: auditing.AuditLog | None = None
+
+
+#: How the audit log words each result of a signal attempt.
+AUDIT_OUTCOMES = {SENT: auditing.DELIVERED, NO_PROCESS: auditing.GONE, REUSED: auditing.REFUSED}
 
 
 def _carry_out(targets: list[Verdict], grace: float, act: _Acts, report: KillReport, on_wait) -> None:
@@ -373,10 +387,42 @@ def _carry_out(targets: list[Verdict], grace: float, act: _Acts, report: KillRep
                 report.outcomes.append(Outcome(v.proc, v.worker_pid, KILLED, v.reason, "SIGKILL"))
 
 
+def send_logged(targets: list[tuple[Proc, str]], sig: int, signaller: Callable[[Proc, int], str] = signal_proc,
+                audit: auditing.AuditLog | None = None) -> list[str]:
+    """Send *sig* to each ``(proc, reason)``, one round of *audit*; each one's result (SENT...).
+
+    The intents are on disk before the first signal of the round, the
+    outcomes written once the round is over: two writes, not two per target.
+    """
+    if audit is not None:
+        audit.intend(sig, targets)
+    results = [signaller(proc, sig) for proc, _ in targets]
+    if audit is not None:
+        audit.settle(sig, [(proc, reason, AUDIT_OUTCOMES.get(r, f"error: {r}"))
+                           for (proc, reason), r in zip(targets, results)])
+    return results
+
+
+WARM_STOP = "warm stop: the worker's supervisord is gone"
+
+
+def warm_stop(mains: list[Proc], grace: float, audit: auditing.AuditLog | None = None,
+              clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> list[str]:
+    """SIGTERM *mains* alone (Celery's warm shutdown), logged to *audit*; wait up to *grace* for them to exit.
+
+    Each main's result (SENT...), in order. The caller reaps what is left.
+    """
+    results = send_logged([(main, WARM_STOP) for main in mains], signal.SIGTERM, audit=audit)
+    deadline = clock() + grace
+    while any(alive(m) for m in mains) and clock() < deadline:
+        sleep(POLL_INTERVAL)
+    return results
+
+
 def _send_all(targets: list[Verdict], sig: int, act: _Acts, report: KillReport) -> list[Verdict]:
+    results = zip(targets, send_logged([(v.proc, v.reason) for v in targets], sig, act.signal, act.audit))
     sent = []
-    for v in targets:
-        result = act.signal(v.proc, sig)
+    for v, result in results:
         if result == SENT:
             sent.append(v)
         elif result == NO_PROCESS:

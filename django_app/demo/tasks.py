@@ -9,6 +9,7 @@ subprocesses and does not wait for them.  Some stay attached to the worker
 import json
 import os
 import subprocess
+import sys
 import time
 
 from celery import shared_task
@@ -275,3 +276,38 @@ def _mark(task, marker_dir, hold, gate):
         time.sleep(min(remaining, 0.05 if gate is not None else 0.5))
     _write_atomically(prefix + ".done", json.dumps({"time": time.time(), **where}))
     return task.request.id
+
+
+_WITNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "witness.py")
+
+
+@shared_task(bind=True)
+def spawn_witnesses(self, marker_dir, hold=1.0, lifetime=120, stay=False):
+    """Start attached children that write down each signal they get (``witness.py``), then hold.
+
+    ``witness`` leaves on SIGTERM; with *stay*, ``stubborn`` too, which
+    SIGTERM does not end. ``<marker_dir>/<task id>.json`` names them and
+    their folders (``signals`` in each), ``<task id>.done`` appears once
+    the task has held *hold* seconds, as for ``spawn_family``.
+    """
+    prefix = os.path.join(marker_dir, self.request.id)
+    children, folders = {}, {}
+    for role in ("witness", "stubborn") if stay else ("witness",):
+        folder = f"{prefix}.{role}.{os.getpid()}"  # a re-run (requeue) gets folders of its own
+        os.makedirs(folder, exist_ok=True)
+        argv = [sys.executable, _WITNESS, folder, str(lifetime)] + (["--stay"] if role == "stubborn" else [])
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, cwd=marker_dir)
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        while not os.path.exists(os.path.join(folder, "ready")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"witness {role} did not start (exit {proc.poll()})")
+            time.sleep(0.01)
+        children[role], folders[role] = proc.pid, folder
+    marker = {"task_id": self.request.id, "pool_pid": os.getpid(), "children": children, "folders": folders}
+    _write_atomically(prefix + ".json", json.dumps(marker))
+    deadline = time.monotonic() + hold
+    while (remaining := deadline - time.monotonic()) > 0:
+        time.sleep(min(remaining, 0.5))
+    _write_atomically(prefix + ".done", json.dumps({"time": time.time(), "pool_pid": os.getpid()}))
+    return marker

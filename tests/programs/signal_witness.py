@@ -1,8 +1,8 @@
 """A process that writes down every signal it receives, for "never a signal" tests.
 
-Usage: ``signal_witness.py DIR LIFETIME``. Every catchable signal gets a
+Usage: ``signal_witness.py DIR LIFETIME [--stay]``. Every catchable signal gets a
 handler that appends its name to ``DIR/signals`` (and only SIGTERM's then
-exits), so a SIGTERM, SIGHUP, SIGINT… sent by the code under test is on
+exits, unless ``--stay``: then only SIGKILL ends it), so a SIGTERM, SIGHUP, SIGINT… sent by the code under test is on
 record even if the test only looks afterwards; SIGKILL and SIGSTOP cannot be caught, and
 show as a dead or stopped witness instead. Once the handlers are in place
 it writes its PID to ``DIR/ready`` (write, then rename), and it exits by
@@ -15,6 +15,7 @@ import sys
 import time
 
 folder, lifetime = sys.argv[1], float(sys.argv[2])
+stay = "--stay" in sys.argv[3:]
 log = os.path.join(folder, "signals")
 
 
@@ -24,7 +25,7 @@ def record(signum, frame):
         os.write(fd, f"{signal.Signals(signum).name}\n".encode())
     finally:
         os.close(fd)
-    if signum == signal.SIGTERM:
+    if signum == signal.SIGTERM and not stay:
         os._exit(0)  # on record; exiting spares the tests' reaper its SIGKILL wait
 
 
