@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import psutil
 
-from . import control, discovery, drain as draining, procs, restart as restarting, statefile
+from . import cgroups, control, discovery, drain as draining, procs, restart as restarting, statefile
 from .discovery import Discovery
 from .errors import PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
 from .lock import reaper_lock
@@ -89,6 +89,7 @@ class Targets:
     programs: tuple[str, ...] = ()
     timeout: float = DEFAULT_TIMEOUT  # per broker reply
     supervisor_auth: tuple[str | None, str | None] = (None, None)  # username, password
+    cgroups: str = cgroups.AUTO  # --cgroups: auto (use each worker's cgroup where it has one) or off
 
 
 def live_snapshot(targets: Targets) -> tuple[Snapshot, list[str], str | None]:
@@ -109,7 +110,7 @@ def live_snapshot(targets: Targets) -> tuple[Snapshot, list[str], str | None]:
             tasks=f.tasks,
         )
         if w is not None:  # it exited while we asked the broker
-            workers.append(with_group_orphans(w))
+            workers.append(with_cgroup_members(with_group_orphans(w), targets.cgroups))
     warnings = list(found.warnings)
     if found.broker_error:
         warnings.append(f"{found.broker_error}; recorded the local process trees, but active tasks are missing")
@@ -183,7 +184,61 @@ def with_group_orphans(worker: Worker) -> Worker:
     return replace(worker, procs=worker.procs + tuple(found))
 
 
-def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
+def adopt_cgroup_members(worker: Worker, live: dict[int, Proc], mode: str = cgroups.AUTO) -> str | None:
+    """Add the members of *worker*'s recorded cgroup, and their descendants, to *live*.
+
+    These are the children that left both the tree and the process group
+    (see :mod:`celery_supervise.cgroups`). Returns why the cgroup was not
+    used, when it was recorded but cannot be trusted now.
+    """
+    if worker.cgroup is None or mode == cgroups.OFF:
+        return None
+    found, why = cgroups.read_members(worker.cgroup, worker.main, live)
+    for member in found:
+        if member.pid in live:
+            continue
+        live[member.pid] = member
+        for kid in procs.walk(member, skip=live):
+            live[kid.pid] = kid
+    return why
+
+
+def with_cgroup_members(worker: Worker, mode: str = cgroups.AUTO) -> Worker:
+    """*worker* with its cgroup (or why it has none) and the members that escaped (savepid, status)."""
+    cgroup, reason = cgroups.of_worker(worker.main.pid, mode)
+    worker = replace(worker, cgroup=cgroup, cgroup_reason=reason)
+    live = worker.by_pid()
+    why = adopt_cgroup_members(worker, live, mode)
+    if why:
+        worker = replace(worker, cgroup=None, cgroup_reason=why)
+    if len(live) == len(worker.procs):
+        return worker
+    known = worker.by_pid()
+    found = sorted((p for pid, p in live.items() if pid not in known), key=lambda p: p.create_time)
+    return replace(worker, procs=worker.procs + tuple(found))
+
+
+def release_cgroups(workers: Iterable[Worker], report: KillReport, mode: str = cgroups.AUTO) -> list[str]:
+    """After a kill: move each worker's spared members to ``detached``, remove its cgroup."""
+    if mode == cgroups.OFF:
+        return []
+    spared = {o.proc.pid: o.proc for o in report.by_status(SPARED)}
+    warnings = []
+    for w in workers:
+        if w.cgroup is None:
+            continue
+        keep = [pid for pid, p in spared.items() if p.same_process(procs.live_identity(pid) or -1.0)]
+        # A child a spared process forked after the plan is spared with it.
+        pids, _ = cgroups.members(w.cgroup)
+        for pid in pids or ():
+            if pid not in keep and any(a in keep for a in procs.ancestors(pid)):
+                keep.append(pid)
+        warnings += cgroups.release(w.cgroup, keep)
+    return warnings
+
+
+def revisit(worker: Worker, cgroup_mode: str = cgroups.AUTO,
+            warnings: list[str] | None = None) -> tuple[Worker, list[Outcome]]:
     """Today's view of a recorded worker, plus what is already settled.
 
     Recorded processes are re-verified by PID and creation time; those that
@@ -217,6 +272,9 @@ def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
         for kid in procs.walk(p, threads=threads[p.pid], skip=live):
             live[kid.pid] = kid
     adopt_group_orphans(worker.main, live)
+    why = adopt_cgroup_members(worker, live, cgroup_mode)
+    if why and warnings is not None:
+        warnings.append(f"worker {worker.main.pid}: {why}")
     main = live[worker.main.pid] if main_alive else worker.main
     rest = []
     for p in live.values():
@@ -232,8 +290,8 @@ def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
     tree = sorted(rest, key=lambda p: p.create_time)
     if main_alive:
         tree.insert(0, main)
-    return Worker(main=main, procs=tuple(tree), node=worker.node, app=worker.app,
-                  program=worker.program, supervisor_pid=worker.supervisor_pid, tasks=worker.tasks), settled
+    return replace(worker, main=main, procs=tuple(tree),
+                   cgroup=None if why else worker.cgroup), settled
 
 
 def legacy_workers(pids: Iterable[int], app_spec: str | None) -> tuple[list[Worker], list[Outcome]]:
@@ -308,16 +366,18 @@ def kill(
     dry_run: bool = False,
     app_spec: str | None = None,
     on_wait: Callable[[int, float, float], None] | None = None,
+    cgroup_mode: str = cgroups.AUTO,
 ) -> KillReport:
-    """Kill what *path* recorded (and its late-born orphans) by the verdicts."""
+    """Kill what *path* recorded (and its late-born orphans and escaped cgroup members) by the verdicts."""
     if grace < 0:
         raise UsageError("--grace must not be negative")
     # A dry run changes nothing, so it need not wait for a running reaper.
     with contextlib.nullcontext() if dry_run else reaper_lock():
-        return _kill_locked(path, policy=policy, grace=grace, dry_run=dry_run, app_spec=app_spec, on_wait=on_wait)
+        return _kill_locked(path, policy=policy, grace=grace, dry_run=dry_run, app_spec=app_spec, on_wait=on_wait,
+                            cgroup_mode=cgroup_mode)
 
 
-def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillReport:
+def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait, cgroup_mode=cgroups.AUTO) -> KillReport:
     # Read under the lock: a reaper that waited sees the world as the
     # previous one left it, and its re-verification reports those as gone.
     record = statefile.read_here(path)
@@ -334,12 +394,14 @@ def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait) -> KillRepo
         policy = policy or record.policy
         workers, settled = [], []
         for w in record.snapshot.workers:
-            live, done = revisit(w)
+            live, done = revisit(w, cgroup_mode, warnings)
             workers.append(live)
             settled += done
         sup = [w.supervisor_pid for w in record.snapshot.workers if w.supervisor_pid]
     verdicts = plan(workers, policy, protected_pids(sup))
     report = execute(verdicts, grace=grace, dry_run=dry_run, on_wait=on_wait)
+    if not dry_run:
+        warnings += release_cgroups(workers, report, cgroup_mode)
     report.outcomes[:0] = settled
     report.warnings[:0] = warnings
     return report
