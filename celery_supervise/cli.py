@@ -74,6 +74,11 @@ SupervisorUrlOpt = Annotated[
     typer.Option("--supervisor-url", metavar="URL", envvar="SUPERVISOR_SERVER_URL",
                  help="supervisord's XML-RPC URL, e.g. unix:///run/supervisor.sock or http://127.0.0.1:9001."),
 ]
+CgroupsOpt = Annotated[
+    str, typer.Option("--cgroups", metavar="auto|off",
+                      help="auto: also track each worker's cgroup (v2), where it has one, for children that left "
+                      "its tree and process group; off: the tree and the process group only.")
+]
 ProgramOpt = Annotated[
     Optional[List[str]],
     typer.Option("--program", metavar="GLOB", help="supervisord program(s) running the workers (repeatable)."),
@@ -85,9 +90,9 @@ class State:
         self.app_spec = app_spec
         self._app = None
 
-    def targets(self, supervisor_url, programs, timeout) -> operations.Targets:
+    def targets(self, supervisor_url, programs, timeout, cgroups: str = "auto") -> operations.Targets:
         return operations.Targets(app=self.celery_app(), app_spec=self.app_spec, supervisor_url=supervisor_url,
-                                  programs=tuple(programs or ()), timeout=timeout)
+                                  programs=tuple(programs or ()), timeout=timeout, cgroups=cgroup_mode(cgroups))
 
     def celery_app(self):
         if self.app_spec and self._app is None:
@@ -97,6 +102,14 @@ class State:
 
 def consoles():
     return report.consoles()
+
+
+def cgroup_mode(value: str) -> str:
+    from . import cgroups
+
+    if value not in cgroups.MODES:
+        raise UsageError(f"--cgroups: {value!r} is not one of {', '.join(cgroups.MODES)}")
+    return value
 
 
 def renamed(ctx: typer.Context, old: str, new: str):
@@ -147,12 +160,13 @@ def savepid(
     reply_timeout: ReplyTimeoutOpt = operations.DEFAULT_TIMEOUT,
     timeout: OldTimeoutOpt = None,
     as_json: JsonOpt = False,
+    cgroups: CgroupsOpt = "auto",
 ) -> int:
     """Record this host's worker trees and active tasks (run before the stop)."""
     state: State = ctx.obj
     policy = Policy.parse(spare)
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
-    result = operations.savepid(file, state.targets(supervisor_url, program, reply_timeout), policy)
+    result = operations.savepid(file, state.targets(supervisor_url, program, reply_timeout, cgroups), policy)
     out, err = consoles()
     return report.render_save(out, err, result, as_json)
 
@@ -165,15 +179,17 @@ def kill(
     spare: SpareOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
+    cgroups: CgroupsOpt = "auto",
 ) -> int:
     """Kill the recorded Celery trees, sparing detached descendants (run after the stop)."""
     state: State = ctx.obj
     policy = Policy.parse(spare) if spare is not None else None
+    mode = cgroup_mode(cgroups)
     out, err = consoles()
     progress = report.WaitProgress(err)
     try:
         result = operations.kill(file, policy=policy, grace=grace, dry_run=dry_run,
-                                 app_spec=state.app_spec, on_wait=progress)
+                                 app_spec=state.app_spec, on_wait=progress, cgroup_mode=mode)
     finally:
         progress.close()
     return report.render_kill(out, err, result, as_json)
@@ -188,12 +204,13 @@ def status(
     reply_timeout: ReplyTimeoutOpt = operations.DEFAULT_TIMEOUT,
     timeout: OldTimeoutOpt = None,
     as_json: JsonOpt = False,
+    cgroups: CgroupsOpt = "auto",
 ) -> int:
     """Draw the live worker trees with each verdict; change nothing."""
     state: State = ctx.obj
     policy = Policy.parse(spare)  # before any slow discovery, so a typo fails at once
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
-    result = operations.status(state.targets(supervisor_url, program, reply_timeout), policy)
+    result = operations.status(state.targets(supervisor_url, program, reply_timeout, cgroups), policy)
     out, err = consoles()
     return report.render_status(out, err, result, as_json)
 
@@ -368,13 +385,16 @@ def print_config(
         Optional[str], typer.Option("--log-dir", metavar="DIR",
                                     help="Write the worker's and the listener's logs here. [default: supervisord's childlogdir]"),
     ] = None,
+    contain: Annotated[bool, typer.Option("--contain", help="Run the worker through `celery-supervise contain --`: "
+                                          "a cgroup of its own from its first instruction.")] = False,
     as_json: JsonOpt = False,
 ) -> int:
     """Print a conf.d snippet for your supervisord: the worker's [program:] and the eventlistener."""
     from .commands import print_config as printing
 
     request = printing.Request(app=ctx.obj.app_spec, program=program, command=command, directory=directory,
-                               user=user, numprocs=numprocs, state_dir=state_dir, log_dir=log_dir)
+                               user=user, numprocs=numprocs, state_dir=state_dir, log_dir=log_dir,
+                               contain=contain)
     result = printing.print_config(request)
     out, err = consoles()
     return report.render_print_config(out, err, result, as_json)
@@ -388,20 +408,34 @@ def listener(
     program: ProgramOpt = None,
     grace: GraceOpt = operations.DEFAULT_GRACE,
     spare: SpareOpt = None,
+    cgroups: CgroupsOpt = "auto",
 ) -> int:
     """Run as a supervisord eventlistener: snapshot on start/stop, reap after every stop."""
     from . import listener as listening, statefile
 
     state: State = ctx.obj
     policy = Policy.parse(spare)
+    mode = cgroup_mode(cgroups)
     supervisor, rpc = listening.from_environment(dict(os.environ))
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     # Every record there would be refused, and no worker ever reaped: say so at once.
     statefile.check_folder(os.path.join(state_dir, "celery-worker@1.json"))
     return listening.Listener(
         state_dir=state_dir, programs=program or [], grace=grace, policy=policy,
-        app=state.celery_app(), app_spec=state.app_spec, supervisor=supervisor, rpc=rpc,
+        app=state.celery_app(), app_spec=state.app_spec, supervisor=supervisor, rpc=rpc, cgroup_mode=mode,
     ).run()
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def contain(
+    command: Annotated[List[str], typer.Argument(metavar="-- CMD...", help="The worker's command line.")],
+    cgroups: CgroupsOpt = "auto",
+) -> int:
+    """Enter a cgroup of its own, then exec CMD (put it in front of the worker's command)."""
+    from .commands import contain as containing
+
+    containing.contain(command, cgroup_mode(cgroups))
+    return 0
 
 
 def command_tree():

@@ -7,7 +7,10 @@ JSON line on stderr.
 
 What it does on each event:
 
-* ``PROCESS_STATE_RUNNING`` (and every tick): record the worker's identity,
+* ``PROCESS_STATE_STARTING``: place the new process in a cgroup of its own
+  (see :mod:`celery_supervise.cgroups`), long before its first task forks.
+* ``PROCESS_STATE_RUNNING`` (and every tick): place it, marked late, if
+  that did not happen; record the worker's identity,
   its supervisord's identity and its current tree in ``STATE_DIR``.
 * ``PROCESS_STATE_STOPPING``: snapshot the tree again, with the active tasks
   when ``-A`` is given and the worker answers within a short bound.
@@ -38,6 +41,7 @@ is finished first.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -52,7 +56,7 @@ from typing import Callable, Iterable, TextIO
 import psutil
 from supervisor import childutils
 
-from . import control, discovery, kill as killing, operations, procs, report, snapshot, statefile
+from . import cgroups, control, discovery, kill as killing, operations, procs, report, snapshot, statefile
 from .errors import EXIT_USAGE, SuperviseError, UsageError
 from .plan import Policy, plan
 from .snapshot import Task
@@ -150,6 +154,7 @@ class Listener:
         stderr: TextIO = sys.stderr,
         clock: Callable[[], float] = time.time,
         refresh_interval: float = REFRESH_INTERVAL,
+        cgroup_mode: str = cgroups.AUTO,
     ):
         self.state_dir = state_dir
         self.programs = list(programs)
@@ -164,6 +169,8 @@ class Listener:
         self._input = getattr(stdin, "buffer", stdin)
         self.clock = clock
         self.refresh_interval = refresh_interval
+        self.cgroup_mode = cgroup_mode
+        self._containment: dict[str, str] = {}  # program -> the mechanism last logged for it
         self.stop_requested = False
         self._waiting = False  # blocked on input: SIGTERM may interrupt
         self._watches: dict[str, int] = {}  # record path -> pidfd of its worker main
@@ -198,12 +205,16 @@ class Listener:
             and not n.startswith(".")
         )
 
+    def ours(self, program: str) -> bool:
+        """Whether *program* is one of those we watch (all, without --program)."""
+        short = program.split(":", 1)[-1]
+        return not self.programs or any(fnmatch.fnmatchcase(program, p) or fnmatch.fnmatchcase(short, p)
+                                        for p in self.programs)
+
     def watched(self, program: str, pid: int | None) -> int | None:
         """The worker main PID if *program* is one we watch, else ``None``."""
-        if self.programs:
-            short = program.split(":", 1)[-1]
-            if not any(fnmatch.fnmatchcase(program, p) or fnmatch.fnmatchcase(short, p) for p in self.programs):
-                return None
+        if not self.ours(program):
+            return None
         if not pid:
             return None
         return discovery.worker_main_under(pid, self.app_spec)
@@ -247,9 +258,17 @@ class Listener:
         # STARTING, BACKOFF and FATAL carry no pid at all.
         raw_pid = fields.get("pid", "")
         pid = int(raw_pid) if raw_pid.isdigit() else 0
-        if event == "PROCESS_STATE_RUNNING":
+        if event == "PROCESS_STATE_STARTING":
+            # STARTING carries no pid, but supervisord emits it from spawn()
+            # and forks before we read it: ask for the pid it now has.
+            if self.ours(program) and self.cgroup_mode != cgroups.OFF and self.rpc is not None:
+                pid = int(self.rpc.supervisor.getProcessInfo(program).get("pid") or 0)
+                if pid:
+                    self.contain(program, pid, late=False)
+        elif event == "PROCESS_STATE_RUNNING":
             main = self.watched(program, pid)
             if main is not None:
+                self.contain(program, pid, late=True, main=main)
                 stale = [p for p in self.records(program) if not p.endswith(f"@{main}{RECORD_SUFFIX}")]
                 self.settle(stale, "replaced by a new start", replaced=True)
                 self.record(program, main, why or event)
@@ -263,6 +282,38 @@ class Listener:
             for path in self.records(program):
                 if self._main_dead(path):
                     self.reap(path, event)
+
+    # ------------------------------------------------------------ cgroups
+
+    def contain(self, program: str, pid: int, *, late: bool, main: int | None = None) -> None:
+        """Place the process supervisord started for *program* in a cgroup of its own.
+
+        Late (at RUNNING, our start, a tick), the worker's current tree is
+        moved too: what those processes fork from now on is covered, what
+        they forked before and already left the tree is not.
+        """
+        if self.cgroup_mode == cgroups.OFF:
+            return
+        if cgroups.of_worker(main or pid, self.cgroup_mode)[0] is not None:
+            return  # placed already (at STARTING, or by `celery-supervise contain`)
+        also: list[int] = []
+        if late and main is not None:
+            root = procs.read_proc(main)
+            also = [main] + ([p.pid for p in procs.walk(root)] if root else [])
+        parent = self.supervisor.pid if self.supervisor else os.getppid()
+        try:
+            cg = cgroups.place(pid, program, parent_pid=parent, late=late, also=also, mode=self.cgroup_mode)
+        except cgroups.CgroupUnavailable as exc:
+            self._log_containment(program, pid, cgroups.describe(None, str(exc)))
+            return
+        self._log_containment(program, pid, cgroups.describe(cg, None))
+
+    def _log_containment(self, program: str, pid: int, mechanism: str) -> None:
+        # Once per program and mechanism: a host without cgroups would
+        # otherwise repeat the same line at every start and tick.
+        if self._containment.get(program) != mechanism:
+            self._containment[program] = mechanism
+            self.log("containment", program=program, pid=pid, mechanism=mechanism)
 
     # ------------------------------------------------------------- records
 
@@ -281,13 +332,16 @@ class Listener:
                                       supervisor_pid=self.supervisor.pid if self.supervisor else None)
         if worker is None:
             return
+        # Its cgroup, and the members that already left the tree and the group.
+        worker = operations.with_cgroup_members(worker, self.cgroup_mode)
+        cgroup, cgroup_reason = worker.cgroup, worker.cgroup_reason
         path = self.record_path(program, main_pid)
         last = self._last.get(path)
         if last is not None and not last.main.same_process(worker.main):
             last = None  # the PID now names another worker
         if last is not None:
             worker = _merged(worker, last)
-        if if_changed and last is not None and _identities(worker) <= _identities(last):
+        if if_changed and last is not None and _identities(worker) <= _identities(last) and last.cgroup == cgroup:
             return
         command = discovery.parse_worker_cmdline(worker.main.cmdline)
         node = command.node if command else None
@@ -296,6 +350,7 @@ class Listener:
             found_tasks = self._active_tasks(main_pid, command) or found_tasks
         worker = snapshot.Worker(main=worker.main, procs=worker.procs, node=node, app=command.app if command else None,
                                  program=program, supervisor_pid=worker.supervisor_pid, tasks=found_tasks)
+        worker = dataclasses.replace(worker, cgroup=cgroup, cgroup_reason=cgroup_reason)
         snap = snapshot.take([worker], "listener")
         doc = statefile.to_document(snap, self.policy, plan([worker], self.policy))
         if self.supervisor:
@@ -434,7 +489,7 @@ class Listener:
         if rec is None:
             return
         try:
-            result = operations.kill(path, grace=self.grace)
+            result = operations.kill(path, grace=self.grace, cgroup_mode=self.cgroup_mode)
         except SuperviseError as exc:
             if not os.path.lexists(path):
                 return  # another reaper got there first, under the lock

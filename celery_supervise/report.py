@@ -223,7 +223,17 @@ def render_save(out: Console, err: Console, result: SaveResult, as_json: bool) -
 
 
 def status_document(result: StatusResult) -> dict:
-    return to_document(result.snapshot, result.policy, result.verdicts)
+    doc = to_document(result.snapshot, result.policy, result.verdicts)
+    for w, entry in zip(result.snapshot.workers, doc["workers"]):
+        entry["containment"] = containment(w)
+    return doc
+
+
+def containment(worker) -> str:
+    """Which mechanism finds *worker*'s escaped children: ``cgroup <path>`` or ``process group only: <why>``."""
+    from .cgroups import describe
+
+    return describe(worker.cgroup, worker.cgroup_reason)
 
 
 def already_orphaned(worker) -> set[int]:
@@ -273,6 +283,8 @@ def render_status(out: Console, err: Console, result: StatusResult, as_json: boo
         out.print("no Celery worker is running on this host")
         return EXIT_OK
     out.print(verdict_tree(result.snapshot.workers, result.verdicts))
+    for w in result.snapshot.workers:
+        out.print(escape(f"worker {w.node or '?'} main {w.main.pid}: {containment(w)}"), highlight=False, soft_wrap=True)
     return EXIT_OK
 
 
