@@ -263,7 +263,7 @@ class Listener:
             # and forks before we read it: ask for the pid it now has.
             if self.ours(program) and self.cgroup_mode != cgroups.OFF and self.rpc is not None:
                 pid = int(self.rpc.supervisor.getProcessInfo(program).get("pid") or 0)
-                if pid:
+                if pid and self._worker_program(pid):
                     self.contain(program, pid, late=False)
         elif event == "PROCESS_STATE_RUNNING":
             main = self.watched(program, pid)
@@ -285,21 +285,36 @@ class Listener:
 
     # ------------------------------------------------------------ cgroups
 
+    def _worker_program(self, pid: int) -> bool:
+        """Whether the process just started for a program is a worker's (at STARTING).
+
+        With ``--program`` the user named the workers' programs. Without, only
+        a process that already runs ``celery … worker`` is one: never another
+        program of the same supervisord (nor this listener itself). One that
+        has not exec'd yet is placed, late, at RUNNING.
+        """
+        if pid == os.getpid():
+            return False
+        if self.programs:
+            return True
+        found = procs.read_proc(pid)
+        return found is not None and discovery.parse_worker_cmdline(found.cmdline) is not None
+
     def contain(self, program: str, pid: int, *, late: bool, main: int | None = None) -> None:
         """Place the process supervisord started for *program* in a cgroup of its own.
 
-        Late (at RUNNING, our start, a tick), the worker's current tree is
-        moved too: what those processes fork from now on is covered, what
-        they forked before and already left the tree is not.
+        Its current descendants (the worker's pool, when we place it at
+        RUNNING, or at STARTING delivered late) are moved too: what they fork
+        from now on is covered. Having any makes the placement late: what
+        they forked before and already left the tree is not covered.
         """
-        if self.cgroup_mode == cgroups.OFF:
+        if self.cgroup_mode == cgroups.OFF or pid == os.getpid():
             return
         if cgroups.of_worker(main or pid, self.cgroup_mode)[0] is not None:
             return  # placed already (at STARTING, or by `celery-supervise contain`)
-        also: list[int] = []
-        if late and main is not None:
-            root = procs.read_proc(main)
-            also = [main] + ([p.pid for p in procs.walk(root)] if root else [])
+        root = procs.read_proc(pid)
+        also = [p.pid for p in procs.walk(root)] if root else []
+        late = late or bool(also)
         parent = self.supervisor.pid if self.supervisor else os.getppid()
         try:
             cg = cgroups.place(pid, program, parent_pid=parent, late=late, also=also, mode=self.cgroup_mode)
