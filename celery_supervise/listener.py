@@ -262,7 +262,11 @@ class Listener:
             # STARTING carries no pid, but supervisord emits it from spawn()
             # and forks before we read it: ask for the pid it now has.
             if self.ours(program) and self.cgroup_mode != cgroups.OFF and self.rpc is not None:
-                pid = int(self.rpc.supervisor.getProcessInfo(program).get("pid") or 0)
+                try:
+                    pid = int(self.rpc.supervisor.getProcessInfo(program).get("pid") or 0)
+                except Exception as exc:  # any transport failure or Fault (shutting down): RUNNING places it late
+                    self.log("warning", program=program, warning=f"cannot ask supervisord for its PID: {exc}")
+                    pid = 0
                 if pid and self._worker_program(pid):
                     self.contain(program, pid, late=False)
         elif event == "PROCESS_STATE_RUNNING":

@@ -184,7 +184,8 @@ def assert_reaped(run, procs, bystanders):
     assert wait_gone([procs["attached"]], STOP_TIMEOUT) == [], run.diagnostics()
     for variant in ("setsid", "nohup"):
         assert procs[variant].is_running(), variant
-        assert in_detached(run, procs[variant].pid), (variant, cgroups.path_of(procs[variant].pid))
+        # Moved once the kill's last wait is over, just after the attached one died.
+        wait_for(lambda: in_detached(run, procs[variant].pid), 20, f"the {variant} child to be moved to detached")
     for p in bystanders:
         assert p.is_running(), p
         assert cgroups.worker_cgroup(cgroups.path_of(p.pid) or "") is None, p
