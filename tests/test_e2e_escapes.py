@@ -289,6 +289,7 @@ def test_max_tasks_per_child_replaced_pool_children(contained, real_procs):
 def test_without_cgroups_the_process_group_is_all_and_says_so(contained, real_procs, tmp_path):
     """No listener, no wrapper (or --cgroups off): status says so, and kill behaves as before."""
     run = contained()
+    bystander_procs(run, real_procs)
     main_pid = run.group_pids()[f"{PROGRAM}_0"]
     real_procs.track(main_pid)
     env, cwd = run.env, run.project_dir

@@ -341,7 +341,8 @@ def spawn_escapes(self, marker_dir, route, lifetime=120, hold=0.0):
     """
     if route not in ESCAPE_ROUTES:
         raise ValueError(f"unknown route {route!r}")
-    tokens = {v: f"{int(lifetime)}.{n}{os.getpid()}" for v, n in _ESCAPE_VARIANTS.items()}
+    # Unique per run (a pool process may run this more than once), so that each `sleep` is found by its command line.
+    tokens = {v: f"{int(lifetime)}.{n}{os.getpid()}{time.monotonic_ns() % 10**6:06d}" for v, n in _ESCAPE_VARIANTS.items()}
     args = [f"{v}={t}" for v, t in tokens.items()]
     quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     if route == "double_fork":
