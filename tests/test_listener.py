@@ -331,3 +331,42 @@ def test_each_program_and_process_has_its_own_record(tmp_path, real_procs):
     (line,) = [entry for entry in logged(listener) if entry["action"] == "reaped"]
     assert line["record"] == f"celery-b_celery-b_0@{second.pid}.json" and line["killed"] == [second_kid.pid]
     assert not gone(first) and not gone(first_kid)
+
+
+class _Supervisor:
+    def __init__(self, info):
+        self.info = info
+
+    def getProcessInfo(self, name):
+        if isinstance(self.info, Exception):
+            raise self.info
+        return self.info
+
+
+class _Rpc:
+    def __init__(self, info):
+        self.supervisor = _Supervisor(info)
+
+
+STARTING = "processname:w groupname:w from_state:STOPPED tries:0"
+
+
+@pytest.mark.parametrize("info, action", [
+    ({"pid": os.getpid()}, None),  # the listener itself: never placed
+    ({"pid": 0}, None),  # not running (any more)
+    (RuntimeError("SHUTDOWN_STATE"), "warning"),  # a Fault while supervisord shuts down: RUNNING places it late
+])
+def test_starting_never_places_the_listener_itself_and_survives_rpc_faults(tmp_path, info, action):
+    listener = make_listener(tmp_path)
+    listener.rpc = _Rpc(info)
+    listener.handle_event({"eventname": "PROCESS_STATE_STARTING"}, STARTING)
+    assert [e["action"] for e in logged(listener)] == ([action] if action else [])
+
+
+def test_starting_places_no_process_that_is_not_a_worker(tmp_path, real_procs):
+    """Another program of the same supervisord (here a plain sleep) is never put in a worker's cgroup."""
+    sleeper = real_procs.spawn(["sleep", "60"])
+    listener = make_listener(tmp_path)
+    listener.rpc = _Rpc({"pid": sleeper.pid})
+    listener.handle_event({"eventname": "PROCESS_STATE_STARTING"}, STARTING)
+    assert logged(listener) == []
