@@ -43,6 +43,8 @@ BYSTANDER = """
 [program:bystander]
 command=bash -c "set -m; sleep 301 & wait"
 autostart=true
+; the test's cleanup kills it before supervisord stops: it must not come back
+autorestart=false
 startsecs=0
 stopasgroup=false
 """
