@@ -275,6 +275,9 @@ def place(pid: int, program: str, *, parent_pid: int, late: bool = False,
     why = unavailable(mode)
     if why:
         raise CgroupUnavailable(why)
+    if pid <= 1 or pid == parent_pid:
+        # PID 1 (or supervisord itself) in a worker's cgroup would make everything it forks a "member".
+        raise CgroupUnavailable(f"PID {pid} is never placed (PID 1 or supervisord)")
     root, read_only = mount()
     if read_only:
         raise CgroupUnavailable(f"the cgroup v2 mount {root} is read-only")

@@ -316,10 +316,15 @@ class Listener:
             return
         if cgroups.of_worker(main or pid, self.cgroup_mode)[0] is not None:
             return  # placed already (at STARTING, or by `celery-supervise contain`)
-        root = procs.read_proc(pid)
-        also = [p.pid for p in procs.walk(root)] if root else []
-        late = late or bool(also)
         parent = self.supervisor.pid if self.supervisor else os.getppid()
+        root = procs.read_proc(pid)
+        # Only the process supervisord started for the program, its direct
+        # child: a PID from an event is never trusted to name anything else
+        # (a bad or stale one could name PID 1, and move the whole machine).
+        if root is None or root.ppid != parent:
+            return
+        also = [p.pid for p in procs.walk(root)]
+        late = late or bool(also)
         try:
             cg = cgroups.place(pid, program, parent_pid=parent, late=late, also=also, mode=self.cgroup_mode)
         except cgroups.CgroupUnavailable as exc:

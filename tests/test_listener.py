@@ -370,3 +370,20 @@ def test_starting_places_no_process_that_is_not_a_worker(tmp_path, real_procs):
     listener.rpc = _Rpc({"pid": sleeper.pid})
     listener.handle_event({"eventname": "PROCESS_STATE_STARTING"}, STARTING)
     assert logged(listener) == []
+
+
+def test_regression_running_event_naming_pid_1_never_moves_pid_1(tmp_path):
+    """A RUNNING event naming PID 1 (malformed or stale) once put PID 1 in a worker's cgroup.
+
+    Whatever worker the walk from PID 1 finds, only supervisord's own child
+    is ever placed: PID 1's cgroup, and every other process's, stays put.
+    """
+    from celery_supervise import cgroups
+
+    before = cgroups.path_of(1)
+    listener = make_listener(tmp_path)
+    listener.handle_event({"eventname": "PROCESS_STATE_RUNNING"},
+                          "processname:x groupname:x from_state:STARTING pid:1")
+    assert cgroups.path_of(1) == before
+    assert "containment" not in [e["action"] for e in logged(listener)]
+    listener.close()
