@@ -365,5 +365,5 @@ def release(cgroup: Cgroup, keep: Iterable[int]) -> list[str]:
 
 def enter_self(program: str, mode: str = AUTO) -> Cgroup:
     """Place the calling process (the ``contain`` wrapper, before it execs the worker)."""
-    me = os.getpid()
-    return place(me, program, parent_pid=me, mode=mode)
+    # Its parent is supervisord (or a shell supervisord runs): the cgroup we inherited is theirs.
+    return place(os.getpid(), program, parent_pid=os.getppid(), mode=mode)

@@ -194,3 +194,12 @@ def test_print_config_contain_wraps_the_worker_only():
     assert worker["command"].startswith("/venv/bin/celery-supervise contain -- /venv/bin/celery -A demo worker")
     assert "contain" not in listener["command"]
     assert printing.invocation(request).endswith("print-config --contain")
+
+
+def test_place_refuses_pid_1_and_the_parent_itself():
+    """Checked before anything is read or written: a worker cgroup holding PID 1 or supervisord would own everything."""
+    if cgroups.unavailable() is not None:
+        pytest.skip("no cgroup v2 mount")
+    for pid, parent in ((1, 4242), (4242, 4242)):
+        with pytest.raises(cgroups.CgroupUnavailable, match="never placed"):
+            cgroups.place(pid, "w", parent_pid=parent)
