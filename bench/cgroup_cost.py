@@ -24,7 +24,7 @@ import uuid
 
 import psutil
 
-from celery_supervise import cgroups, procs
+from celery_supervise.processes import cgroups, procs
 
 from .measure import Row, Target, order, timed
 

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the harness lives with the tests
 
 from bench.measure import Child, bytecode_cache_on, order, run_child  # noqa: E402
-from celery_supervise.drain import POLL_INTERVAL  # noqa: E402
+from celery_supervise.celery_side.drain import POLL_INTERVAL  # noqa: E402
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/7")
 BROKERS = {"filesystem": None, "redis": REDIS_URL}

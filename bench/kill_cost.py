@@ -33,7 +33,8 @@ import signal
 import time
 from collections import Counter
 
-from celery_supervise import kill, operations, plan, snapshot
+from celery_supervise.processes import kill, plan, snapshot
+from celery_supervise.processes import revisit as revisiting
 
 from .forest import WORKER, Forest, is_gone
 from .measure import Row, Target, cpu_seconds, median, order, summary, timed
@@ -46,7 +47,7 @@ def _ours(run_id: str, size: int) -> tuple[float, float, dict]:
         worker = snapshot.read_worker(tree.root)
         # What a kill from a record does first (not in the timed call):
         # re-verify every recorded process and look for newcomers.
-        revisit_seconds, _ = timed(lambda: operations.revisit(worker))
+        revisit_seconds, _ = timed(lambda: revisiting.revisit(worker))
         verdicts = plan.plan([worker], plan.Policy())
         cpu = cpu_seconds()
         seconds, report = timed(lambda: kill.execute(verdicts, grace=5))
@@ -116,7 +117,7 @@ def run(run_id: str, quick: bool = False, size: int = 1000) -> list[Row]:
                 row.notes.append(f"{side}: {len(left)} processes outlived SIGTERM for 5 s")
     last = details[-1]
     row.notes.append(f"roles {last['roles']}; outcomes of the last run {last['outcomes']}")
-    row.notes.append("not in the timed call: re-verifying the record first (operations.revisit, what `kill FILE` "
+    row.notes.append("not in the timed call: re-verifying the record first (processes.revisit.revisit, what `kill FILE` "
                      f"does before it signals) took {summary([d['revisit'] for d in details])}")
     same.notes.append(f"raw children first / raw root first: {median(same.baseline) / median(row.baseline):.2f}× "
                       "(what the order alone costs; ours keeps children first)")

@@ -1,6 +1,6 @@
 """Run every benchmark and print one markdown table.
 
-    python bench/run.py [--quick] [--only snapshot|kill|savepid|listener|listener-idle|drain|restart|oldscript]
+    python bench/run.py [--quick] [--only snapshot|kill|savepid|listener|listener-idle|drain|drain-all|storm|restart|rolling|oldscript]
 
 Each row gives our figure, the figure of what a user would otherwise use
 (psutil, raw ``os.kill``, ``celery inspect``, ``supervisorctl restart``,
@@ -103,6 +103,50 @@ def drain_rows(run_id: str, args) -> list[Row]:
     return rows
 
 
+def drain_all_rows(run_id: str, args) -> list[Row]:
+    from bench import drain_all_bench
+
+    rows = []
+    for n, res in drain_all_bench.run(drain_all_bench.WORKERS, 5 if args.quick else 7).items():
+        target = Target(seconds=drain_all_bench.TARGET) if n == max(drain_all_bench.WORKERS) else Target()
+        row = Row(f"drain --all overhead, {n} worker(s) (-c 1), redis: last task done → command exits",
+                  "celery-supervise drain --all", "cancel_consumer + `celery inspect active` loop (no -d)", target,
+                  ours=res["ours"], baseline=res["baseline"])
+        c = res["count"]
+        row.notes.append(
+            f"broadcasts in one counted drain --all: {c['broadcasts']} ({c['cancels']} cancel_consumer, 1 active_queues, "
+            f"{c['rounds']} reserved + active rounds while the {drain_all_bench.HOLD:g} s tasks ran); after the last task: "
+            f"{c['broadcasts_after_last_task']} broadcast(s), {c['replies']} replies in all, decided "
+            f"{c['decided_after_last_task'] * 1000:.0f} ms after it")
+        if res["clock_steps"]:
+            row.notes.append(f"{res['clock_steps']} sample(s) taken again: the wall clock was set meanwhile")
+        rows.append(row)
+    return rows
+
+
+def storm_rows(run_id: str, args) -> list[Row]:
+    from bench import storm_bench
+
+    runs = storm_bench.run(storm_bench.WORKERS, MIN_N_RESTART)
+    n = storm_bench.WORKERS
+    latency = Row(f"event storm: `supervisorctl restart all` of {n} workers + the listener, last 'stopped' → "
+                  "last attached leftover gone", "eventlistener", "-", Target(), ours=[r["latency"] for r in runs],
+                  min_n=MIN_N_RESTART)
+    latency.notes.append(
+        f"buffer_size {runs[0]['buffer_size']} (print-config's for --numprocs {n}); events handed to the listener per "
+        f"restart: {[r['events'] for r in runs]}, discarded: {[r['discarded'] for r in runs]}; attached left: "
+        f"{[r['left'] for r in runs]}, detached killed: {[r['detached_killed'] for r in runs]}; restart all took "
+        + ", ".join(f"{r['restart']:.1f} s" for r in runs))
+    latency.notes.append("restart all stops the listener too, first: the new one, started once every worker has "
+                         "stopped, reaps the old trees from its records")
+    stepped = sum(r["clock_stepped"] for r in runs)
+    if stepped:
+        latency.notes.append(f"{stepped} storm(s) saw the wall clock set meanwhile: their latency is not meaningful")
+    rss = Row(f"event storm: listener RSS, peak over `restart all` of {n} workers", "celery-supervise listener", "-",
+              Target(), ours=[r["rss"] / 2**20 for r in runs], unit="MB", min_n=MIN_N_RESTART)
+    return [latency, rss]
+
+
 def restart_rows(run_id: str, args) -> list[Row]:
     from bench import restart_bench
 
@@ -128,6 +172,14 @@ def restart_rows(run_id: str, args) -> list[Row]:
                             for tool, rs in (("ours", mine), ("supervisorctl", theirs))))
             rows.append(row)
     return rows
+
+
+def rolling_rows(run_id: str, args) -> list[Row]:
+    from bench import rolling_bench
+
+    brokers = ("redis",) if args.quick else ("filesystem", "redis")
+    results = rolling_bench.run(brokers, 5.0, MIN_N_RESTART if args.quick else 5)
+    return rolling_bench.rows_for_table(results, brokers, 5.0)
 
 
 def oldscript_rows(run_id: str, args) -> list[Row]:
@@ -158,7 +210,10 @@ BENCHMARKS = {
     "listener": listener_rows,
     "listener-idle": listener_idle_rows,
     "drain": drain_rows,
+    "drain-all": drain_all_rows,
+    "storm": storm_rows,
     "restart": restart_rows,
+    "rolling": rolling_rows,
     "oldscript": oldscript_rows,
 }
 

@@ -158,7 +158,7 @@ def redis_broker(run_id: str) -> Broker:
 
 
 def filesystem_broker(run_id: str, folder: str) -> Broker:
-    from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
+    from celery_supervise.celery_side.fs_transport import TRANSPORT_PATH, filesystem_broker_options
 
     env = _base_env(run_id)
     env["CELERY_SUPERVISE_BROKER_DIR"] = folder
@@ -276,7 +276,7 @@ class Requeue:
 
 
 def write_requeue_record(workdir: str, worker_pid: int, run_id: str) -> Requeue:
-    from celery_supervise import plan, snapshot, statefile
+    from celery_supervise.processes import plan, snapshot, statefile
 
     queue = f"bench-requeue-{run_id[:12]}"
     task = snapshot.Task(id=f"bench-requeue-{run_id[:12]}", name="demo.tasks.add", args=[2, 3], kwargs={},

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import psutil
 
-from celery_supervise import snapshot
+from celery_supervise.processes import snapshot
 
 from .forest import CROWD, WORKER, Forest
 from .measure import Row, Target, cpu_seconds, order, summary, timed

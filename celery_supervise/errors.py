@@ -56,8 +56,10 @@ EXIT_CODES: dict[str, dict[int, str]] = {
     "restart": {
         EXIT_OK: "drained, stopped, cleaned up, started, and every new worker answered a ping",
         EXIT_ERROR: "error; nothing was drained, stopped or started",
-        EXIT_USAGE: _USAGE,
-        EXIT_PARTIAL: "stopped short: the drain timed out (nothing stopped), a leftover survived, "
+        EXIT_USAGE: _USAGE + "; with --rolling also: a single process, or --max-unavailable as large as "
+                    "the number of processes (no consumer would be left)",
+        EXIT_PARTIAL: "stopped short: the drain timed out (nothing stopped; with --rolling the batch consumes "
+                      "again and the batches before stay replaced), a leftover survived, "
                       "or a new worker did not answer; the last line says which and what to run next",
     },
     "deploy": {
@@ -105,14 +107,18 @@ class Outcome(int):
     A command returns it; the CLI exits with it, and the Django command
     turns a non-zero one into ``CommandError(problem, returncode=code)``.
     Without a *problem* of its own, the line is the command's entry in
-    :data:`EXIT_CODES`.
+    :data:`EXIT_CODES`. *say* holds the error lines each shell's edge
+    prints on stderr after the output (a savepid whose broker failed, a
+    deploy that stopped short), already worded: nothing else prints them.
     """
 
     problem: str | None
+    say: tuple[str, ...]
 
-    def __new__(cls, code: int, problem: str | None = None) -> "Outcome":
+    def __new__(cls, code: int, problem: str | None = None, say: tuple[str, ...] = ()) -> "Outcome":
         self = super().__new__(cls, code)
         self.problem = problem
+        self.say = tuple(say)
         return self
 
     def explain(self, command: str) -> str:

@@ -7,11 +7,10 @@ JSON line on stderr.
 
 What it does on each event:
 
-* ``PROCESS_STATE_STARTING``: place the new process in a cgroup of its own
-  (see :mod:`celery_supervise.cgroups`), long before its first task forks.
-* ``PROCESS_STATE_RUNNING`` (and every tick): place it, marked late, if
-  that did not happen; record the worker's identity,
-  its supervisord's identity and its current tree in ``STATE_DIR``.
+* ``PROCESS_STATE_STARTING``: place the worker in a cgroup of its own
+  (:mod:`celery_supervise.supervisord.placement`) before its first task forks.
+* ``PROCESS_STATE_RUNNING`` (and every tick): place it (late) if not yet, record
+  the worker's identity, its supervisord's identity and its current tree in ``STATE_DIR``.
 * ``PROCESS_STATE_STOPPING``: snapshot the tree again, with the active tasks
   when ``-A`` is given and the worker answers within a short bound.
 * ``PROCESS_STATE_STOPPED``/``EXITED``/``BACKOFF``/``FATAL``: kill the
@@ -41,25 +40,28 @@ is finished first.
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 import json
 import os
-import re
 import select
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Callable, Iterable, TextIO
 
 import psutil
-from supervisor import childutils
 
-from . import cgroups, control, discovery, kill as killing, operations, procs, report, snapshot, statefile
-from .errors import EXIT_USAGE, SuperviseError, UsageError
-from .plan import Policy, plan
-from .snapshot import Task
+from .celery_side import control, discovery, task_json
+from .commands import kill as kill_verb, savepid as savepid_verb
+from .errors import EXIT_USAGE, SuperviseError, SupervisorError
+from .processes import cgroups, kill as killing, procs, snapshot, statefile
+from .processes.plan import Policy
+from .processes.procs import Identity
+from .processes.revisit import with_cgroup_members
+from .processes.snapshot import Task
+from .supervisord import placement, protocol, records as folder, rpc as rpcs
+from .supervisord.protocol import from_environment, parse_payload
+from .supervisord.records import RECORD_SUFFIX, merged
 
 STOP_EVENTS = {"PROCESS_STATE_STOPPED", "PROCESS_STATE_EXITED", "PROCESS_STATE_BACKOFF", "PROCESS_STATE_FATAL"}
 STOPPING_TASKS_TIMEOUT = 0.5  # a STOPPING event must not hold the listener up for long
@@ -67,92 +69,35 @@ STOPPING_TASKS_TIMEOUT = 0.5  # a STOPPING event must not hold the listener up f
 # whose tree grew: a worker that crashes (no STOPPING event) is then reaped
 # by a tree at most this old, not one from its start or the last tick.
 REFRESH_INTERVAL = 2.0
-#: Larger than any event we subscribe to (supervisord's own payloads are a
-#: line or two); a header announcing more is malformed.
-MAX_PAYLOAD = 1 << 24
-RECORD_SUFFIX = ".json"
-REPORT_SUFFIX = ".report.json"
 
 
-class Stop(BaseException):
-    """Raised from the SIGTERM handler to leave a blocking wait.
+class Listener(protocol.Loop):
+    """Handles supervisord events; streams, clocks, sleep and RPC are passed in for tests.
 
-    A BaseException, like KeyboardInterrupt, so that no ``except Exception``
-    on the way (Celery's, kombu's, our own edges') can swallow it.
+    *wait* blocks between events on stdin and the watched workers' pidfds;
+    an in-memory stdin (a test's) cannot be waited on, so it is passed with
+    ``wait=False``.
     """
-
-
-@dataclass(frozen=True)
-class Identity:
-    pid: int
-    create_time: float
-
-    @classmethod
-    def of(cls, pid: int) -> "Identity | None":
-        ct = procs.live_identity(pid)
-        return None if ct is None else cls(pid, ct)
-
-    def alive(self) -> bool:
-        ct = procs.live_identity(self.pid)
-        return ct is not None and abs(ct - self.create_time) <= procs.CREATE_TIME_TOLERANCE
-
-    def same(self, other: "Identity | None") -> bool:
-        """The same process; a record's creation time is rebased, so not always bit for bit equal."""
-        return other is not None and other.pid == self.pid \
-            and abs(other.create_time - self.create_time) <= procs.CREATE_TIME_TOLERANCE
-
-
-def parse_payload(payload: str) -> dict:
-    """``key:value`` tokens of a PROCESS_STATE/TICK payload (body ignored)."""
-    line = payload.split("\n", 1)[0]
-    try:
-        return childutils.get_headers(line)
-    except ValueError:
-        raise ValueError(f"malformed payload {line[:200]!r}") from None
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
-def _identities(worker: snapshot.Worker) -> set[tuple[int, float]]:
-    return {(p.pid, p.create_time) for p in worker.procs}
-
-
-def _merged(now: snapshot.Worker, before: snapshot.Worker) -> snapshot.Worker:
-    """*now*, plus the processes of *before* that still live but are no longer in the tree."""
-    seen = {p.pid for p in now.procs}
-    kept = [p for p in before.procs[1:] if p.pid not in seen and killing.alive(p)]
-    if not kept:
-        return now
-    # Creation order puts every parent ahead of its children, as a record must.
-    rest = sorted([*now.procs[1:], *kept], key=lambda p: p.create_time)
-    return snapshot.Worker(main=now.main, procs=(now.main, *rest), node=now.node, app=now.app,
-                           program=now.program, supervisor_pid=now.supervisor_pid, tasks=now.tasks)
-
-
-def _text(data: bytes | str) -> str:
-    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-
-
-class Listener:
-    """Handles supervisord events; streams, clock and RPC are passed in for tests."""
 
     def __init__(
         self,
         *,
         state_dir: str,
         programs: Iterable[str] = (),
-        grace: float = operations.DEFAULT_GRACE,
+        grace: float = kill_verb.DEFAULT_GRACE,
         policy: Policy = Policy(),
         app=None,
         app_spec: str | None = None,
         supervisor: Identity | None = None,
         rpc=None,
+        rpc_url: str = "supervisord",
         stdin: TextIO = sys.stdin,
         stdout: TextIO = sys.stdout,
         stderr: TextIO = sys.stderr,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        wait: bool = True,
         refresh_interval: float = REFRESH_INTERVAL,
         cgroup_mode: str = cgroups.AUTO,
     ):
@@ -164,13 +109,18 @@ class Listener:
         self.app_spec = app_spec
         self.supervisor = supervisor
         self.rpc = rpc
+        self.rpc_url = rpc_url
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         # Read bytes when we can: the header's len counts bytes, not characters.
         self._input = getattr(stdin, "buffer", stdin)
-        self.clock = clock
+        self.clock = clock  # the wall clock, for the log and the reports' names
+        self.monotonic = monotonic  # for the waits
+        self.sleep = sleep
+        self.wait = wait
         self.refresh_interval = refresh_interval
         self.cgroup_mode = cgroup_mode
-        self._containment: dict[str, str] = {}  # program -> the mechanism last logged for it
+        parent = supervisor.pid if supervisor else os.getppid()  # the only process whose child is placed
+        self.placement = placement.Placement(cgroup_mode, self.programs, parent, self.log)
         self.stop_requested = False
         self._waiting = False  # blocked on input: SIGTERM may interrupt
         self._watches: dict[str, int] = {}  # record path -> pidfd of its worker main
@@ -189,33 +139,18 @@ class Listener:
             pass
 
     def record_path(self, program: str, pid: int) -> str:
-        return os.path.join(self.state_dir, f"{safe_name(program)}@{pid}{RECORD_SUFFIX}")
+        return folder.record_path(self.state_dir, program, pid)
 
     def records(self, program: str | None = None) -> list[str]:
-        prefix = f"{safe_name(program)}@" if program else ""
         try:
-            names = os.listdir(self.state_dir)
+            return folder.listing(self.state_dir, program)
         except OSError as exc:
             self.log("error", error=f"cannot list {self.state_dir}: {exc}")
             return []
-        return sorted(
-            os.path.join(self.state_dir, n)
-            for n in names
-            if n.endswith(RECORD_SUFFIX) and not n.endswith(REPORT_SUFFIX) and n.startswith(prefix)
-            and not n.startswith(".")
-        )
-
-    def ours(self, program: str) -> bool:
-        """Whether *program* is one of those we watch (all, without --program)."""
-        short = program.split(":", 1)[-1]
-        return not self.programs or any(fnmatch.fnmatchcase(program, p) or fnmatch.fnmatchcase(short, p)
-                                        for p in self.programs)
 
     def watched(self, program: str, pid: int | None) -> int | None:
         """The worker main PID if *program* is one we watch, else ``None``."""
-        if not self.ours(program):
-            return None
-        if not pid:
+        if not pid or not placement.ours(self.programs, program):
             return None
         return discovery.worker_main_under(pid, self.app_spec)
 
@@ -252,27 +187,16 @@ class Listener:
             self.log("error", during=what, error=f"unexpected {type(exc).__name__}: {exc}")
 
     def on_process_state(self, event: str, fields: dict, why: str | None = None) -> None:
-        program = f"{fields['groupname']}:{fields['processname']}"
-        if fields["groupname"] == fields["processname"]:
-            program = fields["processname"]
+        program = protocol.program_name(fields)
         # STARTING, BACKOFF and FATAL carry no pid at all.
         raw_pid = fields.get("pid", "")
         pid = int(raw_pid) if raw_pid.isdigit() else 0
         if event == "PROCESS_STATE_STARTING":
-            # STARTING carries no pid, but supervisord emits it from spawn()
-            # and forks before we read it: ask for the pid it now has.
-            if self.ours(program) and self.cgroup_mode != cgroups.OFF and self.rpc is not None:
-                try:
-                    pid = int(self.rpc.supervisor.getProcessInfo(program).get("pid") or 0)
-                except Exception as exc:  # any transport failure or Fault (shutting down): RUNNING places it late
-                    self.log("warning", program=program, warning=f"cannot ask supervisord for its PID: {exc}")
-                    pid = 0
-                if pid and self._worker_program(pid):
-                    self.contain(program, pid, late=False)
+            self.placement.at_starting(self.rpc, program)  # STARTING carries no pid: it asks supervisord
         elif event == "PROCESS_STATE_RUNNING":
             main = self.watched(program, pid)
             if main is not None:
-                self.contain(program, pid, late=True, main=main)
+                self.placement.place(program, pid, late=True, main=main)
                 stale = [p for p in self.records(program) if not p.endswith(f"@{main}{RECORD_SUFFIX}")]
                 self.settle(stale, "replaced by a new start", replaced=True)
                 self.record(program, main, why or event)
@@ -286,58 +210,6 @@ class Listener:
             for path in self.records(program):
                 if self._main_dead(path):
                     self.reap(path, event)
-
-    # ------------------------------------------------------------ cgroups
-
-    def _worker_program(self, pid: int) -> bool:
-        """Whether the process just started for a program is a worker's (at STARTING).
-
-        With ``--program`` the user named the workers' programs. Without, only
-        a process that already runs ``celery … worker`` is one: never another
-        program of the same supervisord (nor this listener itself). One that
-        has not exec'd yet is placed, late, at RUNNING.
-        """
-        if pid == os.getpid():
-            return False
-        if self.programs:
-            return True
-        found = procs.read_proc(pid)
-        return found is not None and discovery.parse_worker_cmdline(found.cmdline) is not None
-
-    def contain(self, program: str, pid: int, *, late: bool, main: int | None = None) -> None:
-        """Place the process supervisord started for *program* in a cgroup of its own.
-
-        Its current descendants (the worker's pool, when we place it at
-        RUNNING, or at STARTING delivered late) are moved too: what they fork
-        from now on is covered. Having any makes the placement late: what
-        they forked before and already left the tree is not covered.
-        """
-        if self.cgroup_mode == cgroups.OFF or pid == os.getpid():
-            return
-        if cgroups.of_worker(main or pid, self.cgroup_mode)[0] is not None:
-            return  # placed already (at STARTING, or by `celery-supervise contain`)
-        parent = self.supervisor.pid if self.supervisor else os.getppid()
-        root = procs.read_proc(pid)
-        # Only the process supervisord started for the program, its direct
-        # child: a PID from an event is never trusted to name anything else
-        # (a bad or stale one could name PID 1, and move the whole machine).
-        if root is None or root.ppid != parent:
-            return
-        also = [p.pid for p in procs.walk(root)]
-        late = late or bool(also)
-        try:
-            cg = cgroups.place(pid, program, parent_pid=parent, late=late, also=also, mode=self.cgroup_mode)
-        except cgroups.CgroupUnavailable as exc:
-            self._log_containment(program, pid, cgroups.describe(None, str(exc)))
-            return
-        self._log_containment(program, pid, cgroups.describe(cg, None))
-
-    def _log_containment(self, program: str, pid: int, mechanism: str) -> None:
-        # Once per program and mechanism: a host without cgroups would
-        # otherwise repeat the same line at every start and tick.
-        if self._containment.get(program) != mechanism:
-            self._containment[program] = mechanism
-            self.log("containment", program=program, pid=pid, mechanism=mechanism)
 
     # ------------------------------------------------------------- records
 
@@ -357,51 +229,49 @@ class Listener:
         if worker is None:
             return
         # Its cgroup, and the members that already left the tree and the group.
-        worker = operations.with_cgroup_members(worker, self.cgroup_mode)
-        cgroup, cgroup_reason = worker.cgroup, worker.cgroup_reason
+        worker = with_cgroup_members(worker, self.cgroup_mode)
         path = self.record_path(program, main_pid)
         last = self._last.get(path)
         if last is not None and not last.main.same_process(worker.main):
             last = None  # the PID now names another worker
         if last is not None:
-            worker = _merged(worker, last)
-        if if_changed and last is not None and _identities(worker) <= _identities(last) and last.cgroup == cgroup:
+            worker = merged(worker, last)
+        if if_changed and last is not None and folder.identities(worker) <= folder.identities(last) \
+                and last.cgroup == worker.cgroup:
             return
         command = discovery.parse_worker_cmdline(worker.main.cmdline)
         node = command.node if command else None
         found_tasks = last.tasks if last is not None else ()
         if tasks and self.app is not None and command is not None:
             found_tasks = self._active_tasks(main_pid, command) or found_tasks
-        worker = snapshot.Worker(main=worker.main, procs=worker.procs, node=node, app=command.app if command else None,
-                                 program=program, supervisor_pid=worker.supervisor_pid, tasks=found_tasks)
-        worker = dataclasses.replace(worker, cgroup=cgroup, cgroup_reason=cgroup_reason)
-        snap = snapshot.take([worker], "listener")
-        doc = statefile.to_document(snap, self.policy, plan([worker], self.policy))
-        if self.supervisor:
-            doc["supervisor"] = {"pid": self.supervisor.pid, "create_time": self.supervisor.create_time}
-        statefile.write(path, doc)
+        worker = replace(worker, node=node, app=command.app if command else None, program=program, tasks=found_tasks)
+        # savepid's own record, with our supervisord's identity in it.
+        savepid_verb.record(path, snapshot.take([worker], "listener"), self.policy, supervisor=self.supervisor)
         self._last[path] = worker
         self._watch(path, worker.main)
         self.log("recorded", program=program, pid=main_pid, why=why, processes=len(worker.procs),
                  tasks=len(found_tasks))
 
     def refresh_changed(self) -> None:
-        """Rewrite the record of every worker we watch that has a new process."""
+        """Rewrite the record of every worker we watch that has a new process.
+
+        A tree is walked again only when :func:`procs.tree_grew` says a walk
+        could find a process its record lacks (why that misses nothing is
+        written there): idle, that is two small reads per process instead
+        of a whole snapshot per worker every :data:`REFRESH_INTERVAL`.
+        """
         for w in list(self._last.values()):
+            if not procs.tree_grew(w.procs):
+                continue
             self.safely("refresh", lambda: self.record(w.program or "?", w.main.pid, "tree grew", if_changed=True))
 
     def _active_tasks(self, main_pid: int, command) -> tuple[Task, ...]:
         try:
-            conn = control.connect(self.app, timeout=STOPPING_TASKS_TIMEOUT)
-            try:
-                replies = control.inspect(self.app, conn, "active", nodes=[command.node], expected=1,
-                                          timeout=STOPPING_TASKS_TIMEOUT)
-            finally:
-                conn.release()
+            replies = control.active_tasks(self.app, command.node, STOPPING_TASKS_TIMEOUT)
         except SuperviseError as exc:
             self.log("warning", pid=main_pid, warning=f"no active tasks recorded: {exc}")
             return ()
-        return tuple(Task.from_reply(t) for t in replies.get(command.node) or () if isinstance(t, dict))
+        return tuple(Task.from_reply(t) for t in replies if isinstance(t, dict))
 
     def tick(self) -> None:
         """Sweep, then re-record every running worker (catching any missed RUNNING)."""
@@ -414,8 +284,8 @@ class Listener:
         if self.rpc is None:
             return False
         try:
-            infos = self.rpc.supervisor.getAllProcessInfo()
-        except Exception as exc:  # any transport failure: the events will catch up
+            infos = rpcs.call(self.rpc_url, self.rpc.supervisor.getAllProcessInfo)
+        except SupervisorError as exc:  # the events will catch up
             self.log("warning", warning=f"{why}: cannot list supervisord's processes: {exc}")
             return False
         for info in infos:
@@ -428,54 +298,30 @@ class Listener:
         """Re-read the trees of the live workers our supervisord runs."""
         for path in self.records():
             rec = self._load(path)
-            if rec is None or not rec.snapshot.workers or not self._ours(self._supervisor_of(rec)):
+            if rec is None or not rec.snapshot.workers or not self._ours(folder.supervisor_of(rec)):
                 continue
             worker = rec.snapshot.workers[0]
-            if Identity(worker.main.pid, worker.main.create_time).alive():
+            if worker.main.identity.alive():
                 self.record(worker.program or "?", worker.main.pid, "tick")
 
     def _load(self, path: str):
-        try:
-            rec = statefile.read_here(path)
-        except SuperviseError as exc:
-            if not os.path.lexists(path):
-                return None  # reaped meanwhile (by another listener or a deploy script)
-            self.log("refused", record=path, error=str(exc))
-            self._set_aside(path)
-            return None
-        if isinstance(rec, statefile.LegacyRecord):
-            self.log("refused", record=path, error="not a listener record")
-            self._set_aside(path)
-            return None
+        rec, refusal = folder.load(path)
+        if refusal is not None:
+            self.log("refused", record=path, error=refusal)
+            self._unwatch(path)
+            folder.set_aside(path)
         return rec
-
-    def _set_aside(self, path: str) -> None:
-        # Never acted on, and moved out of the way so it is not re-read on
-        # every tick; kept for a human to look at.
-        self._unwatch(path)
-        try:
-            os.rename(path, path + ".invalid")
-        except OSError:
-            pass
 
     def _ours(self, sup: Identity | None) -> bool:
         """Whether a record's supervisord is ours (both unknown counts, as in tests without one)."""
         return sup.same(self.supervisor) if sup is not None else self.supervisor is None
-
-    @staticmethod
-    def _supervisor_of(rec: statefile.Record) -> Identity | None:
-        # From the parsed record, not the raw file: its creation time is
-        # rebased like the workers', so a listener started after the clock
-        # was set does not take a live supervisord for a dead one (and
-        # warm-stop its workers as orphans).
-        return Identity(*rec.supervisor) if rec.supervisor else None
 
     def _main_dead(self, path: str) -> bool:
         rec = self._load(path)
         if rec is None:
             return False
         main = rec.snapshot.workers[0].main if rec.snapshot.workers else None
-        return main is None or not Identity(main.pid, main.create_time).alive()
+        return main is None or not main.identity.alive()
 
     # ------------------------------------------------------------- pidfds
 
@@ -513,18 +359,17 @@ class Listener:
         if rec is None:
             return
         try:
-            result = operations.kill(path, grace=self.grace, cgroup_mode=self.cgroup_mode)
+            result = kill_verb.kill(path, grace=self.grace, cgroup_mode=self.cgroup_mode)
         except SuperviseError as exc:
             if not os.path.lexists(path):
                 return  # another reaper got there first, under the lock
             self.log("error", record=path, error=str(exc))
             return
-        doc = report.kill_document(result)
+        doc = result.to_document()
         doc["why"] = why
         doc["tasks"] = [t.__dict__ for w in rec.snapshot.workers for t in w.tasks]
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock()))
-        report_path = path[: -len(RECORD_SUFFIX)] + f".{stamp}{REPORT_SUFFIX}"
-        statefile.write(report_path, doc)
+        report_path = folder.report_path(path, self.clock())
+        statefile.write(report_path, doc, task_json.Encoder)
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -554,10 +399,10 @@ class Listener:
             if rec is None or not rec.snapshot.workers:
                 continue
             main = rec.snapshot.workers[0].main
-            if not Identity(main.pid, main.create_time).alive():
+            if not main.identity.alive():
                 self.reap(path, f"{why}: worker gone")
                 continue
-            sup = self._supervisor_of(rec)
+            sup = folder.supervisor_of(rec)
             if sup is not None and not sup.alive():
                 orphans.append((path, main, f"{why}: orphaned (its supervisord {sup.pid} is gone)"))
             elif replaced and self._ours(sup):
@@ -572,9 +417,9 @@ class Listener:
         for main in mains:
             result = killing.signal_proc(main, signal.SIGTERM)
             self.log("warm-stop", pid=main.pid, result=result, grace=self.grace)
-        deadline = time.monotonic() + self.grace
-        while any(killing.alive(m) for m in mains) and time.monotonic() < deadline:
-            time.sleep(killing.POLL_INTERVAL)
+        deadline = self.monotonic() + self.grace
+        while any(killing.alive(m) for m in mains) and self.monotonic() < deadline:
+            self.sleep(killing.POLL_INTERVAL)
 
     def _reap_if_dead(self, path: str, why: str) -> None:
         if os.path.exists(path) and self._main_dead(path):
@@ -597,113 +442,29 @@ class Listener:
         self.safely("start", self.sweep, "listener started")
         self.safely("start", self.record_running, "listener started")
 
-    def _blocking(self, call, *args):
-        """Run a blocking read or wait that our SIGTERM may interrupt."""
-        if self.stop_requested:
-            raise Stop()
-        self._waiting = True
-        try:
-            return call(*args)
-        finally:
-            self._waiting = False
-
     def wait_for_input(self) -> None:
         """Block until stdin is readable, reaping watched workers that exit meanwhile.
 
         Every *refresh_interval* seconds of waiting, the watched trees are
         re-read too.
         """
-        try:
-            fd = self._input.fileno()
-        except (AttributeError, OSError, ValueError):  # a StringIO in tests: just read
+        if not self.wait:
             return
-        next_refresh = time.monotonic() + self.refresh_interval
+        fd = self._input.fileno()
+        next_refresh = self.monotonic() + self.refresh_interval
         while True:
             by_fd = {wfd: path for path, wfd in self._watches.items()}
-            timeout = max(0.0, next_refresh - time.monotonic()) if self._last else None
+            timeout = max(0.0, next_refresh - self.monotonic()) if self._last else None
             readable, _, _ = self._blocking(select.select, [fd, *by_fd], [], [], timeout)
             if fd in readable:
                 return  # the event first: it may be end of input, and then we touch nothing
             if not readable:
                 self.refresh_changed()
-                next_refresh = time.monotonic() + self.refresh_interval
+                next_refresh = self.monotonic() + self.refresh_interval
             for wfd in readable:
                 path = by_fd[wfd]
                 self._unwatch(path)
                 self.safely("reap", self._reap_if_dead, path, "worker exited")
-
-    def read_event(self) -> tuple[dict, str] | None:
-        """childutils' wait(), except that end of input returns ``None``."""
-        childutils.listener.ready(self.stdout)
-        self.wait_for_input()
-        line = _text(self._blocking(self._input.readline))
-        if not line:
-            return None
-        headers = childutils.get_headers(line)
-        length = headers.get("len", "0")
-        # Only plain digits: int() also takes "-1" (read(-1) would swallow every
-        # later event until supervisord exits), "٣" and " 5"; and a bound, since a
-        # huge len blocks until that much arrives, or overflows read() itself.
-        if not (length.isascii() and length.isdigit()) or int(length) > MAX_PAYLOAD:
-            raise ValueError(f"malformed header: len {length[:40]!r} is not a payload length")
-        payload = _text(self._input.read(int(length)))
-        return headers, payload
-
-    def _on_term(self, signum, frame) -> None:
-        self.stop_requested = True
-        if self._waiting:
-            # Only a blocking wait is interrupted; an event being handled (a
-            # reap in its grace period) is finished first.
-            self._waiting = False
-            raise Stop()
-
-    def run(self) -> int:
-        previous = signal.signal(signal.SIGTERM, self._on_term)
-        try:
-            try:
-                self.start()
-                while True:
-                    try:
-                        event = self.read_event()
-                    except ValueError as exc:
-                        # A broken header line: we cannot know its length, so we
-                        # cannot resynchronise; acknowledging keeps supervisord going.
-                        self.log("malformed", error=str(exc))
-                        childutils.listener.ok(self.stdout)
-                        continue
-                    if event is None:
-                        self.log("exit", why="end of input (supervisord gone); workers left for the next sweep")
-                        return 0
-                    self.handle_event(*event)
-                    childutils.listener.ok(self.stdout)
-                    if self.stop_requested:
-                        raise Stop()
-            except BrokenPipeError:
-                self.log("exit", why="supervisord closed our stdout; workers left for the next sweep")
-                return 0
-            except Stop:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                self.log("stopping", why="SIGTERM")
-                self.finish()
-                return 0
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            self.close()
-
-
-def from_environment(environ: dict) -> tuple[Identity, object]:
-    """Our supervisord's identity and RPC proxy; :class:`UsageError` (exit 2) outside one."""
-    if "SUPERVISOR_SERVER_URL" not in environ or "SUPERVISOR_PROCESS_NAME" not in environ:
-        raise UsageError("the listener must run under supervisord as an [eventlistener:x] section")
-    ppid = os.getppid()
-    ident = Identity.of(ppid)
-    try:
-        cmd = psutil.Process(ppid).cmdline()
-    except psutil.Error:
-        cmd = []
-    if ident is None or not procs.runs_supervisord(cmd):
-        raise UsageError("the listener's parent is not supervisord; run it as an [eventlistener:x] section")
-    return ident, childutils.getRPCInterface(environ)
 
 
 __all__ = ["Listener", "Identity", "parse_payload", "from_environment", "EXIT_USAGE"]

@@ -32,7 +32,7 @@ def remove_dead_worker_cgroups():
     that no longer lives is removed, so a placement under way in another
     session is never raced; rmdir fails on a populated one anyway.
     """
-    from celery_supervise import cgroups
+    from celery_supervise.processes import cgroups
 
     found = cgroups.mount()
     parent = cgroups.path_of(os.getpid())

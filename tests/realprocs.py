@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from celery_supervise import procs
+from celery_supervise.processes import procs
 
 #: Environment variable that marks the processes of one pytest run.
 RUN_ENV_VAR = "CELERY_SUPERVISE_TEST_RUN"

@@ -22,7 +22,7 @@ import psutil
 from celery import Celery
 from supervisor.xmlrpc import SupervisorTransport
 
-from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
+from celery_supervise.celery_side.fs_transport import TRANSPORT_PATH, filesystem_broker_options
 from realprocs import WaitTimeout, reap, wait_for, wait_gone
 
 REPO = Path(__file__).resolve().parent.parent

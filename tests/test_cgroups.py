@@ -1,4 +1,4 @@
-"""Table tests of the pure parts of cgroup tracking (celery_supervise.cgroups).
+"""Table tests of the pure parts of cgroup tracking (celery_supervise.processes.cgroups).
 
 What membership changes in the plan is tested here on hand-written trees;
 that the kernel keeps every escape route in the cgroup is proven with real
@@ -9,13 +9,13 @@ import io
 
 import pytest
 
-from celery_supervise import cgroups
-from celery_supervise.cgroups import Cgroup
+from celery_supervise.processes import cgroups
+from celery_supervise.processes.cgroups import Cgroup
 from celery_supervise.commands import contain as containing, print_config as printing
 from celery_supervise.errors import UsageError
-from celery_supervise.plan import Policy, plan
-from celery_supervise.procs import MAIN, POOL, TASK, Proc
-from celery_supervise.snapshot import Worker
+from celery_supervise.processes.plan import Policy, plan
+from celery_supervise.processes.procs import MAIN, POOL, TASK, Proc
+from celery_supervise.processes.snapshot import Worker
 
 HYBRID = """\
 24 23 0:22 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755

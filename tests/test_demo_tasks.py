@@ -89,7 +89,7 @@ def test_mark_counts_its_runs_and_holds_only_while_its_gate_exists(demo_tasks, t
 
 
 def test_the_demo_app_journals_its_tasks(demo_tasks):
-    from celery_supervise import journal
+    from celery_supervise.celery_side import journal
     from demo.celery import app
 
     demo_tasks.add.apply(args=(1, 2), task_id="j1")

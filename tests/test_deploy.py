@@ -6,14 +6,15 @@ The phases themselves run against a real supervisord and worker in
 
 import pytest
 
-from celery_supervise import operations, requeue as requeuing
+from celery_supervise.commands import requeue as requeue_cmd
+from celery_supervise.celery_side import requeue as requeuing
 from celery_supervise.commands.deploy import (
     ALREADY, CANNOT, CUT_OFF, FINISHED, REDELIVERED, RUNNING, UNKNOWN, DeployResult, Options, TaskFate, fate_of,
     plan)
 from celery_supervise.errors import StateFileError, SupervisorError, UsageError
-from celery_supervise.report import DeployProgress, consoles, deploy_tasks_lines
-from celery_supervise.rpc import Server
-from celery_supervise.snapshot import Task
+from celery_supervise.render import DeployProgress, consoles, deploy_tasks_lines
+from celery_supervise.supervisord.rpc import Server
+from celery_supervise.processes.snapshot import Task
 
 HOST = """\
 [unix_http_server]
@@ -86,22 +87,22 @@ def test_plan_without_a_config(tmp_path):
 def outcome(reason, status, action=requeuing.RESEND):
     task = Task(id="t1", name="proj.render", args=[], kwargs={}, delivery_info={"routing_key": "celery"})
     decision = requeuing.Decision(requeuing.Recorded(task, "w@host", 1000), action, reason)
-    return operations.RequeueOutcome(decision, status)
+    return requeue_cmd.RequeueOutcome(decision, status)
 
 
 @pytest.mark.parametrize("reason, status, fate, left", [
-    ("finished (journal: SUCCESS)", operations.SKIPPED, FINISHED, False),
-    ("finished (journal: FAILURE)", operations.SKIPPED, FINISHED, False),
-    (requeuing.INTERRUPTED, operations.WOULD_RESEND, CUT_OFF, True),
-    (requeuing.TERMINATED, operations.RESENT, CUT_OFF, False),
-    (requeuing.LOST_UNACKED, operations.FAILED, CUT_OFF, True),
-    (requeuing.NO_JOURNAL, operations.WOULD_RESEND, UNKNOWN, True),
-    (requeuing.NOT_IN_JOURNAL, operations.RESENT, UNKNOWN, False),
-    (requeuing.REDELIVERED, operations.SKIPPED, REDELIVERED, False),
-    (requeuing.BACK_IN_QUEUE, operations.SKIPPED, REDELIVERED, False),
-    ("cannot be re-sent: no task name recorded", operations.SKIPPED, CANNOT, False),
-    (requeuing.ALREADY_REQUEUED, operations.SKIPPED, ALREADY, False),
-    (requeuing.DUPLICATE, operations.SKIPPED, ALREADY, False),
+    ("finished (journal: SUCCESS)", requeue_cmd.SKIPPED, FINISHED, False),
+    ("finished (journal: FAILURE)", requeue_cmd.SKIPPED, FINISHED, False),
+    (requeuing.INTERRUPTED, requeue_cmd.WOULD_RESEND, CUT_OFF, True),
+    (requeuing.TERMINATED, requeue_cmd.RESENT, CUT_OFF, False),
+    (requeuing.LOST_UNACKED, requeue_cmd.FAILED, CUT_OFF, True),
+    (requeuing.NO_JOURNAL, requeue_cmd.WOULD_RESEND, UNKNOWN, True),
+    (requeuing.NOT_IN_JOURNAL, requeue_cmd.RESENT, UNKNOWN, False),
+    (requeuing.REDELIVERED, requeue_cmd.SKIPPED, REDELIVERED, False),
+    (requeuing.BACK_IN_QUEUE, requeue_cmd.SKIPPED, REDELIVERED, False),
+    ("cannot be re-sent: no task name recorded", requeue_cmd.SKIPPED, CANNOT, False),
+    (requeuing.ALREADY_REQUEUED, requeue_cmd.SKIPPED, ALREADY, False),
+    (requeuing.DUPLICATE, requeue_cmd.SKIPPED, ALREADY, False),
 ])
 def test_what_became_of_a_recorded_task(reason, status, fate, left):
     t = fate_of(outcome(reason, status))
@@ -120,9 +121,9 @@ def result(**fields):
 
 
 LEFT = TaskFate("t1", "proj.render", "w@host", CUT_OFF, "interrupted (journal: never finished)",
-                operations.WOULD_RESEND)
-DONE = TaskFate("t2", "proj.mail", "w@host", FINISHED, "finished (journal: SUCCESS)", operations.SKIPPED)
-UNSURE = TaskFate("t3", "proj.sync", "w@host", UNKNOWN, requeuing.NO_JOURNAL, operations.RESENT)
+                requeue_cmd.WOULD_RESEND)
+DONE = TaskFate("t2", "proj.mail", "w@host", FINISHED, "finished (journal: SUCCESS)", requeue_cmd.SKIPPED)
+UNSURE = TaskFate("t3", "proj.sync", "w@host", UNKNOWN, requeuing.NO_JOURNAL, requeue_cmd.RESENT)
 
 
 @pytest.mark.parametrize("fields, code", [

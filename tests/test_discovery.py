@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from celery_supervise.discovery import app_names_match, parse_worker_cmdline, start_time_agrees
+from celery_supervise.celery_side.discovery import app_names_match, parse_worker_cmdline, start_time_agrees
 
 HOST = socket.gethostname()
 

@@ -13,14 +13,15 @@ import pytest
 from kombu import Queue
 from rich.console import Console
 
-from celery_supervise import operations, report
-from celery_supervise.discovery import WorkerCommand
-from celery_supervise.drain import (
+from celery_supervise import render as report
+from celery_supervise.commands import drain as drain_cmd
+from celery_supervise.celery_side.discovery import WorkerCommand
+from celery_supervise.celery_side.drain import (
     ACTIVE, POLL_INTERVAL, POLL_WAIT, RESERVED, Assessment, Drainer, DrainResult, Held, Target, assess, cancels,
     configured_queues, local_targets, more_cancels, named_targets, queue_names,
 )
 from celery_supervise.errors import EXIT_OK, EXIT_PARTIAL, BrokerError, UsageError
-from celery_supervise.snapshot import Task
+from celery_supervise.processes.snapshot import Task
 
 A, B = "a@host", "b@host"
 
@@ -204,7 +205,7 @@ def test_cancels_go_out_before_any_question_and_a_busy_worker_is_waited_for():
     assert result.cancelled == (("celery", (A,)), ("video", (A,)))
     # Two silent rounds cost their wait, the busy one is padded to POLL_INTERVAL.
     assert result.elapsed == pytest.approx(2 * POLL_WAIT + POLL_INTERVAL + 2 * 0.01)
-    assert report.drain_exit_code(result) == EXIT_OK
+    assert result.exit_code == EXIT_OK
 
 
 def test_an_idle_worker_takes_two_rounds_and_no_pause():
@@ -227,7 +228,7 @@ def test_timeout_names_every_task_still_held():
     assert [(h.node, h.state, h.task.id) for h in result.held] == [(A, ACTIVE, "t1"), (A, RESERVED, "t2")]
     assert result.finished_at == clock.wall()
     assert result.held[0].runtime(result.finished_at) == pytest.approx(clock.now)
-    assert report.drain_exit_code(result) == EXIT_PARTIAL
+    assert result.exit_code == EXIT_PARTIAL
 
 
 def test_timeout_with_a_silent_worker_keeps_what_it_last_said():
@@ -349,11 +350,11 @@ def celery_app():
 def test_drain_usage_errors(celery_app, kwargs, message):
     args = {"app_spec": "nosuchproject_xyz", "remote_factory": NoRemote, **kwargs}
     with pytest.raises(UsageError, match=message):
-        operations.drain(celery_app, **args)
+        drain_cmd.drain(celery_app, **args)
 
 
 def test_no_local_worker_means_nothing_to_drain(celery_app):
-    result = operations.drain(celery_app, "nosuchproject_xyz", remote_factory=NoRemote)
+    result = drain_cmd.drain(celery_app, "nosuchproject_xyz", remote_factory=NoRemote)
     assert result.drained and result.targets == ()
     assert "no Celery worker of nosuchproject_xyz is running on this host" in result.warnings[0]
 
@@ -377,7 +378,7 @@ def test_destination_expands_percent_h_and_uses_the_apps_queues(celery_app):
         def __exit__(self, *exc):
             pass
 
-    result = operations.drain(celery_app, "nosuchproject_xyz", destinations=["w1@%h"], timeout=5,
+    result = drain_cmd.drain(celery_app, "nosuchproject_xyz", destinations=["w1@%h"], timeout=5,
                               remote_factory=Remote)
     assert [t.node for t in result.targets] == [node]
     assert result.drained

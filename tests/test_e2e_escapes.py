@@ -26,7 +26,7 @@ import uuid
 import psutil
 import pytest
 
-from celery_supervise import cgroups
+from celery_supervise.processes import cgroups
 from realprocs import wait_for, wait_gone
 from realsupervisor import BIN, PROGRAM, Supervisord, copy_project, listener_section
 from taskfamily import celery_supervise, json_output, outcomes, recorded_verdicts

@@ -197,9 +197,9 @@ def test_savepid_with_the_broker_down_exits_3_keeps_the_trees_and_a_rerun_comple
 def test_requeue_when_the_broker_dies_mid_send_then_a_rerun_sends_the_rest(redis_server, project, tmp_path):
     """Exit 3 and a line saying to run it again; the ledger names exactly what the broker kept;
     the rerun sends the rest: every task is in the queue, once."""
-    from celery_supervise import plan, snapshot, statefile
-    from celery_supervise.plan import Policy
-    from celery_supervise.snapshot import Task
+    from celery_supervise.processes import plan, snapshot, statefile
+    from celery_supervise.processes.plan import Policy
+    from celery_supervise.processes.snapshot import Task
 
     count = 200
     ids = [f"fault-{uuid.uuid4().hex[:8]}-{n}" for n in range(count)]

@@ -19,8 +19,8 @@ import time
 import psutil
 import pytest
 
-from celery_supervise import plan, procs, snapshot, statefile
-from celery_supervise.plan import Policy
+from celery_supervise.processes import plan, procs, snapshot, statefile
+from celery_supervise.processes.plan import Policy
 
 from realprocs import wait_for
 from test_kill import LIFETIME, alive, cli, fake_worker, pids, write_state  # noqa: F401  (fixture)
@@ -139,7 +139,7 @@ def test_listener_started_after_the_clock_was_set_keeps_its_supervisords_workers
 # savepid records the tree by the process scan and says so.
 FAULTAPP = '''
 from celery import Celery
-from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
+from celery_supervise.celery_side.fs_transport import TRANSPORT_PATH, filesystem_broker_options
 
 app = Celery("faultapp", broker="filesystem://")
 app.conf.broker_transport = TRANSPORT_PATH
@@ -379,8 +379,8 @@ def test_savepid_into_an_unwritable_folder_keeps_the_old_record(real_procs, proj
 @pytest.mark.parametrize("fault", ["read-only", "full"])
 def test_requeue_beside_an_unwritable_ledger_sends_nothing(project, small_tmpfs, tmp_path, fault):
     """The ledger is written before the first send: a folder that cannot hold it fails with nothing sent."""
-    from celery_supervise import fs_transport
-    from celery_supervise.snapshot import Task
+    from celery_supervise.celery_side import fs_transport
+    from celery_supervise.processes.snapshot import Task
 
     main = snapshot.read_worker(os.getpid())  # any live process will do: requeue never signals
     task = Task(id="fault-task-1", name="faultapp.work", args=[1], kwargs={},

@@ -13,8 +13,8 @@ import kombu
 import pytest
 from kombu.transport import filesystem as stock_filesystem
 
-from celery_supervise import fs_transport
-from celery_supervise.fs_transport import filesystem_broker_options
+from celery_supervise.celery_side import fs_transport
+from celery_supervise.celery_side.fs_transport import filesystem_broker_options
 
 #: Big enough that writing one takes a while, small enough to stay lean.
 LARGE_BODY = "x" * (512 * 1024)

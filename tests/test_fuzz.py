@@ -42,11 +42,14 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 from rich.console import Console
 
-from celery_supervise import operations, procs, report, snapshot, statefile
+from celery_supervise import render as report
+from celery_supervise.commands import kill as kill_cmd
+from celery_supervise.commands import requeue as requeue_cmd
+from celery_supervise.processes import procs, snapshot, statefile
 from celery_supervise.errors import SuperviseError
-from celery_supervise.kill import KILLED, WOULD_KILL
+from celery_supervise.processes.kill import KILLED, WOULD_KILL
 from celery_supervise.listener import Listener, parse_payload
-from celery_supervise.plan import Policy, plan
+from celery_supervise.processes.plan import Policy, plan
 
 from realprocs import HANDSHAKE_TIMEOUT, wait_for
 
@@ -414,7 +417,7 @@ def render_everything(result) -> None:
     """Render a result both ways, as the CLI would; must not raise."""
     sink = io.StringIO()
     out, err = Console(file=sink, width=160), Console(file=sink, width=160)
-    if isinstance(result, operations.RequeueResult):
+    if isinstance(result, requeue_cmd.RequeueResult):
         report.render_requeue(out, err, result, True)
         report.render_requeue(out, err, result, False)
     else:
@@ -504,7 +507,7 @@ def test_fuzzed_state_file_is_read_or_refused_and_never_signals(template, witnes
 
     # The kill's whole path (read, re-verify, plan, dry run), then the report.
     try:
-        dry = operations.kill(path, grace=0, dry_run=True, app_spec=NO_APP)
+        dry = kill_cmd.kill(path, grace=0, dry_run=True, app_spec=NO_APP)
     except SuperviseError:
         assert isinstance(record, SuperviseError)
     else:
@@ -513,14 +516,14 @@ def test_fuzzed_state_file_is_read_or_refused_and_never_signals(template, witnes
         render_everything(dry)
 
     if not isinstance(record, SuperviseError) and safe_to_act(record, env):
-        real = operations.kill(path, grace=0, app_spec=NO_APP)
+        real = kill_cmd.kill(path, grace=0, app_spec=NO_APP)
         event("real kill: " + ", ".join(sorted({o.status for o in real.outcomes})))
         assert_never_kills(real, env, witness)
         render_everything(real)
 
     # requeue --dry-run reads the same file and decides on its tasks.
     try:
-        result = operations.requeue(path, celery_app(), dry_run=True)
+        result = requeue_cmd.requeue(path, celery_app(), dry_run=True)
     except SuperviseError:
         pass
     else:
@@ -656,7 +659,7 @@ def seeded_listener(tmp_path, witness: Witness, stdin: bytes) -> Listener:
     statefile.write(str(state / f"fuzz@{witness.pid}.json"), doc)
     stdin_stream = io.TextIOWrapper(io.BytesIO(stdin))
     listener = Listener(state_dir=str(state), grace=0, app_spec=NO_APP, stdin=stdin_stream,
-                        stdout=io.StringIO(), stderr=io.StringIO(), clock=lambda: 1000.0)
+                        stdout=io.StringIO(), stderr=io.StringIO(), clock=lambda: 1000.0, wait=False)
     listener._input = stdin_stream.buffer
     return listener
 

@@ -13,9 +13,9 @@ import time
 import pytest
 from celery import Celery
 
-from celery_supervise import journal
+from celery_supervise.celery_side import journal
 from celery_supervise.errors import JournalError
-from celery_supervise.journal import FINISHED, INTERRUPTED, STARTED, Entry, Journal
+from celery_supervise.celery_side.journal import FINISHED, INTERRUPTED, STARTED, Entry, Journal
 
 
 def lines(directory):

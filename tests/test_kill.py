@@ -23,9 +23,9 @@ import sys
 import psutil
 import pytest
 
-from celery_supervise import plan, snapshot, statefile
-from celery_supervise.plan import Policy
-from celery_supervise.procs import MAIN, POOL, TASK, read_proc
+from celery_supervise.processes import plan, snapshot, statefile
+from celery_supervise.processes.plan import Policy
+from celery_supervise.processes.procs import MAIN, POOL, TASK, read_proc
 
 from realprocs import wait_for
 

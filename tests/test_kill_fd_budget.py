@@ -28,11 +28,13 @@ import pytest
 
 from test_kill import alive, fake_worker, pids, write_state  # noqa: F401 (fake_worker is a fixture)
 
-from celery_supervise import snapshot
+from celery_supervise.processes import snapshot
 
 DRIVER = """
-import os, resource, runpy, sys
-from celery_supervise import cli, kill  # imported before the limit is lowered
+import os, resource, sys
+from celery_supervise import entry, fastpath, render  # imported before the limit is lowered
+from celery_supervise.commands import kill as kill_verb  # noqa: F401 (likewise)
+from celery_supervise.processes import kill
 extra = int(sys.argv.pop(1))
 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + kill.FD_HEADROOM + extra, hard))
@@ -42,10 +44,13 @@ def counting(proc, sig):
     one_by_one.add(proc.pid)
     return original(proc, sig)
 kill.signal_proc = counting
-try:
-    runpy.run_module("celery_supervise", run_name="__main__")
-finally:
-    print(f"one by one: {len(one_by_one)}", file=sys.stderr)
+# The console script's own path (entry.main) without its final os._exit,
+# so that the count is printed after the command.
+call = fastpath.parse(sys.argv[1:], os.environ)
+assert call is not None, sys.argv
+code = entry.run_fast(call)
+print(f"one by one: {len(one_by_one)}", file=sys.stderr)
+sys.exit(code)
 """
 
 

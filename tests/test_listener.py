@@ -13,16 +13,16 @@ import os
 import psutil
 import pytest
 
-from celery_supervise import procs, snapshot, statefile
+from celery_supervise.processes import procs, snapshot, statefile
 from celery_supervise.listener import Listener, parse_payload
-from celery_supervise.plan import Policy, plan
+from celery_supervise.processes.plan import Policy, plan
 
 
 def make_listener(tmp_path, stdin=""):
     state = tmp_path / "state"
     state.mkdir(mode=0o700, exist_ok=True)
     return Listener(state_dir=str(state), grace=1, stdin=io.StringIO(stdin), stdout=io.StringIO(),
-                    stderr=io.StringIO(), clock=lambda: 1000.0)
+                    stderr=io.StringIO(), clock=lambda: 1000.0, wait=False)
 
 
 def logged(listener):
@@ -158,7 +158,7 @@ def test_starting_event_without_pid_is_not_malformed(tmp_path):
 
 def test_sigterm_interrupts_only_a_wait_never_a_reap(tmp_path):
     """Stop is no Exception (no ``except Exception`` swallows it) and is raised only while waiting."""
-    from celery_supervise.listener import Stop
+    from celery_supervise.supervisord.protocol import Stop
 
     assert not issubclass(Stop, Exception)
     listener = make_listener(tmp_path)
@@ -207,6 +207,7 @@ def test_worker_exit_is_reaped_while_waiting_for_the_next_event(tmp_path, real_p
     listener.record("w", main.pid, "test")
     read_end, write_end = os.pipe()
     listener._input = os.fdopen(read_end, "rb")
+    listener.wait = True
 
     def event_after_the_reap():
         try:
@@ -257,7 +258,7 @@ def test_a_record_never_forgets_a_live_process(tmp_path, real_procs):
 
 def test_a_live_worker_of_another_live_supervisord_is_never_touched(tmp_path, real_procs):
     """Two supervisords sharing a state folder: a new start replaces only our own old worker."""
-    from celery_supervise.listener import Identity
+    from celery_supervise.processes.procs import Identity
 
     main, kid = make_worker_tree(tmp_path, real_procs)
     other = real_procs.spawn(["sleep", "60"])  # stands for the other, live, supervisord
@@ -273,7 +274,7 @@ def test_a_live_worker_of_another_live_supervisord_is_never_touched(tmp_path, re
 
 def test_sweep_warm_stops_a_worker_whose_supervisord_died(tmp_path, real_procs):
     """An orphan (alive, its supervisord dead): TERM to the main, then the kill of its tree."""
-    from celery_supervise.listener import Identity
+    from celery_supervise.processes.procs import Identity
 
     main, kid = make_worker_tree(tmp_path, real_procs)
     dead = real_procs.spawn(["sleep", "60"])
@@ -333,6 +334,37 @@ def test_each_program_and_process_has_its_own_record(tmp_path, real_procs):
     assert not gone(first) and not gone(first_kid)
 
 
+def test_idle_refresh_records_a_process_forked_by_a_recorded_one(tmp_path, real_procs):
+    """A record never drops a live process: a recorded process forks while the listener idles.
+
+    ::
+
+        bash (main, own group)   recorded; forks a sleep once told, during the idle wait
+        └── sleep                born after the record: in the record after one refresh
+    """
+    import os
+
+    from realprocs import wait_for
+
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    main = real_procs.spawn(["bash", "-c", f"read -r _ < {fifo}; sleep 60 & wait"], process_group=0)
+    listener = make_listener(tmp_path)
+    listener.record("w", main.pid, "test")
+    path = listener.record_path("w", main.pid)
+    listener.refresh_changed()  # idle, nothing new: the record is not rewritten
+    with open(fifo, "w") as f:
+        f.write("go\n")
+    kids = wait_for(lambda: procs.child_pids(main.pid), 10, "the fork")
+    real_procs.track(*kids)
+    listener.refresh_changed()
+    with open(path) as f:
+        recorded = {p["pid"] for w in json.load(f)["workers"] for p in w["procs"]}
+    assert recorded == {main.pid, *kids}
+    assert [(line["action"], line["why"], line["processes"]) for line in logged(listener)] == [
+        ("recorded", "test", 1), ("recorded", "tree grew", 2)]
+
+
 class _Supervisor:
     def __init__(self, info):
         self.info = info
@@ -378,7 +410,7 @@ def test_regression_running_event_naming_pid_1_never_moves_pid_1(tmp_path):
     Whatever worker the walk from PID 1 finds, only supervisord's own child
     is ever placed: PID 1's cgroup, and every other process's, stays put.
     """
-    from celery_supervise import cgroups
+    from celery_supervise.processes import cgroups
 
     before = cgroups.path_of(1)
     listener = make_listener(tmp_path)

@@ -6,9 +6,9 @@ Nothing here touches a process: the plan is a pure function of data.
 import pytest
 
 from celery_supervise.errors import UsageError
-from celery_supervise.plan import KILL, REFUSE, SPARE, Policy, orphans, plan
-from celery_supervise.procs import MAIN, POOL, TASK, Proc
-from celery_supervise.snapshot import Worker
+from celery_supervise.processes.plan import KILL, REFUSE, SPARE, Policy, orphans, plan
+from celery_supervise.processes.procs import MAIN, POOL, TASK, Proc
+from celery_supervise.processes.snapshot import Worker
 
 WORKER_SID = 500  # supervisord's session
 WORKER_PGID = 1000  # supervisord makes each program a group leader

@@ -242,3 +242,11 @@ def test_the_cli_prints_the_snippet_and_its_document(tmp_path):
     bad = run("--program", "a:b")
     assert bad.returncode == 2 and bad.stdout == ""
     assert "celery-supervise: usage: --program: 'a:b' is not a plain supervisord program name" in bad.stderr
+
+
+@pytest.mark.parametrize("numprocs, size", [(1, 50), (10, 50), (11, 54), (32, 138), (100, 410)])
+def test_buffer_size_holds_every_event_of_a_restart_all(numprocs, size):
+    """Four state changes per worker (STOPPING, STOPPED, STARTING, RUNNING) + headroom, never below 50."""
+    from celery_supervise.commands.print_config import buffer_size_for
+
+    assert buffer_size_for(numprocs) == size

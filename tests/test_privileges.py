@@ -14,8 +14,9 @@ import tempfile
 import psutil
 import pytest
 
-from celery_supervise import operations, plan, report, snapshot, statefile
-from celery_supervise.plan import Policy
+from celery_supervise.commands import kill as kill_cmd
+from celery_supervise.processes import plan, snapshot, statefile
+from celery_supervise.processes.plan import Policy
 
 NOBODY = 65534
 
@@ -33,7 +34,7 @@ def nobody_dir():
 
 
 def kill_as(uid, path, lock):
-    """Run operations.kill in a child process with *uid*; return (exit code, document)."""
+    """Run kill_cmd.kill in a child process with *uid*; return (exit code, document)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
@@ -44,8 +45,8 @@ def kill_as(uid, path, lock):
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            result = operations.kill(path, grace=1)
-            os.write(write_end, json.dumps([report.kill_exit_code(result), report.kill_document(result)]).encode())
+            result = kill_cmd.kill(path, grace=1)
+            os.write(write_end, json.dumps([result.exit_code, result.to_document()]).encode())
             code = 0
         finally:
             os._exit(code)

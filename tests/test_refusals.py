@@ -16,10 +16,11 @@ import sys
 
 import pytest
 
-from celery_supervise import operations, plan, snapshot, statefile
-from celery_supervise.kill import REFUSED
-from celery_supervise.plan import Policy
-from celery_supervise.procs import Proc, read_proc
+from celery_supervise.commands import kill as kill_cmd
+from celery_supervise.processes import plan, snapshot, statefile
+from celery_supervise.processes.kill import REFUSED
+from celery_supervise.processes.plan import Policy
+from celery_supervise.processes.procs import Proc, read_proc
 
 from realprocs import HANDSHAKE_TIMEOUT, wait_for
 from test_fuzz import NO_SUCH_PID, WITNESS, Witness, private_lock  # noqa: F401 (a fixture)
@@ -235,7 +236,7 @@ def test_this_tool_itself_and_what_runs_below_it(witness, tmp_path, private_lock
     main = absent_main()
     worker = snapshot.Worker(main=main, procs=(main, me))
     path = write(tmp_path / "state.json", document(worker, policy=Policy.parse("none")))
-    report = operations.kill(path, grace=0)
+    report = kill_cmd.kill(path, grace=0)
     done = {o.proc.pid: (o.status, o.reason) for o in report.outcomes}
     assert done[os.getpid()] == (REFUSED, "this tool itself")
     assert done[witness.pid] == (REFUSED, f"below {os.getpid()} (this tool itself)")

@@ -11,14 +11,15 @@ import uuid
 
 import pytest
 
-from celery_supervise import statefile
-from celery_supervise.journal import FINISHED, INTERRUPTED, STARTED, Entry
-from celery_supervise.requeue import (
+from celery_supervise.processes import statefile
+from celery_supervise.celery_side import task_json
+from celery_supervise.celery_side.journal import FINISHED, INTERRUPTED, STARTED, Entry
+from celery_supervise.celery_side.requeue import (
     ALREADY_REQUEUED, BACK_IN_QUEUE, DUPLICATE, INTERRUPTED as R_INTERRUPTED, LOST_UNACKED, NO_JOURNAL,
     NOT_IN_JOURNAL, REDELIVERED, RESEND, SKIP, TERMINATED, Recorded, Route, arguments, at_least_once, decide,
     route_of, unsendable,
 )
-from celery_supervise.snapshot import Task
+from celery_supervise.processes.snapshot import Task
 
 CELERY = {"exchange": "", "routing_key": "celery", "priority": 0, "redelivered": False}
 
@@ -118,7 +119,7 @@ def test_arguments_come_back_with_their_types_through_the_state_file():
     values = [datetime.datetime(2030, 1, 2, 3, 4, 5), uuid.UUID(int=7), decimal.Decimal("1.10"), b"raw"]
     reply = {"id": "t1", "name": "proj.work", "args": values, "kwargs": {"when": values[0]},
              "delivery_info": CELERY, "acknowledged": True}
-    stored = statefile.json.loads(statefile.json.dumps(reply, cls=statefile.Encoder))
+    stored = statefile.json.loads(statefile.json.dumps(reply, cls=task_json.Encoder))
     assert arguments(Task.from_reply(stored)) == (values, {"when": values[0]})
 
 
@@ -126,7 +127,7 @@ def test_an_argument_only_its_repr_was_kept_of_is_not_sent():
     class Opaque:
         pass
 
-    stored = statefile.json.loads(statefile.json.dumps({"args": [Opaque()]}, cls=statefile.Encoder))
+    stored = statefile.json.loads(statefile.json.dumps({"args": [Opaque()]}, cls=task_json.Encoder))
     t = task(args=stored["args"])
     assert unsendable(t) == "cannot be re-sent: its arguments were not recorded as data (only their repr)"
     with pytest.raises(ValueError):

@@ -2,7 +2,7 @@
 
 The record names a task as savepid would; the broker is a folder, so a
 test sees exactly which messages were sent (:func:`sent`). In-process
-through :func:`operations.requeue` for the rules, and through the real
+through :func:`requeue_cmd.requeue` for the rules, and through the real
 ``celery-supervise`` and ``manage.py celery`` commands for the options,
 the output and the exit codes.
 """
@@ -18,11 +18,14 @@ import pytest
 from celery import Celery
 from rich.console import Console
 
-from celery_supervise import journal, ledger as ledgers, operations, report, snapshot, statefile
+from celery_supervise.celery_side import journal, ledger as ledgers
+from celery_supervise import render as report
+from celery_supervise.commands import requeue as requeue_cmd
+from celery_supervise.processes import snapshot, statefile
 from celery_supervise.errors import BrokerError, PartialError, StateFileError, UsageError
-from celery_supervise.fs_transport import TRANSPORT_PATH, filesystem_broker_options
-from celery_supervise.plan import Policy
-from celery_supervise.procs import MAIN, Proc
+from celery_supervise.celery_side.fs_transport import TRANSPORT_PATH, filesystem_broker_options
+from celery_supervise.processes.plan import Policy
+from celery_supervise.processes.procs import MAIN, Proc
 from realsupervisor import BIN, DJANGO_APP
 
 DEAD_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1
@@ -89,7 +92,7 @@ def test_requeue_sends_the_interrupted_task_once_with_its_id_arguments_and_queue
                          reply("late", acknowledged=False))
     write_journal(tmp_path / "j", ("started", "cut", None), ("started", "done", None),
                   ("finished", "done", "SUCCESS"))
-    result = operations.requeue(state, app, journal_dir=str(tmp_path / "j"))
+    result = requeue_cmd.requeue(state, app, journal_dir=str(tmp_path / "j"))
     assert statuses(result) == {
         "cut": ("re-sent", "interrupted (journal: never finished)"),
         "done": ("skipped", "finished (journal: SUCCESS)"),
@@ -103,7 +106,7 @@ def test_requeue_sends_the_interrupted_task_once_with_its_id_arguments_and_queue
     assert set(json.loads(ledger.read_text())["tasks"]) == {"cut", "late"}
     assert stat.S_IMODE(os.stat(ledger).st_mode) == 0o600
 
-    again = operations.requeue(state, app, journal_dir=str(tmp_path / "j"))
+    again = requeue_cmd.requeue(state, app, journal_dir=str(tmp_path / "j"))
     assert {k: v[0] for k, v in statuses(again).items()} == {"cut": "skipped", "done": "skipped", "late": "skipped"}
     assert statuses(again)["cut"][1] == "already requeued"
     # Now "late" is in the folder too, so it would not have been re-sent anyway.
@@ -112,14 +115,14 @@ def test_requeue_sends_the_interrupted_task_once_with_its_id_arguments_and_queue
 
 def test_dry_run_sends_nothing_and_writes_no_ledger(app, tmp_path, broker_dir):
     state = write_record(tmp_path / "state.json", reply("cut"))
-    result = operations.requeue(state, app, dry_run=True, journal_dir=str(tmp_path / "j"))
+    result = requeue_cmd.requeue(state, app, dry_run=True, journal_dir=str(tmp_path / "j"))
     assert statuses(result) == {"cut": ("would re-send", "not in the journal (at-least-once)")}
     assert sent(broker_dir) == {} and not os.path.exists(state + ".requeued")
 
 
 def test_without_a_journal_it_says_at_least_once(app, tmp_path):
     state = write_record(tmp_path / "state.json", reply("cut"), reply("late", acknowledged=False))
-    result = operations.requeue(state, app, dry_run=True)
+    result = requeue_cmd.requeue(state, app, dry_run=True)
     assert result.journal is None
     assert statuses(result)["cut"] == ("would re-send", "no journal (at-least-once)")
     [warning] = result.warnings
@@ -131,7 +134,7 @@ def test_the_app_names_its_journal(app, tmp_path):
     write_journal(tmp_path / "j", ("finished", "done", "SUCCESS"))
     journal.install(app, tmp_path / "j")
     state = write_record(tmp_path / "state.json", reply("done"))
-    result = operations.requeue(state, app, dry_run=True)
+    result = requeue_cmd.requeue(state, app, dry_run=True)
     assert result.journal == str(tmp_path / "j")
     assert statuses(result) == {"done": ("skipped", "finished (journal: SUCCESS)")}
 
@@ -141,7 +144,7 @@ def test_a_dead_broker_sends_nothing_and_leaves_the_ledger_alone(tmp_path):
     app.conf.broker_url = DEAD_BROKER
     state = write_record(tmp_path / "state.json", reply("cut"))
     with pytest.raises(BrokerError, match="did not answer"):
-        operations.requeue(state, app)
+        requeue_cmd.requeue(state, app)
     assert not os.path.exists(state + ".requeued")
     app.close()
 
@@ -154,14 +157,14 @@ def test_a_broker_failing_midway_exits_3_and_the_rerun_sends_the_rest(app, tmp_p
         calls.append(decision.task.id)
         if decision.task.id == "b":
             raise ConnectionResetError("gone")
-        operations.send_again(app, conn, decision)
+        requeue_cmd.send_again(app, conn, decision)
 
-    result = operations.requeue(state, app, publish=flaky)
+    result = requeue_cmd.requeue(state, app, publish=flaky)
     assert {k: v[0] for k, v in statuses(result).items()} == {"a": "re-sent", "b": "failed", "c": "failed"}
     assert calls == ["a", "b"]
-    assert report.requeue_exit_code(result) == 3
+    assert result.exit_code == 3
     assert "run requeue again to send the rest" in result.warnings[-1]
-    rerun = operations.requeue(state, app)
+    rerun = requeue_cmd.requeue(state, app)
     assert {k: v[0] for k, v in statuses(rerun).items()} == {"a": "skipped", "b": "re-sent", "c": "re-sent"}
     assert set(sent(broker_dir)) == {"a", "b", "c"}
 
@@ -170,7 +173,7 @@ def test_a_ledger_of_an_earlier_record_is_ignored(app, tmp_path):
     state = write_record(tmp_path / "state.json", reply("cut"))
     old = ledgers.Ledger(state + ".requeued", snapshot.hostname(), 1.0, {"cut": {}})
     statefile.write(old.path, old.document(state))
-    result = operations.requeue(state, app, dry_run=True)
+    result = requeue_cmd.requeue(state, app, dry_run=True)
     assert statuses(result)["cut"][0] == "would re-send"
 
 
@@ -185,7 +188,7 @@ def test_a_ledger_that_cannot_be_trusted_is_an_error(app, tmp_path, content, mod
     path.write_text(content)
     os.chmod(path, mode)
     with pytest.raises(StateFileError, match=problem):
-        operations.requeue(state, app, dry_run=True)
+        requeue_cmd.requeue(state, app, dry_run=True)
 
 
 def test_what_requeue_refuses(app, tmp_path):
@@ -193,17 +196,17 @@ def test_what_requeue_refuses(app, tmp_path):
     pids.write_text("4242 4243\n")
     os.chmod(pids, 0o600)
     with pytest.raises(StateFileError, match="bare PID list"):
-        operations.requeue(str(pids), app)
+        requeue_cmd.requeue(str(pids), app)
     with pytest.raises(UsageError, match="needs -A APP"):
-        operations.requeue(str(pids), None)
+        requeue_cmd.requeue(str(pids), None)
     state = write_record(tmp_path / "state.json", source="scan")
-    result = operations.requeue(state, app)
+    result = requeue_cmd.requeue(state, app)
     assert result.outcomes == [] and "nothing to requeue" in result.warnings[0]
 
 
 def test_the_table(app, tmp_path):
     state = write_record(tmp_path / "state.json", reply("cut"), reply("late", acknowledged=False))
-    result = operations.requeue(state, app, dry_run=True, journal_dir=str(tmp_path / "j"))
+    result = requeue_cmd.requeue(state, app, dry_run=True, journal_dir=str(tmp_path / "j"))
     out, err = Console(record=True, width=200), Console(record=True, width=200)
     assert report.render_requeue(out, err, result, as_json=False) == 0
     text = out.export_text()
@@ -284,5 +287,5 @@ def test_a_ledger_that_cannot_be_written_after_a_send_says_so_and_exits_3(app, t
 
     monkeypatch.setattr(statefile, "write", full_disk)
     with pytest.raises(PartialError, match="task cut was re-sent, but the ledger could not record it") as info:
-        operations.requeue(state, app)
+        requeue_cmd.requeue(state, app)
     assert info.value.exit_code == 3

@@ -2,9 +2,9 @@
 
 import pytest
 
-from celery_supervise import rpc
+from celery_supervise.supervisord import rpc
 from celery_supervise.errors import SupervisorError
-from celery_supervise.restart import CancelClock, RestartResult, wait_answering
+from celery_supervise.commands.restart import CancelClock, RestartResult, wait_answering
 
 
 def info(group, name):
@@ -197,9 +197,9 @@ def test_plain_output_off_a_terminal_and_json():
     import io
     import json
 
-    from celery_supervise import report
-    from celery_supervise.kill import KillReport
-    from celery_supervise.restart import Phase
+    from celery_supervise import render as report
+    from celery_supervise.processes.kill import KillReport
+    from celery_supervise.commands.restart import Phase
 
     result = RestartResult(
         processes=["celery-worker"],
@@ -227,7 +227,7 @@ def test_plain_output_off_a_terminal_and_json():
 def test_side_by_side_runs_the_calls_at_once_in_order_and_raises_the_first_error():
     import threading
 
-    from celery_supervise.operations import side_by_side
+    from celery_supervise.commands.restart import side_by_side
 
     barrier = threading.Barrier(3, timeout=5)  # only passes if all three run at once
 
@@ -249,7 +249,7 @@ def test_side_by_side_runs_the_calls_at_once_in_order_and_raises_the_first_error
 def test_side_by_side_says_how_many_calls_still_run():
     import threading
 
-    from celery_supervise.operations import side_by_side
+    from celery_supervise.commands.restart import side_by_side
 
     release, seen = threading.Event(), []
 

@@ -11,9 +11,9 @@ import re
 import psutil
 import pytest
 
-from celery_supervise import plan, procs, snapshot, statefile
-from celery_supervise.plan import Policy
-from celery_supervise.procs import Proc
+from celery_supervise.processes import plan, procs, snapshot, statefile
+from celery_supervise.processes.plan import Policy
+from celery_supervise.processes.procs import Proc
 
 from test_kill import cli
 

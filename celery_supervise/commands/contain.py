@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Callable, Mapping, Sequence, TextIO
 
-from .. import cgroups
+from ..processes import cgroups
 from ..errors import UsageError
 
 

@@ -43,8 +43,24 @@ STARTSECS = 2
 LISTENER_GRACE = 10
 LISTENER_STOPWAITSECS = 30
 BUFFER_SIZE = 50
+#: PROCESS_STATE events one ``supervisorctl restart all`` emits per worker
+#: process: STOPPING, STOPPED, STARTING, RUNNING (measured: bench/storm_bench.py).
+EVENTS_PER_RESTART = 4
+#: Room beyond them: the listener's own state changes, a TICK_60, supervisord's own state.
+BUFFER_HEADROOM = 10
 EVENTS = "PROCESS_STATE,SUPERVISOR_STATE_CHANGE,TICK_60"
 LISTENER_SUFFIX = "-supervise"
+
+
+def buffer_size_for(numprocs: int) -> int:
+    """The listener's ``buffer_size`` for *numprocs* worker processes under one supervisord.
+
+    ``restart all`` stops the listener along with the workers, so every
+    event of the restart can wait in the buffer at once: four per worker,
+    plus headroom; never below :data:`BUFFER_SIZE`.
+    """
+    return max(BUFFER_SIZE, EVENTS_PER_RESTART * numprocs + BUFFER_HEADROOM)
+
 
 # supervisord's program names become "group:name" and file names: keep them plain.
 _PROGRAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -282,8 +298,9 @@ def plan(request: Request, *, executable: str = sys.executable, cwd: str | None 
         Setting("stopsignal", "TERM", "on TERM it finishes reaping the workers already stopped, then exits"),
         Setting("stopwaitsecs", str(LISTENER_STOPWAITSECS),
                 f"longer than --grace {LISTENER_GRACE} (and 2 s for SIGKILL): that reap is never cut short"),
-        Setting("buffer_size", str(BUFFER_SIZE),
-                "events wait here while it reaps: room for every worker's state changes (default 10)"),
+        Setting("buffer_size", str(buffer_size_for(request.numprocs)),
+                f"room for a `restart all`: {EVENTS_PER_RESTART} events a worker + {BUFFER_HEADROOM}, at least "
+                f"{BUFFER_SIZE} (when full, supervisord drops the oldest; its default is 10)"),
         Setting("stdout_logfile", "NONE", "stdout is the eventlistener protocol, not a log"),
     ]
     if log_dir:

@@ -12,7 +12,8 @@ runs share this machine's clock). Nothing reads the boot time before go.
 
 import sys
 
-from celery_supervise import cli, listener, procs  # noqa: F401  (imported before go, on purpose)
+from celery_supervise import cli, listener  # noqa: F401  (imported before go, on purpose)
+from celery_supervise.processes import procs
 
 mode, args = sys.argv[1], sys.argv[2:]
 print("ready", flush=True)
@@ -22,7 +23,7 @@ if mode == "cli":
     sys.exit(cli.run(args))
 if mode == "sweep":
     state_dir, sup_pid = args
-    run = listener.Listener(state_dir=state_dir, grace=2, supervisor=listener.Identity.of(int(sup_pid)),
+    run = listener.Listener(state_dir=state_dir, grace=2, supervisor=procs.Identity.of(int(sup_pid)),
                             stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
     run.sweep("test")
     sys.exit(0)

@@ -31,7 +31,7 @@ import os
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from celery_supervise import cli, report
+from celery_supervise import cli, render
 from celery_supervise.errors import EXIT_OK, Outcome, exit_codes
 
 #: CLI verbs this command does not offer: the listener's stdout is
@@ -166,10 +166,11 @@ class Command(BaseCommand):
             raise CommandError(f"{verb} has no option {', '.join(stray)}", returncode=2)
         spec = default_app_spec()
         argv = [*(["-A", spec] if spec else []), verb, *self.argv(command, options)]
-        token = report.COLOR.set(False if options.get("no_color") else True if options.get("force_color") else None)
+        token = render.COLOR.set(False if options.get("no_color") else True if options.get("force_color") else None)
         try:
             with contextlib.redirect_stdout(Stream(self.stdout)), contextlib.redirect_stderr(Stream(self.stderr)):
                 code = cli.invoke(argv, prog_name="manage.py celery")
+                cli.say(code)
         except (Exception, KeyboardInterrupt) as exc:
             known_error = cli.one_line(exc)
             if known_error is None:
@@ -181,7 +182,7 @@ class Command(BaseCommand):
                 return
             raise CommandError(message or kind, returncode=code) from None
         finally:
-            report.COLOR.reset(token)
+            render.COLOR.reset(token)
         if code != EXIT_OK:
             outcome = code if isinstance(code, Outcome) else Outcome(code)
             raise CommandError(outcome.explain(verb), returncode=int(code))

@@ -34,14 +34,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Protocol
 
-from .errors import BrokerError
-from .snapshot import Task
+from .. import options
+from ..errors import EXIT_OK, EXIT_PARTIAL, BrokerError
+from ..processes.snapshot import Task
 
 ACTIVE = "active"
 RESERVED = "reserved"
 
 #: Seconds a drain waits for the workers to hold no task, by default.
-DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = options.DRAIN_TIMEOUT
 #: Pause between two poll rounds.
 POLL_INTERVAL = 0.1
 #: Longest wait for one reply. A worker that does not answer in time counts
@@ -115,13 +116,49 @@ class DrainResult:
     timeout: float
     held: tuple[Held, ...] = ()  # still held when it ended (each node's last answer)
     silent: tuple[str, ...] = ()  # targets that did not answer the last round
-    finished_at: float = 0.0  # wall clock of the verdict, for runtimes and tests
+    finished_at: float = 0.0  # the Drainer's wall clock at the verdict: runtimes are counted to it
     everyone: bool = False  # --all
     warnings: list[str] = field(default_factory=list)
 
     def queues_of(self, node: str) -> list[str]:
         """The queues a cancel was sent for to *node*."""
         return [q for q, nodes in self.cancelled if nodes is None or node in nodes]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when drained; 3 (partial) when the timeout passed first."""
+        return EXIT_OK if self.drained else EXIT_PARTIAL
+
+    def to_document(self) -> dict:
+        busy = {h.node for h in self.held}
+        return {
+            "drained": self.drained,
+            "exit_code": self.exit_code,
+            "elapsed": round(self.elapsed, 3),
+            "timeout": self.timeout,
+            "finished_at": self.finished_at,
+            "all": self.everyone,
+            "workers": [
+                {"node": t.node, "pid": t.pid, "queues": self.queues_of(t.node),
+                 "answered": t.node not in self.silent,
+                 "drained": t.node not in busy and t.node not in self.silent}
+                for t in self.targets
+            ],
+            "cancelled": [{"queue": q, "nodes": None if nodes is None else list(nodes)} for q, nodes in self.cancelled],
+            "tasks": [
+                {"node": h.node, "id": h.task.id, "name": h.task.name, "state": h.state,
+                 "runtime": seconds(h.runtime(self.finished_at)), "time_start": h.task.time_start,
+                 "worker_pid": h.task.worker_pid, "args": h.task.args, "kwargs": h.task.kwargs}
+                for h in self.held
+            ],
+            "not_answering": list(self.silent),
+            "warnings": self.warnings,
+        }
+
+
+def seconds(value) -> float | None:
+    """A duration as JSON shows it: milliseconds, or ``None`` when unknown."""
+    return None if value is None else round(value, 3)
 
 
 # ---------------------------------------------------------------------- plan
@@ -234,7 +271,7 @@ def assess(nodes: Iterable[str], reserved: Mapping[str, object], active: Mapping
 
 
 class Remote(Protocol):
-    """The remote control calls a drain makes (:class:`celery_supervise.control.Remote`)."""
+    """The remote control calls a drain makes (:class:`celery_supervise.celery_side.control.Remote`)."""
 
     def cancel_consumer(self, queue: str, nodes: list[str] | None, valid_for: float) -> None: ...
 

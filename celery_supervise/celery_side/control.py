@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from .errors import AppError, BrokerError
+from ..errors import AppError, BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,22 @@ def cancel_consumer(app, conn, queue: str, *, nodes: list[str] | None, valid_for
     )
 
 
+def add_consumer(app, conn, queue: str, *, nodes: list[str], timeout: float) -> set[str]:
+    """Tell *nodes* to consume *queue* again; the nodes that acknowledged within *timeout*.
+
+    The undo of :func:`cancel_consumer`, for a worker a rolling restart
+    drained but will not stop. The worker declares the queue from the app's
+    configuration, or as a plain direct queue named after itself, as
+    ``-Q`` does. Asking a worker that already consumes *queue* is harmless.
+    """
+    replies = _retry_decode(
+        f"add_consumer {queue}",
+        lambda: app.control.add_consumer(queue, destination=list(nodes), reply=True, limit=len(nodes),
+                                         timeout=timeout, connection=conn),
+    )
+    return {name for reply in replies or () if isinstance(reply, dict) for name in reply}
+
+
 def ping(app, conn, nodes: list[str], timeout: float) -> set[str]:
     """The *nodes* that answered a ping within *timeout* (returns once all have)."""
     replies = _retry_decode(
@@ -124,7 +140,7 @@ def ping(app, conn, nodes: list[str], timeout: float) -> set[str]:
 class Remote:
     """One bounded broker connection for a sequence of control calls.
 
-    What :mod:`celery_supervise.drain` needs from Celery's remote control,
+    What :mod:`celery_supervise.celery_side.drain` needs from Celery's remote control,
     behind a seam a test can replace with a scripted fake.
     """
 
@@ -146,6 +162,9 @@ class Remote:
     def ping(self, nodes: list[str], timeout: float) -> set[str]:
         return ping(self.app, self.conn, nodes, timeout)
 
+    def add_consumer(self, queue: str, nodes: list[str], timeout: float) -> set[str]:
+        return add_consumer(self.app, self.conn, queue, nodes=nodes, timeout=timeout)
+
     def close(self) -> None:
         self.conn.release()
 
@@ -154,3 +173,13 @@ class Remote:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def active_tasks(app, node: str, timeout: float) -> list:
+    """The ``active`` reply of one worker *node*, within *timeout* seconds in all; BrokerError when it fails."""
+    conn = connect(app, timeout=timeout)
+    try:
+        replies = inspect(app, conn, "active", nodes=[node], expected=1, timeout=timeout)
+    finally:
+        conn.release()
+    return replies.get(node) or []

@@ -20,9 +20,9 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import statefile
-from .lock import flock_within
-from .errors import StateFileError
+from ..processes import statefile
+from ..processes.lock import flock_within
+from ..errors import StateFileError
 
 KIND = "celery-supervise/requeued"
 SCHEMA = 1

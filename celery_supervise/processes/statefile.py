@@ -12,13 +12,13 @@ One PID 1 is accepted: the supervisord a record names, when PID 1 in the
 reader's own PID namespace runs supervisord (a container whose PID 1 is
 supervisord), and, for the listener's records, which carry its creation
 time, is that very process. It is only ever compared with live processes
-and protected, never signalled (see :func:`celery_supervise.operations.protected_pids`).
+and protected, never signalled (see :func:`celery_supervise.processes.revisit.protected_pids`).
 
 "Since the last boot" is decided by the kernel's boot id, which the file
 records (``boot_id``, since this tool's first schema-1 files lacked it).
 The recorded creation times are then *rebased* to the reader's boot time:
 both are psutil's ``ticks / CLK_TCK + btime``, and ``btime`` moves when the
-realtime clock is set (see :func:`celery_supervise.procs.boot_time`), so
+realtime clock is set (see :func:`celery_supervise.processes.procs.boot_time`), so
 adding the difference of the two ``btime`` readings gives back exactly the
 creation time the reader computes for the same process. A file without a
 boot id is read under the old rule: its boot time must agree with ours
@@ -41,7 +41,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable
 
-from .errors import StateFileError, UnsafeStateError
+from ..errors import StateFileError, UnsafeStateError
 from .plan import Policy, Verdict
 from . import procs
 from .procs import ROLES, Proc
@@ -81,41 +81,16 @@ class LegacyRecord:
 # --------------------------------------------------------------------- write
 
 
-#: How a value no JSON type fits is marked in a document (see :class:`Encoder`).
-UNREADABLE = "celery-supervise/repr"
-
-
-class Encoder(json.JSONEncoder):
-    """JSON as kombu writes it, so task arguments keep their types.
-
-    Celery's JSON serializer sends a ``datetime``, ``UUID``, ``Decimal`` or
-    ``bytes`` argument as ``{"__type__": ..., "__value__": ...}``, and the
-    ``active`` reply decodes it back; writing it the same way lets
-    ``requeue`` send the very same value again (``kombu.utils.json.loads``).
-    Anything else is stored as its repr, under a marker kombu does not
-    know, so that decoding it fails instead of sending a string in its
-    place.
-    """
-
-    def default(self, o):
-        # kombu's encoder, imported for the first value plain JSON cannot
-        # write: most records (PIDs, command lines) never need it.
-        from kombu.utils.json import JSONEncoder as KombuEncoder
-
-        try:
-            return KombuEncoder().default(o)
-        except TypeError:
-            return {"__type__": UNREADABLE, "__value__": repr(o)}
-
-
 def proc_to_dict(p: Proc) -> dict:
     d = asdict(p)
     d["cmdline"] = list(p.cmdline)
     return d
 
 
-def to_document(snapshot: Snapshot, policy: Policy, verdicts: Iterable[Verdict]) -> dict:
-    return {
+def to_document(snapshot: Snapshot, policy: Policy, verdicts: Iterable[Verdict],
+                supervisor: procs.Identity | None = None) -> dict:
+    """The state file's document; *supervisor* is the identity of the supervisord a listener's record names."""
+    doc = {
         "schema": SCHEMA,
         "kind": KIND,
         "host": snapshot.host,
@@ -144,12 +119,19 @@ def to_document(snapshot: Snapshot, policy: Policy, verdicts: Iterable[Verdict])
             for v in verdicts
         ],
     }
+    if supervisor is not None:
+        doc["supervisor"] = {"pid": supervisor.pid, "create_time": supervisor.create_time}
+    return doc
 
 
-def write(path: str, document: dict) -> None:
-    """Write *document* to *path* atomically with mode 0600."""
+def write(path: str, document: dict, encoder: type[json.JSONEncoder] = json.JSONEncoder) -> None:
+    """Write *document* to *path* atomically with mode 0600.
+
+    *encoder* writes what plain JSON cannot: task arguments, whose encoding
+    is the Celery side's (:class:`celery_supervise.celery_side.task_json.Encoder`).
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    data = json.dumps(document, indent=1, sort_keys=True, cls=Encoder).encode()
+    data = json.dumps(document, indent=1, sort_keys=True, cls=encoder).encode()
     try:
         # mkstemp creates the file 0600 in the target folder, so the rename
         # below stays on one filesystem and is atomic.
@@ -245,7 +227,7 @@ def read(path: str, *, host: str, boot_time: float, boot_id: str | None,
     """Read and validate a state file written on *host* during boot *boot_id*.
 
     *boot_time* is the base the reader computes creation times with
-    (:func:`celery_supervise.procs.boot_time`); the record's are rebased to it.
+    (:func:`celery_supervise.processes.procs.boot_time`); the record's are rebased to it.
     *init* is PID 1 as the reader sees it (``None``: unknown); a record may
     name it as its supervisord only if it runs supervisord.
     """

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Container, Iterable, Mapping
 
-from .errors import UsageError
+from ..errors import UsageError
 from .procs import MAIN, POOL, Proc
 from .snapshot import Worker
 

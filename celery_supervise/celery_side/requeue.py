@@ -42,7 +42,7 @@ from typing import AbstractSet, Iterable, Mapping
 from kombu.utils.json import loads as json_loads
 
 from .journal import INTERRUPTED as JOURNAL_INTERRUPTED, Entry
-from .snapshot import Task
+from ..processes.snapshot import Task
 
 RESEND = "resend"
 SKIP = "skip"
@@ -209,4 +209,53 @@ def at_least_once(decisions: Iterable[Decision]) -> list[Decision]:
     return [d for d in decisions if d.action == RESEND and d.reason in AT_LEAST_ONCE]
 
 
-__all__ = ["Recorded", "Route", "Decision", "decide", "route_of", "unsendable", "arguments", "RESEND", "SKIP", "at_least_once"]
+# ------------------------------------------------------- the broker's side
+
+
+class _AsRecorded:
+    """A Celery router that leaves the route alone: the recorded one is the route."""
+
+    def route(self, options, name, args=(), kwargs=None, task_type=None):
+        return options
+
+
+def send_again(app, conn, decision: Decision) -> None:
+    """Publish the recorded task again: same id, name, arguments and route, no retries."""
+    task, route = decision.task, decision.route
+    args, kwargs = arguments(task)
+    # Through Celery's own send_task, so that the app's serializer, signals
+    # (before_task_publish…) and result backend see an ordinary send. An
+    # explicit queue is declared first, as Celery does, so a queue that is
+    # gone is created again rather than the message dropped.
+    app.send_task(
+        task.name, args=args, kwargs=kwargs, task_id=task.id, connection=conn, router=_AsRecorded(),
+        queue=route.queue, exchange=route.exchange, routing_key=route.routing_key, priority=route.priority,
+        retry=False, add_to_parent=False,
+    )
+
+
+def broker_redelivery(app) -> tuple[bool, frozenset[str] | None]:
+    """Whether the app's broker keeps unacknowledged messages, and if not, the ids queued now.
+
+    RabbitMQ, Redis, SQS keep them on the broker. kombu's filesystem and
+    memory transports keep them in the consumer's memory: they are back in
+    the queue only if the worker shut down cleanly, which the filesystem
+    transport's folder shows.
+    """
+    conn = app.connection_for_write()  # not connected yet: only its transport is looked at
+    try:
+        driver = conn.transport.driver_type
+        if driver not in ("filesystem", "memory"):
+            return True, None
+        folder = (conn.transport_options or {}).get("data_folder_in")
+        if driver == "filesystem" and folder:
+            from . import fs_transport
+
+            return False, frozenset(fs_transport.queued_task_ids(folder))
+        return False, None
+    finally:
+        conn.release()
+
+
+__all__ = ["Recorded", "Route", "Decision", "decide", "route_of", "unsendable", "arguments", "RESEND", "SKIP", "at_least_once",
+           "send_again", "broker_redelivery"]

@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from ..errors import EXIT_OK, EXIT_PARTIAL
 from . import procs
 from .plan import KILL, REFUSE, SPARE, Verdict
 from .procs import Proc
+from .statefile import proc_to_dict
 
 # Outcomes, one per process, as the report shows them.
 KILLED = "killed"
@@ -27,6 +29,8 @@ REUSED_REASON = "PID now held by another process (creation time differs)"
 REFUSED = "refused"  # deliberately not signalled (safety)
 FAILED = "failed"  # could not be signalled, or survived SIGKILL
 WOULD_KILL = "would kill"  # --dry-run
+#: The order of the report's rows and of its summary.
+STATUS_ORDER = (KILLED, WOULD_KILL, SPARED, GONE, REFUSED, FAILED)
 
 # Results of one signal attempt.
 SENT = "sent"
@@ -63,6 +67,41 @@ class KillReport:
     @property
     def partial(self) -> bool:
         return any(o.status == FAILED for o in self.outcomes)
+
+    @property
+    def exit_code(self) -> int:
+        """3 (partial) when a process could not be killed."""
+        return EXIT_PARTIAL if self.partial else EXIT_OK
+
+    def ordered(self) -> list[Outcome]:
+        return sorted(self.outcomes, key=lambda o: (STATUS_ORDER.index(o.status), o.worker_pid, o.proc.pid))
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(self.by_status(s)) for s in STATUS_ORDER}
+
+    def summary(self) -> str:
+        counts = self.counts()
+        first = f"would kill {counts[WOULD_KILL]}" if self.dry_run else f"killed {counts[KILLED]}"
+        return (f"{first}, spared {counts[SPARED]}, already gone {counts[GONE]}, "
+                f"refused {counts[REFUSED]}, failed {counts[FAILED]}")
+
+    def to_document(self) -> dict:
+        return {
+            "dry_run": self.dry_run,
+            "exit_code": self.exit_code,
+            "summary": self.counts(),
+            "processes": [
+                {
+                    **proc_to_dict(o.proc),
+                    "worker": o.worker_pid,
+                    "status": o.status,
+                    "reason": o.reason,
+                    "signal": o.signal,
+                }
+                for o in self.ordered()
+            ],
+            "warnings": self.warnings,
+        }
 
 
 def signal_proc(proc: Proc, sig: int) -> str:
@@ -121,8 +160,7 @@ def bottom_up(verdicts: Iterable[Verdict]) -> list[Verdict]:
 
 
 def alive(proc: Proc) -> bool:
-    current = procs.live_identity(proc.pid)
-    return current is not None and proc.same_process(current)
+    return proc.identity.alive()
 
 
 class Pins:

@@ -18,7 +18,7 @@ import stat
 import tempfile
 import time
 
-from .errors import SuperviseError
+from ..errors import SuperviseError
 
 LOCK_ENV = "CELERY_SUPERVISE_LOCK"
 DEFAULT_WAIT = 60.0

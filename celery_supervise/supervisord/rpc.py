@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import fnmatch
+import http.client
 import socket
 import xmlrpc.client
 from dataclasses import dataclass
 
-from .errors import SupervisorError
+from ..errors import SupervisorError
 
 RUNNING_STATES = {"STARTING", "RUNNING", "BACKOFF", "STOPPING"}
 
@@ -39,7 +40,7 @@ def call(url: str, what, *args):
         return what(*args)
     except xmlrpc.client.Fault as exc:
         raise SupervisorError(url, f"fault {exc.faultCode}: {exc.faultString}") from None
-    except (OSError, socket.error, xmlrpc.client.ProtocolError) as exc:
+    except (OSError, socket.error, xmlrpc.client.ProtocolError, http.client.HTTPException) as exc:
         raise SupervisorError(url, f"not reachable ({exc})") from None
 
 

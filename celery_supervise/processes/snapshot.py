@@ -2,8 +2,8 @@
 
 Step one of snapshot -> plan -> act. :func:`take` reads the live trees of
 the worker main processes that discovery found; the result is plain data
-that :mod:`celery_supervise.plan` decides on and
-:mod:`celery_supervise.statefile` stores.
+that :mod:`celery_supervise.processes.plan` decides on and
+:mod:`celery_supervise.processes.statefile` stores.
 """
 
 from __future__ import annotations
@@ -65,6 +65,11 @@ class Worker:
     def by_pid(self) -> dict[int, Proc]:
         return {p.pid: p for p in self.procs}
 
+    def already_orphaned(self) -> set[int]:
+        """PIDs of processes whose parent is outside the tree (re-parented to PID 1 or a subreaper)."""
+        pids = {p.pid for p in self.procs}
+        return {p.pid for p in self.procs if p.pid != self.main.pid and p.ppid not in pids}
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -75,11 +80,6 @@ class Snapshot:
     source: str = "scan"  # how the workers were found: control, supervisor, scan
     warnings: tuple[str, ...] = ()
     boot_id: str | None = None  # the kernel's id of this boot; None in records that predate it
-
-    def all_procs(self) -> Iterable[tuple[Worker, Proc]]:
-        for w in self.workers:
-            for p in w.procs:
-                yield w, p
 
 
 def hostname() -> str:

@@ -56,12 +56,43 @@ class Proc:
     def with_role(self, role: str) -> "Proc":
         return replace(self, role=role)
 
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.pid, self.create_time)
+
     def same_process(self, other: "Proc | psutil.Process | float") -> bool:
         """True when *other* is this very process, not a PID reuse."""
         create_time = other if isinstance(other, float) else other.create_time
         if callable(create_time):
             create_time = create_time()
         return abs(create_time - self.create_time) <= CREATE_TIME_TOLERANCE
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A process as PID plus creation time: what tells it from a later process given the same PID.
+
+    psutil's ``is_running()`` works the same way. A record's creation time
+    is rebased to this boot's clock, so two are the same within
+    :data:`CREATE_TIME_TOLERANCE`, not bit for bit.
+    """
+
+    pid: int
+    create_time: float
+
+    @classmethod
+    def of(cls, pid: int) -> "Identity | None":
+        """The live process *pid* now; ``None`` if it is gone (or a zombie)."""
+        ct = live_identity(pid)
+        return None if ct is None else cls(pid, ct)
+
+    def same(self, other: "Identity | None") -> bool:
+        return other is not None and other.pid == self.pid \
+            and abs(other.create_time - self.create_time) <= CREATE_TIME_TOLERANCE
+
+    def alive(self) -> bool:
+        """Whether this very process still runs (not a PID reuse)."""
+        return self.same(Identity.of(self.pid))
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -85,6 +116,8 @@ def _read(path: str) -> bytes:
 
 
 _CHUNK = 8192
+_PAGE = 4096
+_CHILD_ENTRY_ROOM = 64  # several entries' worth, beyond the 8 bytes one takes
 
 
 def _read_children(path: str) -> bytes:
@@ -97,7 +130,14 @@ def _read_children(path: str) -> bytes:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
+        chunk = os.read(fd, _CHUNK)
+        # The page is filled with whole entries (a PID and a space, at most
+        # 8 bytes: pid_max is at most 2**22). A page left with room for
+        # several more entries was the last: skip the read that would
+        # return b"" (a thousand system calls on a 1,000-process tree).
+        if len(chunk) < _PAGE - _CHILD_ENTRY_ROOM:
+            return chunk
+        chunks = [chunk]
         while chunk := os.read(fd, _CHUNK):
             chunks.append(chunk)
         return b"".join(chunks)
@@ -160,7 +200,7 @@ def boot_time() -> float:
     process: every identity this process computes, in a kill's grace wait
     or over a listener's months, agrees with every other one. A record
     written by another process carries the base it used, and
-    :func:`celery_supervise.statefile.parse` rebases it to ours.
+    :func:`celery_supervise.processes.statefile.parse` rebases it to ours.
     """
     global _base
     if _base is None:
@@ -205,36 +245,6 @@ def create_time_of(starttime_ticks: int) -> float:
     return starttime_ticks / CLOCK_TICKS + boot_time()
 
 
-def sighup_ignored(pid: int) -> bool:
-    """Whether *pid* ignores SIGHUP, from ``SigIgn`` in ``/proc/PID/status``.
-
-    psutil does not expose signal dispositions. ``nohup`` works by setting
-    SIGHUP to SIG_IGN before exec, and an ignored disposition survives exec,
-    so the bit is how a nohup'd descendant is told apart from an attached one.
-    """
-    return _status_fields(_read(f"/proc/{pid}/status"))[1]
-
-
-_UID = re.compile(rb"^Uid:\s+(\d+)", re.M)
-_SIGIGN = re.compile(rb"^SigIgn:\s+([0-9a-fA-F]+)", re.M)
-
-
-def _status_fields(data: bytes) -> tuple[int, bool]:
-    """(real uid, SIGHUP ignored) from ``/proc/PID/status``."""
-    uid, sigign = _UID.search(data), _SIGIGN.search(data)
-    return (int(uid.group(1)) if uid else -1), bool(sigign and int(sigign.group(1), 16) & SIGHUP_BIT)
-
-
-def _real_uid(data: bytes) -> int:
-    # str.find, not the regular expression: this runs for every process of
-    # every snapshot, and "Uid:" is never the first line.
-    at = data.find(b"\nUid:")
-    if at < 0:
-        return -1
-    fields = data[at + 5:data.find(b"\n", at + 5)].split()
-    return int(fields[0]) if fields else -1
-
-
 def read_proc(pid: int, role: str = TASK) -> Proc | None:
     """Snapshot one process, or ``None`` if it is gone (or a zombie).
 
@@ -256,14 +266,20 @@ def read_proc_threads(pid: int, role: str = TASK) -> tuple[Proc, int] | None:
 
     ``SigIgn`` comes from ``/proc/PID/stat`` (its ``sigignore`` field holds
     the same mask as ``status`` for the classic signals, SIGHUP among
-    them), so ``status`` is read only for the real uid.
+    them). The uid is the owner of ``/proc/PID``, one ``stat`` call instead
+    of generating and reading ``status`` (which the kernel builds with the
+    memory figures: 40 % of a walk's time). That owner is the process's
+    effective uid, or root for a non-dumpable process (one that changed
+    credentials, such as a set-user-ID program); ``status``'s first
+    ``Uid`` field is the real uid. Nothing decides by the uid (see
+    docs/threat-model.md): it is recorded for the reader of the record.
     """
     base = f"/proc/{pid}/"
     try:
         fields = _stat_fields(_read(base + "stat"))
         if fields[_STATE] == b"Z":
             return None
-        uid = _real_uid(_read(base + "status"))
+        uid = os.stat(base).st_uid
         try:
             cmdline = parse_cmdline(_read(base + "cmdline"))
         except PermissionError:
@@ -334,6 +350,52 @@ def walk(root: Proc, *, threads: int = 0, skip: Container[int] = frozenset()) ->
                 continue
             yield found[0]
             stack.append(found)
+
+
+def tree_grew(recorded: Iterable[Proc]) -> bool:
+    """Whether a walk of the tree now could find a process that *recorded* lacks.
+
+    The listener asks this every couple of seconds for every worker it
+    watches, so it reads only two small files per recorded process
+    (``stat``, for the identity and the thread count, and the ``children``
+    files) instead of walking and reading the whole tree again. True (walk
+    again) also whenever it cannot tell.
+
+    Why this misses nothing a walk would find: let X be a process a walk
+    made now would yield and the record lacks, the one nearest the main.
+    Its parent Y is the main or a process the walk yielded, so Y is in the
+    record (X is the nearest new one) and is still that very process. We
+    read Y's ``children``, which name X: either X's PID is not in the
+    record (True), or the record holds that PID for another process, whose
+    PID X now reuses, and then that PID's ``stat`` shows another creation
+    time (True). Races are the walk's own: a fork after we read its
+    parent's ``children`` is seen at the next call, as a walk would see it
+    only at its next run; a child whose parent exits before then is
+    re-parented out of the tree, where no walk from the main finds it
+    either (the kill's process-group scan is what catches those).
+    A recorded process that died is no change: records keep the dead, and
+    a dead process has no children left.
+    """
+    procs = list(recorded)
+    pids = {p.pid for p in procs}
+    for p in procs:
+        try:
+            fields = _stat_fields(_read(f"/proc/{p.pid}/stat"))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it died: nothing of its own to add
+        except OSError:
+            return True
+        if fields[_STATE] == b"Z":
+            continue
+        if not p.same_process(create_time_of(int(fields[_START]))):
+            return True  # the PID names another process now
+        try:
+            kids = child_pids(p.pid, int(fields[_THREADS]))
+        except OSError:  # not readable for us (hidepid, another user): walk
+            return True
+        if any(kid not in pids for kid in kids):
+            return True
+    return False
 
 
 def live_identity(pid: int) -> float | None:

@@ -27,9 +27,10 @@ from typing import Iterable
 
 import psutil
 
-from . import control, procs
-from .errors import BrokerError, SupervisorError
-from .snapshot import Task
+from ..errors import BrokerError, SupervisorError
+from ..processes import procs
+from ..processes.snapshot import Task
+from . import control
 
 # A worker's uptime counts from WorkController.__init__, after imports and
 # Django set-up; allow that much start-up delay, plus rounding.
@@ -143,7 +144,7 @@ def app_root(spec: str) -> str | None:
 
     Where it was, if loaded; else where an import would find it, the
     current directory first (as ``celery -A`` and
-    :func:`celery_supervise.control.load_app` look), without running it.
+    :func:`celery_supervise.celery_side.control.load_app` look), without running it.
     ``None`` when it cannot be found.
     """
     top = app_module(spec).split(".")[0]
@@ -242,7 +243,7 @@ def worker_main_under(pid: int, wanted_app: str | None = None) -> int | None:
 def from_supervisor(url: str, programs: list[str], local: dict[int, WorkerCommand],
                     auth: tuple[str | None, str | None] = (None, None)) -> tuple[list[Found], list[str]]:
     """Workers run by supervisord's matching programs."""
-    from . import rpc  # supervisor's XML-RPC stack is slow to import; most runs never need it
+    from ..supervisord import rpc  # supervisor's XML-RPC stack is slow to import; most runs never need it
 
     sup_pid, running = rpc.program_processes(url, programs, *auth)
     sup = procs.read_proc(sup_pid)

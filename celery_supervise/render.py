@@ -2,6 +2,10 @@
 
 Shared by the CLI and the Django command, so both print the same thing.
 Results go to the *out* console; warnings go to *err* as ``warning:`` lines.
+Nothing is decided here: each verb's result knows its exit code and its JSON
+document (``exit_code``, ``to_document()``), and error lines are printed at
+the shells' edges.
+
 Every value that comes from outside (a command line, a task name, a state
 file) is passed through :func:`rich.markup.escape`: a ``[/]`` in a task's
 command line would otherwise be read as markup and fail the render.
@@ -19,13 +23,14 @@ from rich.console import Console
 from rich import markup
 from rich.tree import Tree
 
-from .drain import ACTIVE, RESERVED, Assessment, DrainResult
-from .errors import EXIT_OK, EXIT_PARTIAL
-from .kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
-from .operations import FAILED as REQUEUE_FAILED, RESENT, SKIPPED, WOULD_RESEND, RequeueResult, SaveResult, StatusResult
-from .restart import RestartResult
-from .plan import KILL, REFUSE, Verdict
-from .statefile import Encoder, proc_to_dict, to_document
+from .celery_side.drain import ACTIVE, RESERVED, DrainResult
+from .celery_side.task_json import Encoder
+from .commands.requeue import RESENT, SKIPPED, WOULD_RESEND, RequeueResult
+from .commands.restart import RestartResult
+from .commands.savepid import SaveResult, StatusResult
+from .processes.kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
+from .processes.plan import KILL, REFUSE, Verdict
+from .progress import DeployProgress, DrainProgress, WaitProgress  # noqa: F401  (the shells find them here)
 
 # C0 and C1 controls, and lone surrogates: the undecodable bytes of a
 # /proc cmdline (or of a state file's strings) after Python's surrogateescape.
@@ -44,8 +49,6 @@ def escape(text: str) -> str:
     return markup.escape(_UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()) & 0xff:02x}", text))
 
 
-STATUS_ORDER = (KILLED, WOULD_KILL, SPARED, GONE, REFUSED, FAILED)
-REQUEUE_ORDER = (RESENT, WOULD_RESEND, REQUEUE_FAILED, SKIPPED)
 STYLE = {RESENT: "green", WOULD_RESEND: "yellow", SKIPPED: "dim",
          KILLED: "red", WOULD_KILL: "yellow", SPARED: "green", GONE: "dim", REFUSED: "magenta", FAILED: "bold red",
          KILL: "red", "spare": "green", REFUSE: "magenta"}
@@ -84,10 +87,6 @@ def display_command(cmdline, width: int = 48) -> str:
     return short(" ".join(args) or "?", width)
 
 
-def kill_exit_code(report: KillReport) -> int:
-    return EXIT_PARTIAL if report.partial else EXIT_OK
-
-
 def new_table(title: str):
     from rich.table import Table  # only the renderings that draw a table import it
 
@@ -112,43 +111,13 @@ def emit_json(out: Console, doc: dict) -> None:
 # ---------------------------------------------------------------------- kill
 
 
-def kill_document(report: KillReport) -> dict:
-    return {
-        "dry_run": report.dry_run,
-        "exit_code": kill_exit_code(report),
-        "summary": {s: len(report.by_status(s)) for s in STATUS_ORDER},
-        "processes": [
-            {
-                **proc_to_dict(o.proc),
-                "worker": o.worker_pid,
-                "status": o.status,
-                "reason": o.reason,
-                "signal": o.signal,
-            }
-            for o in _ordered(report)
-        ],
-        "warnings": report.warnings,
-    }
-
-
-def _ordered(report: KillReport):
-    return sorted(report.outcomes, key=lambda o: (STATUS_ORDER.index(o.status), o.worker_pid, o.proc.pid))
-
-
-def summary_line(report: KillReport) -> str:
-    counts = {s: len(report.by_status(s)) for s in STATUS_ORDER}
-    first = f"would kill {counts[WOULD_KILL]}" if report.dry_run else f"killed {counts[KILLED]}"
-    return (f"{first}, spared {counts[SPARED]}, already gone {counts[GONE]}, "
-            f"refused {counts[REFUSED]}, failed {counts[FAILED]}")
-
-
 def render_kill(out: Console, err: Console, report: KillReport, as_json: bool) -> int:
     warnings(err, report.warnings)
     if as_json:
-        emit_json(out, kill_document(report))
-        return kill_exit_code(report)
+        emit_json(out, report.to_document())
+        return report.exit_code
     print_kill(out, report)
-    return kill_exit_code(report)
+    return report.exit_code
 
 
 def print_kill(out: Console, report: KillReport) -> None:
@@ -157,55 +126,25 @@ def print_kill(out: Console, report: KillReport) -> None:
     table = new_table(title)
     for col in ("outcome", "pid", "role", "worker", "command", "reason"):
         table.add_column(col, overflow="fold")
-    for o in _ordered(report):
+    for o in report.ordered():
         detail = o.reason if o.signal is None else f"{o.reason} ({o.signal})"
         table.add_row(f"[{STYLE[o.status]}]{o.status}[/]", str(o.proc.pid), escape(o.proc.role), str(o.worker_pid),
                       escape(display_command(o.proc.cmdline)), escape(detail))
     if report.outcomes:
         out.print(table)
-    out.print(summary_line(report), highlight=False)
+    out.print(report.summary(), highlight=False)
 
 
 # ------------------------------------------------------------------- savepid
 
 
-def save_document(result: SaveResult) -> dict:
-    doc = to_document(result.snapshot, result.policy, result.verdicts)
-    doc["path"] = result.path
-    doc["broker_error"] = result.broker_error
-    doc["exit_code"] = save_exit_code(result)
-    return doc
-
-
-def save_summary(result: SaveResult) -> dict:
-    """What savepid recorded, in numbers (the record itself is the state file)."""
-    workers = result.snapshot.workers
-    return {"path": result.path, "source": result.snapshot.source, "workers": len(workers),
-            "processes": sum(len(w.procs) for w in workers),
-            "already_orphaned": sum(len(already_orphaned(w)) for w in workers),
-            "tasks": sum(len(w.tasks) for w in workers), "policy": str(result.policy)}
-
-
-def save_exit_code(result: SaveResult) -> int:
-    """3 when the broker failed: the record lacks the tasks a stop would cut off (requeue could not re-send them)."""
-    return EXIT_PARTIAL if result.broker_error else EXIT_OK
-
-
-def save_problem(result: SaveResult) -> str:
-    return (f"the broker failed ({result.broker_error}): {result.path} records the process trees but not the "
-            "active tasks, so requeue could not re-send what a stop cuts off; run savepid again once the "
-            "broker is back (kill works with this record)")
-
-
 def render_save(out: Console, err: Console, result: SaveResult, as_json: bool) -> int:
+    # The broker's failure is the result's problem, printed once by the
+    # shell's edge (the record *was* written, so it is exit 3, not an error).
     warnings(err, [w for w in result.warnings if not (result.broker_error and w.startswith(result.broker_error))])
-    if result.broker_error:
-        # One line, as every error; the CLI's edge prints SuperviseErrors
-        # the same way, but the record *was* written, so this is exit 3.
-        err.print(f"celery-supervise: error: {save_problem(result)}", highlight=False, soft_wrap=True)
     if as_json:
-        emit_json(out, save_document(result))
-        return save_exit_code(result)
+        emit_json(out, result.to_document())
+        return result.exit_code
     snap = result.snapshot
     nprocs = sum(len(w.procs) for w in snap.workers)
     ntasks = sum(len(w.tasks) for w in snap.workers)
@@ -216,30 +155,10 @@ def render_save(out: Console, err: Console, result: SaveResult, as_json: bool) -
     )
     if snap.workers:
         out.print(verdict_tree(snap.workers, result.verdicts))
-    return save_exit_code(result)
+    return result.exit_code
 
 
 # -------------------------------------------------------------------- status
-
-
-def status_document(result: StatusResult) -> dict:
-    doc = to_document(result.snapshot, result.policy, result.verdicts)
-    for w, entry in zip(result.snapshot.workers, doc["workers"]):
-        entry["containment"] = containment(w)
-    return doc
-
-
-def containment(worker) -> str:
-    """Which mechanism finds *worker*'s escaped children: ``cgroup <path>`` or ``process group only: <why>``."""
-    from .cgroups import describe
-
-    return describe(worker.cgroup, worker.cgroup_reason)
-
-
-def already_orphaned(worker) -> set[int]:
-    """PIDs of *worker*'s processes whose parent is outside its tree (re-parented to PID 1 or a subreaper)."""
-    pids = {p.pid for p in worker.procs}
-    return {p.pid for p in worker.procs if p.pid != worker.main.pid and p.ppid not in pids}
 
 
 def verdict_tree(workers, verdicts: list[Verdict]):
@@ -250,7 +169,7 @@ def verdict_tree(workers, verdicts: list[Verdict]):
         if w.program:
             label += f", program {escape(w.program)}"
         label += f", {len(w.tasks)} active task(s)"
-        orphans = already_orphaned(w)
+        orphans = w.already_orphaned()
         if orphans:
             label += f", {len(orphans)} process(es) already orphaned"
         root = Tree(label)
@@ -277,87 +196,19 @@ def verdict_tree(workers, verdicts: list[Verdict]):
 def render_status(out: Console, err: Console, result: StatusResult, as_json: bool) -> int:
     warnings(err, result.warnings)
     if as_json:
-        emit_json(out, status_document(result))
-        return EXIT_OK
+        emit_json(out, result.to_document())
+        return result.exit_code
     if not result.snapshot.workers:
         out.print("no Celery worker is running on this host")
-        return EXIT_OK
+        return result.exit_code
     out.print(verdict_tree(result.snapshot.workers, result.verdicts))
-    for w in result.snapshot.workers:
-        out.print(escape(f"worker {w.node or '?'} main {w.main.pid}: {containment(w)}"), highlight=False, soft_wrap=True)
-    return EXIT_OK
-
-
-# ------------------------------------------------------------------ progress
-
-
-class WaitProgress:
-    """``on_wait`` callback: a live status line on a TTY, plain lines otherwise.
-
-    Plain lines come at most once a second so a log is not flooded.
-    """
-
-    def __init__(self, err: Console, what: str = "to exit after SIGTERM"):
-        self.err = err
-        self.what = what
-        self.status = None
-        self.last_line = None
-
-    def __call__(self, left: int, elapsed: float, timeout: float) -> None:
-        text = f"waiting for {left} process(es) {self.what}: {elapsed:.1f}s of {timeout:g}s"
-        if self.err.is_terminal:
-            if self.status is None:
-                self.status = self.err.status(text)
-                self.status.start()
-            else:
-                self.status.update(text)
-        elif self.last_line is None or elapsed - self.last_line >= 1.0:
-            self.last_line = elapsed
-            self.err.print(text, highlight=False)
-
-    def close(self) -> None:
-        if self.status is not None:
-            self.status.stop()
-            self.status = None
+    # Which mechanism finds each worker's escaped children (the result decides, see StatusResult).
+    for w, line in zip(result.snapshot.workers, result.containment()):
+        out.print(escape(f"worker {w.node or '?'} main {w.main.pid}: {line}"), highlight=False, soft_wrap=True)
+    return result.exit_code
 
 
 # --------------------------------------------------------------------- drain
-
-
-def drain_exit_code(result: DrainResult) -> int:
-    """0 when drained; 3 (partial) when the timeout passed first."""
-    return EXIT_OK if result.drained else EXIT_PARTIAL
-
-
-def _seconds(value) -> float | None:
-    return None if value is None else round(value, 3)
-
-
-def drain_document(result: DrainResult) -> dict:
-    busy = {h.node for h in result.held}
-    return {
-        "drained": result.drained,
-        "exit_code": drain_exit_code(result),
-        "elapsed": round(result.elapsed, 3),
-        "timeout": result.timeout,
-        "finished_at": result.finished_at,
-        "all": result.everyone,
-        "workers": [
-            {"node": t.node, "pid": t.pid, "queues": result.queues_of(t.node),
-             "answered": t.node not in result.silent,
-             "drained": t.node not in busy and t.node not in result.silent}
-            for t in result.targets
-        ],
-        "cancelled": [{"queue": q, "nodes": None if nodes is None else list(nodes)} for q, nodes in result.cancelled],
-        "tasks": [
-            {"node": h.node, "id": h.task.id, "name": h.task.name, "state": h.state,
-             "runtime": _seconds(h.runtime(result.finished_at)), "time_start": h.task.time_start,
-             "worker_pid": h.task.worker_pid, "args": h.task.args, "kwargs": h.task.kwargs}
-            for h in result.held
-        ],
-        "not_answering": list(result.silent),
-        "warnings": result.warnings,
-    }
 
 
 def _runtime_text(held, now: float) -> str:
@@ -385,8 +236,8 @@ def drain_summary(result: DrainResult) -> str:
 def render_drain(out: Console, err: Console, result: DrainResult, as_json: bool) -> int:
     warnings(err, result.warnings)
     if as_json:
-        emit_json(out, drain_document(result))
-        return drain_exit_code(result)
+        emit_json(out, result.to_document())
+        return result.exit_code
     if not result.drained and result.held:
         table = new_table("celery-supervise drain: still running")
         for col in ("node", "task id", "name", "state", "runtime", "pool pid"):
@@ -402,109 +253,19 @@ def render_drain(out: Console, err: Console, result: DrainResult, as_json: bool)
             pid = f" (PID {t.pid})" if t.pid else ""
             queues = ", ".join(result.queues_of(t.node)) or "nothing"
             out.print(f"  {t.node}{pid}: no longer consumes {queues}", highlight=False, markup=False)
-    return drain_exit_code(result)
-
-
-class DrainProgress:
-    """``on_progress`` callback of a drain: a progress bar on a TTY, plain lines otherwise.
-
-    The bar counts finished tasks out of the most seen at once; the line
-    says what is left, the elapsed time and the timeout. Plain lines come at
-    most once a second.
-    """
-
-    def __init__(self, err: Console):
-        self.err = err
-        self.progress = None
-        self.bar = None
-        self.most = 0
-        self.last_line = None
-
-    @staticmethod
-    def describe(assessment: Assessment) -> str:
-        running = sum(1 for h in assessment.held if h.state == ACTIVE)
-        waiting = len(assessment.held) - running
-        text = f"{len(assessment.held)} task(s) left"
-        if waiting:
-            text += f" ({running} running, {waiting} prefetched)"
-        if assessment.silent:
-            text += f", {len(assessment.silent)} worker(s) not answering"
-        return text
-
-    def __call__(self, assessment: Assessment, elapsed: float, timeout: float) -> None:
-        left = len(assessment.held)
-        self.most = max(self.most, left)
-        text = self.describe(assessment)
-        if self.err.is_terminal:
-            if self.progress is None:
-                from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-                self.progress = Progress(
-                    SpinnerColumn(), TextColumn("draining"), BarColumn(), TextColumn("{task.description}"),
-                    TimeElapsedColumn(), TextColumn("of {task.fields[timeout]:g}s"),
-                    console=self.err, transient=True,
-                )
-                self.progress.start()
-                self.bar = self.progress.add_task(text, total=max(self.most, 1), timeout=timeout)
-            self.progress.update(self.bar, description=text, total=max(self.most, 1),
-                                 completed=self.most - left if self.most else 1)
-        elif self.last_line is None or elapsed - self.last_line >= 1.0:
-            self.last_line = elapsed
-            self.err.print(f"draining: {text}, {elapsed:.1f}s of {timeout:g}s", highlight=False)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+    return result.exit_code
 
 
 # ------------------------------------------------------------------- requeue
 
 
-def requeue_exit_code(result: RequeueResult) -> int:
-    """0 when done; 3 (partial) when the broker failed after some tasks were re-sent."""
-    return EXIT_PARTIAL if result.partial else EXIT_OK
-
-
-def requeue_document(result: RequeueResult) -> dict:
-    def route(r):
-        return None if r is None else {"exchange": r.exchange, "routing_key": r.routing_key,
-                                       "queue": r.queue, "priority": r.priority}
-
-    return {
-        "dry_run": result.dry_run,
-        "exit_code": requeue_exit_code(result),
-        "state_file": result.path,
-        "ledger": result.ledger,
-        "journal": result.journal,
-        "summary": {s: len(result.by_status(s)) for s in REQUEUE_ORDER},
-        "tasks": [
-            {"id": o.decision.task.id, "name": o.decision.task.name, "args": o.decision.task.args,
-             "kwargs": o.decision.task.kwargs, "node": o.decision.recorded.node,
-             "worker": o.decision.recorded.worker, "acknowledged": o.decision.task.acknowledged,
-             "status": o.status, "reason": o.reason, "route": route(o.decision.route)}
-            for o in result.outcomes
-        ],
-        "warnings": result.warnings,
-    }
-
-
-def requeue_summary(result: RequeueResult) -> str:
-    counts = {s: len(result.by_status(s)) for s in REQUEUE_ORDER}
-    first = f"would re-send {counts[WOULD_RESEND]}" if result.dry_run else f"re-sent {counts[RESENT]}"
-    line = f"{first}, skipped {counts[SKIPPED]}"
-    if counts[REQUEUE_FAILED]:
-        line += f", failed {counts[REQUEUE_FAILED]}"
-    return line + f" of {len(result.outcomes)} recorded task(s)"
-
-
 def render_requeue(out: Console, err: Console, result: RequeueResult, as_json: bool) -> int:
-    from . import requeue as requeuing
+    from .celery_side import requeue as requeuing
 
     warnings(err, result.warnings)
     if as_json:
-        emit_json(out, requeue_document(result))
-        return requeue_exit_code(result)
+        emit_json(out, result.to_document())
+        return result.exit_code
     title = "celery-supervise requeue (dry run: nothing sent)" if result.dry_run else "celery-supervise requeue"
     table = new_table(title)
     for col in ("outcome", "task id", "name", "queue", "node", "reason"):
@@ -517,41 +278,18 @@ def render_requeue(out: Console, err: Console, result: RequeueResult, as_json: b
                       escape(o.reason))
     if result.outcomes:
         out.print(table)
-    out.print(requeue_summary(result), highlight=False)
-    return requeue_exit_code(result)
+    out.print(result.summary(), highlight=False)
+    return result.exit_code
 
 
 # ------------------------------------------------------------------- restart
-
-
-def restart_document(result: RestartResult) -> dict:
-    return {
-        "exit_code": result.exit_code,
-        "processes": result.processes,
-        "phases": [{"name": p.name, "seconds": round(p.seconds, 3), "detail": p.detail} for p in result.phases],
-        "total": round(result.total, 3),
-        "consume_gap": _seconds(result.consume_gap),
-        "consume_gaps": {n: round(s, 3) for n, s in result.consume_gaps.items()},
-        "old_nodes": result.nodes,
-        "new_nodes": {n: _seconds(s) for n, s in result.new_nodes.items()},
-        "stopped": result.stopped,
-        "started": result.started,
-        "drain": drain_document(result.drain) if result.drain is not None else None,
-        "kill": None if result.kill is None else {
-            "summary": {s: len(result.kill.by_status(s)) for s in STATUS_ORDER},
-            "failed": [{**proc_to_dict(o.proc), "reason": o.reason} for o in result.kill.by_status(FAILED)],
-        },
-        "state_file": result.state_file,
-        "problem": result.problem,
-        "warnings": result.warnings,
-    }
 
 
 def render_restart(out: Console, err: Console, result: RestartResult, as_json: bool) -> int:
     """A phase table on a terminal, one plain line per phase otherwise."""
     warnings(err, result.warnings)
     if as_json:
-        emit_json(out, restart_document(result))
+        emit_json(out, result.to_document())
         return result.exit_code
     if result.drain is not None and not result.drain.drained:
         render_drain(out, err, result.drain, False)
@@ -582,6 +320,34 @@ def render_restart(out: Console, err: Console, result: RestartResult, as_json: b
     return result.exit_code
 
 
+class RollProgress:
+    """``restart --rolling``'s ``on_phase``: one line per phase of each batch, with the time so far."""
+
+    def __init__(self, err: Console):
+        self.err = err
+
+    def __call__(self, number: int, total: int, phase: str, elapsed: float) -> None:
+        self.err.print(f"batch {number}/{total}: {phase} ({elapsed:.1f}s)", highlight=False, markup=False)
+
+
+def render_rolling(out: Console, err: Console, result, as_json: bool, shown: Iterable[str] = ()) -> int:
+    """``restart --rolling``: its document, or one plain line per batch phase and queue.
+
+    Warnings already *shown* (the plan's, before the roll) are not repeated on stderr.
+    """
+    shown = set(shown)
+    warnings(err, [w for w in result.warnings if w not in shown])
+    if as_json:
+        emit_json(out, result.to_document())
+        return result.exit_code
+    for batch in result.batches:
+        if batch.drain is not None and not batch.drain.drained:
+            render_drain(out, err, batch.drain, False)
+    for line in result.lines():
+        out.print(line, highlight=False, markup=False)
+    return result.exit_code
+
+
 # -------------------------------------------------------------- print-config
 
 
@@ -597,40 +363,6 @@ def render_print_config(out: Console, err: Console, result, as_json: bool) -> in
 
 
 # -------------------------------------------------------------------- deploy
-
-
-class DeployProgress:
-    """A deploy's progress on stderr: one line per step, as scripts/deploy.sh printed them.
-
-    Every line starts with *name* (``celery-supervise deploy``, or the name a
-    wrapper script sets); waits say how long so far every 5 seconds.
-    """
-
-    EVERY = 5.0
-
-    def __init__(self, err: Console, name: str):
-        self.err = err
-        self.name = name
-        self.said = 0.0  # elapsed time of the wait's last line
-        self.last = 0.0  # elapsed time last reported: a smaller one starts a new wait
-
-    def line(self, text: str) -> None:
-        self.err.print(f"{self.name}: {text}", highlight=False, markup=False, soft_wrap=True)
-
-    def step(self, number: int, total: int, text: str) -> None:
-        self.line(f"{number}/{total} {text}")
-
-    def note(self, text: str) -> None:
-        self.line(text)
-
-    def waiting(self, what: str, elapsed: float, timeout: float | None) -> None:
-        if elapsed < self.last:
-            self.said = 0.0
-        self.last = elapsed
-        if elapsed - self.said < self.EVERY:
-            return
-        self.said = elapsed
-        self.line(f"   waiting {what}: {int(elapsed)}s" + (f" of {timeout:g}s" if timeout else ""))
 
 
 def deploy_tasks_lines(result) -> list[str]:
@@ -657,11 +389,9 @@ def deploy_tasks_lines(result) -> list[str]:
     return lines
 
 
-def render_deploy(out: Console, err: Console, result, as_json: bool, name: str) -> int:
-    """stdout: the kill's table, the phases, the tasks that did not finish; stderr ends with the error, if any."""
+def render_deploy(out: Console, err: Console, result, as_json: bool) -> int:
+    """stdout: the kill's table, the phases, the tasks that did not finish (the error lines are the shell's)."""
     warnings(err, result.warnings)
-    if result.cause:
-        err.print(f"{name}: {result.cause}", highlight=False, markup=False, soft_wrap=True)
     if as_json:
         emit_json(out, result.to_document())
     else:
@@ -676,6 +406,4 @@ def render_deploy(out: Console, err: Console, result, as_json: bool, name: str) 
         if result.kept and result.save is not None:
             out.print(f"record: {result.state_file}", highlight=False, markup=False, soft_wrap=True)
     out.file.flush()
-    if result.problem:
-        err.print(f"{name}: error: {result.problem}", highlight=False, markup=False, soft_wrap=True)
     return result.exit_code
