@@ -52,6 +52,14 @@ def remove_dead_worker_cgroups():
             os.rmdir(os.path.join(base, name))
         except OSError:
             pass
+    # Then the folder itself, and its `detached`, once nothing is left in them:
+    # a listener of a test supervisord in pytest's own cgroup (the root, on a
+    # bare machine) made them there. rmdir refuses a populated or non-empty one.
+    for leftover in (os.path.join(base, cgroups.DETACHED), base):
+        try:
+            os.rmdir(leftover)
+        except OSError:
+            break
 
 
 def pytest_sessionfinish(session, exitstatus):

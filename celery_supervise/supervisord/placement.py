@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import time
 from typing import Callable
 
 from ..celery_side import discovery
 from ..processes import cgroups, procs
+
+#: How long STARTING waits for supervisord's new child to exec its command
+#: (the event can arrive between the fork and the exec; it takes milliseconds).
+EXEC_WAIT = 0.5
 
 
 def ours(programs: list[str], program: str) -> bool:
@@ -29,7 +34,9 @@ def ours(programs: list[str], program: str) -> bool:
 class Placement:
     """Places workers for one listener; logs each program's mechanism once (through *log*)."""
 
-    def __init__(self, mode: str, programs: list[str], parent: int, log: Callable[..., None]):
+    def __init__(self, mode: str, programs: list[str], parent: int, log: Callable[..., None],
+                 monotonic: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        self.monotonic, self.sleep = monotonic, sleep
         self.mode = mode
         self.programs = programs  # the listener's --program globs (empty: every program)
         self.parent = parent  # supervisord: only its direct child is ever placed
@@ -62,6 +69,15 @@ class Placement:
         if self.programs:
             return True
         found = procs.read_proc(pid)
+        # A fast listener reads STARTING while the child still runs
+        # supervisord's own code (fork, then fds, setuid, chdir, exec): wait,
+        # bounded, for the exec, then judge the command it runs.
+        parent = procs.read_proc(self.parent)
+        deadline = self.monotonic() + EXEC_WAIT
+        while (found is not None and parent is not None and found.ppid == self.parent
+               and found.cmdline == parent.cmdline and self.monotonic() < deadline):
+            self.sleep(0.005)
+            found = procs.read_proc(pid)
         return found is not None and discovery.parse_worker_cmdline(found.cmdline) is not None
 
     def place(self, program: str, pid: int, *, late: bool, main: int | None = None) -> None:
