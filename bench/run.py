@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a file: make the package importable
 
 import psutil  # noqa: E402
 
-from bench import kill_cost, savepid_vs_inspect, snapshot_cost  # noqa: E402
+from bench import cgroup_cost, kill_cost, savepid_vs_inspect, snapshot_cost  # noqa: E402
 from bench.forest import MARK_ENV  # noqa: E402
 from bench.measure import (  # noqa: E402
     MIN_N_RESTART, Row, Target, bytecode_cache_on, load_average, median, summary, table,
@@ -204,6 +204,7 @@ def oldscript_rows(run_id: str, args) -> list[Row]:
 
 BENCHMARKS = {
     "snapshot": lambda run_id, args: snapshot_cost.run(run_id, args.quick),
+    "cgroup": lambda run_id, args: cgroup_cost.run(run_id, args.quick),
     "kill": lambda run_id, args: kill_cost.run(run_id, args.quick),
     "savepid": lambda run_id, args: savepid_vs_inspect.run(run_id, args.quick, args.project_wait),
     "listener": listener_rows,

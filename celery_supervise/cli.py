@@ -89,6 +89,7 @@ OldTimeoutOpt = opt("timeout")
 GraceOpt = opt("grace")
 SupervisorUrlOpt = opt("supervisor_url")
 ProgramOpt = opt("program")
+CgroupsOpt = opt("cgroups")
 
 
 def consoles():
@@ -141,11 +142,12 @@ def savepid(
     reply_timeout: ReplyTimeoutOpt = default("reply_timeout"),
     timeout: OldTimeoutOpt = None,
     as_json: JsonOpt = False,
+    cgroups: CgroupsOpt = default("cgroups"),
 ) -> int:
     """Record this host's worker trees and active tasks (run before the stop)."""
     policy = Policy.parse(spare)
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
-    return entry.savepid(ctx.obj, file, supervisor_url, program, policy, reply_timeout, as_json)
+    return entry.savepid(ctx.obj, file, supervisor_url, program, policy, reply_timeout, as_json, cgroups)
 
 
 @app.command()
@@ -156,10 +158,11 @@ def kill(
     spare: SpareOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
+    cgroups: CgroupsOpt = default("cgroups"),
 ) -> int:
     """Kill the recorded Celery trees, sparing detached descendants (run after the stop)."""
     policy = Policy.parse(spare) if spare is not None else None
-    return entry.kill(ctx.obj, file, grace, policy, dry_run, as_json)
+    return entry.kill(ctx.obj, file, grace, policy, dry_run, as_json, cgroups)
 
 
 @app.command()
@@ -171,11 +174,12 @@ def status(
     reply_timeout: ReplyTimeoutOpt = default("reply_timeout"),
     timeout: OldTimeoutOpt = None,
     as_json: JsonOpt = False,
+    cgroups: CgroupsOpt = default("cgroups"),
 ) -> int:
     """Draw the live worker trees with each verdict; change nothing."""
     policy = Policy.parse(spare)  # before any slow discovery, so a typo fails at once
     reply_timeout = renamed(ctx, "timeout", "reply_timeout")
-    return entry.status(ctx.obj, supervisor_url, program, policy, reply_timeout, as_json)
+    return entry.status(ctx.obj, supervisor_url, program, policy, reply_timeout, as_json, cgroups)
 
 
 @app.command()
@@ -327,13 +331,15 @@ def print_config(
     numprocs: opt("numprocs") = default("numprocs"),
     state_dir: opt("config_state_dir") = None,
     log_dir: opt("log_dir") = None,
+    contain: opt("contain") = False,
     as_json: JsonOpt = False,
 ) -> int:
     """Print a conf.d snippet for your supervisord: the worker's [program:] and the eventlistener."""
     from .commands import print_config as printing
 
     request = printing.Request(app=ctx.obj.app_spec, program=program, command=command, directory=directory,
-                               user=user, numprocs=numprocs, state_dir=state_dir, log_dir=log_dir)
+                               user=user, numprocs=numprocs, state_dir=state_dir, log_dir=log_dir,
+                               contain=contain)
     result = printing.print_config(request)
     out, err = consoles()
     return render.render_print_config(out, err, result, as_json)
@@ -360,9 +366,22 @@ def listener(
     program: ProgramOpt = None,
     grace: GraceOpt = default("grace"),
     spare: SpareOpt = None,
+    cgroups: CgroupsOpt = default("cgroups"),
 ) -> int:
     """Run as a supervisord eventlistener: snapshot on start/stop, reap after every stop."""
-    return entry.listener(ctx.obj, state_dir, program, grace, Policy.parse(spare))
+    return entry.listener(ctx.obj, state_dir, program, grace, Policy.parse(spare), cgroups)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def contain(
+    command: arg("contain_command"),
+    cgroups: CgroupsOpt = default("cgroups"),
+) -> int:
+    """Enter a cgroup of its own, then exec CMD (put it in front of the worker's command)."""
+    from .commands import contain as containing
+
+    containing.contain(command, entry.cgroup_mode(cgroups))
+    return 0
 
 
 def command_tree():

@@ -28,11 +28,11 @@ class State:
         self.app_spec = app_spec
         self._app = None
 
-    def targets(self, supervisor_url, programs, timeout):
+    def targets(self, supervisor_url, programs, timeout, cgroups="auto"):
         from .commands import savepid as saving
 
         return saving.Targets(app=self.celery_app(), app_spec=self.app_spec, supervisor_url=supervisor_url,
-                              programs=tuple(programs or ()), timeout=timeout)
+                              programs=tuple(programs or ()), timeout=timeout, cgroups=cgroup_mode(cgroups))
 
     def celery_app(self):
         if self.app_spec and self._app is None:
@@ -50,45 +50,58 @@ class State:
 # functions, so both paths print the same and exit with the same code.
 
 
-def savepid(state: State, file, supervisor_url, program, policy, reply_timeout, as_json) -> int:
+def cgroup_mode(value: str) -> str:
+    """*value* of ``--cgroups``, checked (a usage error, before any slow work)."""
+    from .processes import cgroups
+
+    if value not in cgroups.MODES:
+        from .errors import UsageError
+
+        raise UsageError(f"--cgroups: {value!r} is not one of {', '.join(cgroups.MODES)}")
+    return value
+
+
+def savepid(state: State, file, supervisor_url, program, policy, reply_timeout, as_json, cgroups="auto") -> int:
     from . import render
     from .commands import savepid as saving
     from .errors import Outcome
 
-    result = saving.savepid(file, state.targets(supervisor_url, program, reply_timeout), policy)
+    result = saving.savepid(file, state.targets(supervisor_url, program, reply_timeout, cgroups), policy)
     out, err = render.consoles()
     code = render.render_save(out, err, result, as_json)
     # The record *was* written: exit 3 with the broker's failure as one error line.
     return Outcome(code, result.problem, [f"{PROG}: error: {result.problem}"] if result.problem else [])
 
 
-def status(state: State, supervisor_url, program, policy, reply_timeout, as_json) -> int:
+def status(state: State, supervisor_url, program, policy, reply_timeout, as_json, cgroups="auto") -> int:
     from . import render
     from .commands import savepid as saving
 
-    result = saving.status(state.targets(supervisor_url, program, reply_timeout), policy)
+    result = saving.status(state.targets(supervisor_url, program, reply_timeout, cgroups), policy)
     out, err = render.consoles()
     return render.render_status(out, err, result, as_json)
 
 
-def kill(state: State, file, grace, policy, dry_run, as_json) -> int:
+def kill(state: State, file, grace, policy, dry_run, as_json, cgroups="auto") -> int:
     from . import render
     from .commands import kill as killing
 
+    mode = cgroup_mode(cgroups)
     out, err = render.consoles()
     progress = render.WaitProgress(err)
     try:
         result = killing.kill(file, policy=policy, grace=grace, dry_run=dry_run,
-                              app_spec=state.app_spec, on_wait=progress)
+                              app_spec=state.app_spec, on_wait=progress, cgroup_mode=mode)
     finally:
         progress.close()
     return render.render_kill(out, err, result, as_json)
 
 
-def listener(state: State, state_dir, program, grace, policy) -> int:
+def listener(state: State, state_dir, program, grace, policy, cgroups="auto") -> int:
     from . import listener as listening
     from .processes import statefile
 
+    mode = cgroup_mode(cgroups)
     supervisor, rpc = listening.from_environment(dict(os.environ))
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     # Every record there would be refused, and no worker ever reaped: say so at once.
@@ -96,7 +109,7 @@ def listener(state: State, state_dir, program, grace, policy) -> int:
     return listening.Listener(
         state_dir=state_dir, programs=list(program or ()), grace=grace, policy=policy,
         app=state.celery_app(), app_spec=state.app_spec, supervisor=supervisor, rpc=rpc,
-        rpc_url=os.environ["SUPERVISOR_SERVER_URL"],
+        rpc_url=os.environ["SUPERVISOR_SERVER_URL"], cgroup_mode=mode,
     ).run()
 
 
@@ -108,13 +121,14 @@ def run_call(call) -> int:
     state = State(call.app_spec)
     if call.verb == "kill":
         policy = Policy.parse(p["spare"]) if p["spare"] is not None else None
-        return kill(state, p["file"], p["grace"], policy, p["dry_run"], p["as_json"])
+        return kill(state, p["file"], p["grace"], policy, p["dry_run"], p["as_json"], p["cgroups"])
     policy = Policy.parse(p["spare"])
     if call.verb == "listener":
-        return listener(state, p["state_dir"], p["program"], p["grace"], policy)
+        return listener(state, p["state_dir"], p["program"], p["grace"], policy, p["cgroups"])
     if call.verb == "savepid":
-        return savepid(state, p["file"], p["supervisor_url"], p["program"], policy, p["reply_timeout"], p["as_json"])
-    return status(state, p["supervisor_url"], p["program"], policy, p["reply_timeout"], p["as_json"])
+        return savepid(state, p["file"], p["supervisor_url"], p["program"], policy, p["reply_timeout"], p["as_json"],
+                       p["cgroups"])
+    return status(state, p["supervisor_url"], p["program"], policy, p["reply_timeout"], p["as_json"], p["cgroups"])
 
 
 # ------------------------------------------------------------ the edge

@@ -7,8 +7,10 @@ JSON line on stderr.
 
 What it does on each event:
 
-* ``PROCESS_STATE_RUNNING`` (and every tick): record the worker's identity,
-  its supervisord's identity and its current tree in ``STATE_DIR``.
+* ``PROCESS_STATE_STARTING``: place the worker in a cgroup of its own
+  (:mod:`celery_supervise.supervisord.placement`) before its first task forks.
+* ``PROCESS_STATE_RUNNING`` (and every tick): place it (late) if not yet, record
+  the worker's identity, its supervisord's identity and its current tree in ``STATE_DIR``.
 * ``PROCESS_STATE_STOPPING``: snapshot the tree again, with the active tasks
   when ``-A`` is given and the worker answers within a short bound.
 * ``PROCESS_STATE_STOPPED``/``EXITED``/``BACKOFF``/``FATAL``: kill the
@@ -38,26 +40,26 @@ is finished first.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import select
 import sys
 import time
+from dataclasses import replace
 from typing import Callable, Iterable, TextIO
 
 import psutil
-from supervisor import childutils
 
 from .celery_side import control, discovery, task_json
 from .commands import kill as kill_verb, savepid as savepid_verb
-from .errors import EXIT_USAGE, SuperviseError, SupervisorError, UsageError
-from .processes import audit as auditing, kill as killing, procs, snapshot, statefile
+from .errors import EXIT_USAGE, SuperviseError, SupervisorError
+from .processes import audit as auditing, cgroups, kill as killing, procs, snapshot, statefile
 from .processes.plan import Policy
 from .processes.procs import Identity
+from .processes.revisit import with_cgroup_members
 from .processes.snapshot import Task
-from .supervisord import protocol, records as folder, rpc as rpcs
-from .supervisord.protocol import parse_payload
+from .supervisord import placement, protocol, records as folder, rpc as rpcs
+from .supervisord.protocol import from_environment, parse_payload
 from .supervisord.records import RECORD_SUFFIX, merged
 
 STOP_EVENTS = {"PROCESS_STATE_STOPPED", "PROCESS_STATE_EXITED", "PROCESS_STATE_BACKOFF", "PROCESS_STATE_FATAL"}
@@ -96,6 +98,7 @@ class Listener(protocol.Loop):
         sleep: Callable[[float], None] = time.sleep,
         wait: bool = True,
         refresh_interval: float = REFRESH_INTERVAL,
+        cgroup_mode: str = cgroups.AUTO,
     ):
         self.state_dir = state_dir
         self.programs = list(programs)
@@ -114,6 +117,9 @@ class Listener(protocol.Loop):
         self.sleep = sleep
         self.wait = wait
         self.refresh_interval = refresh_interval
+        self.cgroup_mode = cgroup_mode
+        parent = supervisor.pid if supervisor else os.getppid()  # the only process whose child is placed
+        self.placement = placement.Placement(cgroup_mode, self.programs, parent, self.log)
         self.stop_requested = False
         self._waiting = False  # blocked on input: SIGTERM may interrupt
         self._watches: dict[str, int] = {}  # record path -> pidfd of its worker main
@@ -143,11 +149,7 @@ class Listener(protocol.Loop):
 
     def watched(self, program: str, pid: int | None) -> int | None:
         """The worker main PID if *program* is one we watch, else ``None``."""
-        if self.programs:
-            short = program.split(":", 1)[-1]
-            if not any(fnmatch.fnmatchcase(program, p) or fnmatch.fnmatchcase(short, p) for p in self.programs):
-                return None
-        if not pid:
+        if not pid or not placement.ours(self.programs, program):
             return None
         return discovery.worker_main_under(pid, self.app_spec)
 
@@ -188,9 +190,12 @@ class Listener(protocol.Loop):
         # STARTING, BACKOFF and FATAL carry no pid at all.
         raw_pid = fields.get("pid", "")
         pid = int(raw_pid) if raw_pid.isdigit() else 0
-        if event == "PROCESS_STATE_RUNNING":
+        if event == "PROCESS_STATE_STARTING":
+            self.placement.at_starting(self.rpc, program)  # STARTING carries no pid: it asks supervisord
+        elif event == "PROCESS_STATE_RUNNING":
             main = self.watched(program, pid)
             if main is not None:
+                self.placement.place(program, pid, late=True, main=main)
                 stale = [p for p in self.records(program) if not p.endswith(f"@{main}{RECORD_SUFFIX}")]
                 self.settle(stale, "replaced by a new start", replaced=True)
                 self.record(program, main, why or event)
@@ -222,21 +227,23 @@ class Listener(protocol.Loop):
                                       supervisor_pid=self.supervisor.pid if self.supervisor else None)
         if worker is None:
             return
+        # Its cgroup, and the members that already left the tree and the group.
+        worker = with_cgroup_members(worker, self.cgroup_mode)
         path = self.record_path(program, main_pid)
         last = self._last.get(path)
         if last is not None and not last.main.same_process(worker.main):
             last = None  # the PID now names another worker
         if last is not None:
             worker = merged(worker, last)
-        if if_changed and last is not None and folder.identities(worker) <= folder.identities(last):
+        if if_changed and last is not None and folder.identities(worker) <= folder.identities(last) \
+                and last.cgroup == worker.cgroup:
             return
         command = discovery.parse_worker_cmdline(worker.main.cmdline)
         node = command.node if command else None
         found_tasks = last.tasks if last is not None else ()
         if tasks and self.app is not None and command is not None:
             found_tasks = self._active_tasks(main_pid, command) or found_tasks
-        worker = snapshot.Worker(main=worker.main, procs=worker.procs, node=node, app=command.app if command else None,
-                                 program=program, supervisor_pid=worker.supervisor_pid, tasks=found_tasks)
+        worker = replace(worker, node=node, app=command.app if command else None, program=program, tasks=found_tasks)
         # savepid's own record, with our supervisord's identity in it.
         savepid_verb.record(path, snapshot.take([worker], "listener"), self.policy, supervisor=self.supervisor)
         self._last[path] = worker
@@ -351,7 +358,8 @@ class Listener(protocol.Loop):
         if rec is None:
             return
         try:
-            result = kill_verb.kill(path, grace=self.grace, audit=auditing.AuditLog("listener"))
+            result = kill_verb.kill(path, grace=self.grace, audit=auditing.AuditLog("listener"),
+                                    cgroup_mode=self.cgroup_mode)
         except SuperviseError as exc:
             if not os.path.lexists(path):
                 return  # another reaper got there first, under the lock
@@ -457,23 +465,6 @@ class Listener(protocol.Loop):
                 path = by_fd[wfd]
                 self._unwatch(path)
                 self.safely("reap", self._reap_if_dead, path, "worker exited")
-
-def from_environment(environ: dict) -> tuple[Identity, object]:
-    """Our supervisord's identity and RPC proxy; :class:`UsageError` (exit 2) outside one.
-
-    ``SUPERVISOR_SERVER_URL`` is the proxy's URL (for error messages).
-    """
-    if "SUPERVISOR_SERVER_URL" not in environ or "SUPERVISOR_PROCESS_NAME" not in environ:
-        raise UsageError("the listener must run under supervisord as an [eventlistener:x] section")
-    ppid = os.getppid()
-    ident = Identity.of(ppid)
-    try:
-        cmd = psutil.Process(ppid).cmdline()
-    except psutil.Error:
-        cmd = []
-    if ident is None or not procs.runs_supervisord(cmd):
-        raise UsageError("the listener's parent is not supervisord; run it as an [eventlistener:x] section")
-    return ident, childutils.getRPCInterface(environ)
 
 
 __all__ = ["Listener", "Identity", "parse_payload", "from_environment", "EXIT_USAGE"]

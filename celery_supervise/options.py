@@ -113,6 +113,11 @@ OPTIONS = {o.name: o for o in (
            help="supervisord's XML-RPC URL, e.g. unix:///run/supervisor.sock or http://127.0.0.1:9001."),
     Option("program", ("--program",), str, metavar="GLOB", multiple=True,
            help="supervisord program(s) running the workers (repeatable)."),
+    # savepid, status, kill, the listener and contain (docs/escapes.md); the
+    # values are processes/cgroups.MODES, checked where the verb runs.
+    Option("cgroups", ("--cgroups",), str, "auto", metavar="auto|off",
+           help="auto: also track each worker's cgroup (v2), where it has one, for children that left its tree "
+           "and process group; off: the tree and the process group only."),
     Option("start_timeout", ("--start-timeout",), float, START_TIMEOUT, metavar="SECONDS", min=0.1,
            help="Seconds the new workers may take to answer a ping."),
     # drain
@@ -166,6 +171,9 @@ OPTIONS = {o.name: o for o in (
     Option("since", ("--since",), str, metavar="T",
            help="Only signals from T on: an ISO time (UTC unless it says) or an age such as 30s, 10m, 2h, 1d."),
     Option("pid", ("--pid",), int, metavar="N", min=1, help="Only the signals sent to PID N."),
+    Option("contain", ("--contain",), bool, False,
+           help="Run the worker through `celery-supervise contain --`: a cgroup of its own from its first "
+           "instruction."),
     # listener
     Option("state_dir", ("--state-dir",), str, metavar="DIR",
            help="Where worker records and kill reports are kept (mode 0700)."),
@@ -177,13 +185,14 @@ ARGUMENTS = {a.name: a for a in (
     Argument("requeue_file", "State file written by savepid before the stop."),
     Argument("programs", "supervisord program or process names: NAME, GROUP:NAME, GROUP:*.",
              metavar="PROGRAM...", multiple=True),
+    Argument("contain_command", "The worker's command line.", metavar="-- CMD...", multiple=True),
 )}
 
 #: Each verb's arguments and options (by row name), in the order of its ``--help``.
 VERBS = {
-    "savepid": ("file", "supervisor_url", "program", "spare", "reply_timeout", "timeout", "as_json"),
-    "kill": ("kill_file", "grace", "spare", "dry_run", "as_json"),
-    "status": ("supervisor_url", "program", "spare", "reply_timeout", "timeout", "as_json"),
+    "savepid": ("file", "supervisor_url", "program", "spare", "reply_timeout", "timeout", "as_json", "cgroups"),
+    "kill": ("kill_file", "grace", "spare", "dry_run", "as_json", "cgroups"),
+    "status": ("supervisor_url", "program", "spare", "reply_timeout", "timeout", "as_json", "cgroups"),
     "drain": ("destination", "all_workers", "drain_timeout", "old_drain_timeout", "as_json"),
     "requeue": ("requeue_file", "journal", "requeue_dry_run", "as_json"),
     "restart": ("programs", "drain_timeout", "grace", "start_timeout", "supervisor_url", "restart_configuration",
@@ -192,9 +201,10 @@ VERBS = {
                "deploy_start_timeout", "reply_timeout", "no_shutdown", "no_start", "requeue", "journal", "dry_run",
                "as_json"),
     "print-config": ("worker_program", "command", "directory", "user", "numprocs", "config_state_dir", "log_dir",
-                     "as_json"),
+                     "contain", "as_json"),
     "audit": ("since", "pid", "as_json"),
-    "listener": ("state_dir", "program", "grace", "spare"),
+    "listener": ("state_dir", "program", "grace", "spare", "cgroups"),
+    "contain": ("contain_command", "cgroups"),
 }
 
 #: Options that must be given (typer: no default).

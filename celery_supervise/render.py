@@ -202,6 +202,9 @@ def render_status(out: Console, err: Console, result: StatusResult, as_json: boo
         out.print("no Celery worker is running on this host")
         return result.exit_code
     out.print(verdict_tree(result.snapshot.workers, result.verdicts))
+    # Which mechanism finds each worker's escaped children (the result decides, see StatusResult).
+    for w, line in zip(result.snapshot.workers, result.containment()):
+        out.print(escape(f"worker {w.node or '?'} main {w.main.pid}: {line}"), highlight=False, soft_wrap=True)
     return result.exit_code
 
 

@@ -23,8 +23,48 @@ def pytest_configure(config):
     os.environ.pop("CELERY_BROKER_URL", None)
 
 
+def remove_dead_worker_cgroups():
+    """Remove the empty worker cgroups whose process is gone (the listener's, in e2e tests).
+
+    A listener places every worker it sees in a cgroup under supervisord's
+    (here: pytest's) own; its reap removes it, but a test that ends with
+    the listener SIGKILLed leaves it. Only a cgroup named after a process
+    that no longer lives is removed, so a placement under way in another
+    session is never raced; rmdir fails on a populated one anyway.
+    """
+    from celery_supervise.processes import cgroups
+
+    found = cgroups.mount()
+    parent = cgroups.path_of(os.getpid())
+    if found is None or parent is None:
+        return
+    base = found[0] + cgroups.base_of(parent)
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        pid, _, rest = name.rpartition("@")[2].partition(".")
+        ticks = rest.split(".")[0]
+        if not (pid.isdigit() and ticks.isdigit()) or cgroups.start_ticks(int(pid)) == int(ticks):
+            continue
+        try:
+            os.rmdir(os.path.join(base, name))
+        except OSError:
+            pass
+    # Then the folder itself, and its `detached`, once nothing is left in them:
+    # a listener of a test supervisord in pytest's own cgroup (the root, on a
+    # bare machine) made them there. rmdir refuses a populated or non-empty one.
+    for leftover in (os.path.join(base, cgroups.DETACHED), base):
+        try:
+            os.rmdir(leftover)
+        except OSError:
+            break
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Last resort: reap whatever a test or fixture let slip through."""
+    remove_dead_worker_cgroups()
     message = reap_leaks(os.environ[RUN_ENV_VAR], exclude={os.getpid()})
     if message is None:
         return

@@ -94,6 +94,12 @@ ACCEPTED = [
     (["kill", "s.json", "--grace=2.5"], {}),
     (["-A", "demo", "listener", "--state-dir", "/var/lib/cs", "--program", "w*", "--grace", "2"], {}),
     (["listener", "--spare=setsid", "--state-dir=/tmp/s"], {}),
+    # --cgroups (issue 13): text here, its values checked where the verb runs, as under typer.
+    (["-A", "demo", "savepid", "s.json", "--cgroups", "off"], {}),
+    (["-A", "demo", "status", "--cgroups=auto", "--json"], {}),
+    (["status", "--cgroups", "maybe"], {}),  # parsed alike; the verb refuses it (exit 2) on both paths
+    (["kill", "--cgroups", "off", "s.json", "--dry-run"], {}),
+    (["listener", "--state-dir", "/tmp/s", "--cgroups=off"], {}),
 ]
 
 DECLINED = [
@@ -123,6 +129,10 @@ DECLINED = [
     (["listener"], {}),  # --state-dir is required: typer's message
     (["listener", "--state-dir", "/tmp/s", "x"], {}),
     (["restart", "prog"], {}),
+    (["status", "--cgroups"], {}),  # no value: typer's message
+    (["status", "--cgroups", "off", "--cgroups", "auto"], {}),  # repeated: click keeps the last
+    (["status", "--cgroups", ""], {}),
+    (["contain", "--", "sleep", "1"], {}),  # not a hot verb: typer's
     (["-A", "demo", "status"], {"_CELERY_SUPERVISE_COMPLETE": "bash_complete"}),
 ]
 
@@ -140,7 +150,8 @@ def test_everything_else_is_left_to_typer(argv, env):
 # ------------------------------------------------------------- generated
 
 _VALUES = ["demo", "s.json", "/tmp/x y.json", "0", "0.05", "0.01", "2", "1.5", "10", "-1", "", "nan",
-           "1e3", "setsid", "none", "nohup,pgroup", "-", "--", "=", "a=b", "unix:///run/s.sock"]
+           "1e3", "setsid", "none", "nohup,pgroup", "-", "--", "=", "a=b", "unix:///run/s.sock",
+           "auto", "off"]
 _FLAGS = sorted({f for v in fastpath.VERBS.values() for o in v.options for f in o.flags}
                 | {"-A", "--app", "--timeout", "--help", "-h", "--version", "--grace", "--nope", "-d", "--all"})
 _TOKENS = st.one_of(
@@ -171,7 +182,8 @@ def test_well_formed_command_lines_are_accepted(verb, data):
         if opt.kind == fastpath.FLAG:
             groups.append((opt.flags[0],))
         else:
-            value = data.draw(st.sampled_from(["0.5", "2", "30"] if opt.kind == fastpath.FLOAT else ["demo", "a*"]))
+            value = data.draw(st.sampled_from(["0.5", "2", "30"] if opt.kind == fastpath.FLOAT
+                                              else ["auto", "off"] if opt.name == "cgroups" else ["demo", "a*"]))
             groups.append((opt.flags[0], value))
     tokens = data.draw(st.permutations(groups))
     argv = ["-A", "demo", verb] + [t for group in tokens for t in group]

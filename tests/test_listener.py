@@ -363,3 +363,59 @@ def test_idle_refresh_records_a_process_forked_by_a_recorded_one(tmp_path, real_
     assert recorded == {main.pid, *kids}
     assert [(line["action"], line["why"], line["processes"]) for line in logged(listener)] == [
         ("recorded", "test", 1), ("recorded", "tree grew", 2)]
+
+
+class _Supervisor:
+    def __init__(self, info):
+        self.info = info
+
+    def getProcessInfo(self, name):
+        if isinstance(self.info, Exception):
+            raise self.info
+        return self.info
+
+
+class _Rpc:
+    def __init__(self, info):
+        self.supervisor = _Supervisor(info)
+
+
+STARTING = "processname:w groupname:w from_state:STOPPED tries:0"
+
+
+@pytest.mark.parametrize("info, action", [
+    ({"pid": os.getpid()}, None),  # the listener itself: never placed
+    ({"pid": 0}, None),  # not running (any more)
+    (RuntimeError("SHUTDOWN_STATE"), "warning"),  # a Fault while supervisord shuts down: RUNNING places it late
+])
+def test_starting_never_places_the_listener_itself_and_survives_rpc_faults(tmp_path, info, action):
+    listener = make_listener(tmp_path)
+    listener.rpc = _Rpc(info)
+    listener.handle_event({"eventname": "PROCESS_STATE_STARTING"}, STARTING)
+    assert [e["action"] for e in logged(listener)] == ([action] if action else [])
+
+
+def test_starting_places_no_process_that_is_not_a_worker(tmp_path, real_procs):
+    """Another program of the same supervisord (here a plain sleep) is never put in a worker's cgroup."""
+    sleeper = real_procs.spawn(["sleep", "60"])
+    listener = make_listener(tmp_path)
+    listener.rpc = _Rpc({"pid": sleeper.pid})
+    listener.handle_event({"eventname": "PROCESS_STATE_STARTING"}, STARTING)
+    assert logged(listener) == []
+
+
+def test_regression_running_event_naming_pid_1_never_moves_pid_1(tmp_path):
+    """A RUNNING event naming PID 1 (malformed or stale) once put PID 1 in a worker's cgroup.
+
+    Whatever worker the walk from PID 1 finds, only supervisord's own child
+    is ever placed: PID 1's cgroup, and every other process's, stays put.
+    """
+    from celery_supervise.processes import cgroups
+
+    before = cgroups.path_of(1)
+    listener = make_listener(tmp_path)
+    listener.handle_event({"eventname": "PROCESS_STATE_RUNNING"},
+                          "processname:x groupname:x from_state:STARTING pid:1")
+    assert cgroups.path_of(1) == before
+    assert "containment" not in [e["action"] for e in logged(listener)]
+    listener.close()

@@ -1,8 +1,10 @@
 """``celery-supervise kill``: kill what a state file recorded, by the plan's verdicts.
 
 Read the record under the reaper lock, re-visit each recorded tree
-(:func:`celery_supervise.processes.revisit.revisit`), plan it again with
-the protected PIDs, and act (:func:`celery_supervise.processes.kill.execute`).
+(:func:`celery_supervise.processes.revisit.revisit`, cgroup members
+included), plan it again with the protected PIDs, act
+(:func:`celery_supervise.processes.kill.execute`), then release each
+worker's cgroup (:func:`release_cgroups`).
 The old script's bare PID list is still read: only live Celery workers of
 our project are acted on.
 """
@@ -18,8 +20,8 @@ import psutil
 from .. import options
 from ..celery_side import discovery
 from ..errors import UsageError
-from ..processes import audit as auditing, procs, statefile
-from ..processes.kill import GONE, REFUSED, KillReport, Outcome, execute
+from ..processes import audit as auditing, cgroups, procs, statefile
+from ..processes.kill import GONE, REFUSED, SPARED, KillReport, Outcome, execute
 from ..processes.lock import reaper_lock
 from ..processes.plan import Policy, plan
 from ..processes.procs import MAIN, POOL, Proc
@@ -102,8 +104,9 @@ def kill(
     app_spec: str | None = None,
     on_wait: Callable[[int, float, float], None] | None = None,
     audit: auditing.AuditLog | None = None,
+    cgroup_mode: str = cgroups.AUTO,
 ) -> KillReport:
-    """Kill what *path* recorded (and its late-born orphans) by the verdicts.
+    """Kill what *path* recorded (and its late-born orphans and escaped cgroup members) by the verdicts.
 
     Every signal goes to *audit* (by default the audit log of a ``kill``
     command, see :mod:`celery_supervise.processes.audit`), with *path* as
@@ -117,10 +120,30 @@ def kill(
     # A dry run changes nothing, so it need not wait for a running reaper.
     with contextlib.nullcontext() if dry_run else reaper_lock():
         return _kill_locked(path, policy=policy, grace=grace, dry_run=dry_run, app_spec=app_spec, on_wait=on_wait,
-                            audit=audit)
+                            audit=audit, cgroup_mode=cgroup_mode)
 
 
-def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait, audit) -> KillReport:
+def release_cgroups(workers: Iterable[Worker], report: KillReport, mode: str = cgroups.AUTO) -> list[str]:
+    """After a kill: move each worker's spared members to ``detached``, remove its cgroup."""
+    if mode == cgroups.OFF:
+        return []
+    spared = {o.proc.pid: o.proc for o in report.by_status(SPARED)}
+    warnings = []
+    for w in workers:
+        if w.cgroup is None:
+            continue
+        keep = [pid for pid, p in spared.items() if p.same_process(procs.live_identity(pid) or -1.0)]
+        # A child a spared process forked after the plan is spared with it.
+        pids, _ = cgroups.members(w.cgroup)
+        for pid in pids or ():
+            if pid not in keep and any(a in keep for a in procs.ancestors(pid)):
+                keep.append(pid)
+        warnings += cgroups.release(w.cgroup, keep)
+    return warnings
+
+
+def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait, audit,
+                 cgroup_mode=cgroups.AUTO) -> KillReport:
     # Read under the lock: a reaper that waited sees the world as the
     # previous one left it, and its re-verification reports those as gone.
     record = statefile.read_here(path)
@@ -137,12 +160,14 @@ def _kill_locked(path, *, policy, grace, dry_run, app_spec, on_wait, audit) -> K
         policy = policy or record.policy
         workers, settled = [], []
         for w in record.snapshot.workers:
-            live, done = revisit(w)
+            live, done = revisit(w, cgroup_mode, warnings)
             workers.append(live)
             settled += done
         sup = [w.supervisor_pid for w in record.snapshot.workers if w.supervisor_pid]
     verdicts = plan(workers, policy, protected_pids(sup))
     report = execute(verdicts, grace=grace, dry_run=dry_run, on_wait=on_wait, audit=audit)
+    if not dry_run:
+        warnings += release_cgroups(workers, report, cgroup_mode)
     report.outcomes[:0] = settled
     report.warnings[:0] = warnings
     return report

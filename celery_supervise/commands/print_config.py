@@ -83,6 +83,7 @@ class Request:
     numprocs: int = 1
     state_dir: str | None = None
     log_dir: str | None = None
+    contain: bool = False  # run the worker through `celery-supervise contain --`
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,13 @@ def plan(request: Request, *, executable: str = sys.executable, cwd: str | None 
     user = [] if request.user is None else [
         Setting("user", request.user, "run as this user (supervisord must run as root to switch)")]
 
-    worker = [Setting("command", command, command_why)]
+    worker_line = command
+    if request.contain:
+        # The same celery-supervise as the listener's, in front of the worker's own command line.
+        worker_line = supervisor_value(command_line(listener_command(command, bin_dir) + ["contain", "--"]),
+                                       "--command") + " " + command
+        command_why += "; through `celery-supervise contain`: a cgroup of its own before its first fork"
+    worker = [Setting("command", worker_line, command_why)]
     if many:
         worker += [
             Setting("numprocs", str(request.numprocs), f"{request.numprocs} workers, each a process of its own"),
@@ -321,6 +328,8 @@ def invocation(request: Request) -> str:
                           ("--state-dir", request.state_dir), ("--log-dir", request.log_dir)):
         if value is not None:
             words += [option, value]
+    if request.contain:
+        words.append("--contain")
     return shlex.join(words)
 
 

@@ -15,10 +15,10 @@ from .. import options
 from ..celery_side import discovery, task_json
 from ..celery_side.discovery import Discovery
 from ..errors import EXIT_OK, EXIT_PARTIAL, StateFileError, UsageError
-from ..processes import statefile
+from ..processes import cgroups, statefile
 from ..processes.plan import Policy, Verdict, plan
 from ..processes.procs import Identity
-from ..processes.revisit import protected_pids, with_group_orphans
+from ..processes.revisit import protected_pids, with_cgroup_members, with_group_orphans
 from ..processes.snapshot import Snapshot, read_worker, take
 
 DEFAULT_TIMEOUT = options.REPLY_TIMEOUT  # seconds to wait for each broker reply
@@ -72,8 +72,15 @@ class StatusResult:
 
     exit_code = EXIT_OK  # status changes nothing, and shows whatever it finds
 
+    def containment(self) -> list[str]:
+        """Per worker, what finds its escaped children: ``cgroup <path>`` or ``process group only: <why>``."""
+        return [cgroups.describe(w.cgroup, w.cgroup_reason) for w in self.snapshot.workers]
+
     def to_document(self) -> dict:
-        return statefile.to_document(self.snapshot, self.policy, self.verdicts)
+        doc = statefile.to_document(self.snapshot, self.policy, self.verdicts)
+        for entry, line in zip(doc["workers"], self.containment()):
+            entry["containment"] = line
+        return doc
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class Targets:
     programs: tuple[str, ...] = ()
     timeout: float = DEFAULT_TIMEOUT  # per broker reply
     supervisor_auth: tuple[str | None, str | None] = (None, None)  # username, password
+    cgroups: str = cgroups.AUTO  # --cgroups: auto (use each worker's cgroup where it has one) or off
 
 
 def live_snapshot(targets: Targets) -> tuple[Snapshot, list[str], str | None]:
@@ -106,7 +114,7 @@ def live_snapshot(targets: Targets) -> tuple[Snapshot, list[str], str | None]:
             tasks=f.tasks,
         )
         if w is not None:  # it exited while we asked the broker
-            workers.append(with_group_orphans(w))
+            workers.append(with_cgroup_members(with_group_orphans(w), targets.cgroups))
     warnings = list(found.warnings)
     if found.broker_error:
         warnings.append(f"{found.broker_error}; recorded the local process trees, but active tasks are missing")

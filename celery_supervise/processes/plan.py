@@ -165,6 +165,9 @@ def _decide(proc, tree, main, policy, protected, decided) -> tuple[str, str]:
         return SPARE, "nohup"
     if PGROUP in policy.spare and proc.pgid != main.pgid:
         return SPARE, "own process group"
+    if proc.ppid not in tree and proc.pgid != main.pgid:
+        # Found only through the worker's cgroup: it left the tree and the group, not the session.
+        return KILL, "attached: escaped the tree and process group (in the worker's cgroup)"
     if proc.ppid not in tree:
         return KILL, "attached orphan of the worker"
     return KILL, "attached to the worker"

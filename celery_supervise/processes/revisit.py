@@ -4,7 +4,9 @@ A state file describes the trees as savepid saw them. Before the plan runs
 again, :func:`revisit` re-verifies each recorded process by PID and creation
 time, adds what the survivors have forked since, and the orphans still in
 the worker's process group (:func:`with_group_orphans` does the same for a
-live snapshot, so status and savepid show them). :func:`protected_pids` is
+live snapshot, so status and savepid show them), and the members of the
+worker's cgroup that left both (:func:`with_cgroup_members`, see
+:mod:`celery_supervise.processes.cgroups`). :func:`protected_pids` is
 what the plan must refuse whatever the tree says.
 """
 
@@ -14,7 +16,7 @@ import os
 from dataclasses import replace
 from typing import Iterable
 
-from . import procs
+from . import cgroups, procs
 from .kill import GONE, REFUSED, Outcome
 from .plan import orphans
 from .procs import POOL, TASK, Proc
@@ -82,13 +84,50 @@ def with_group_orphans(worker: Worker) -> Worker:
     return replace(worker, procs=worker.procs + tuple(found))
 
 
-def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
+def adopt_cgroup_members(worker: Worker, live: dict[int, Proc], mode: str = cgroups.AUTO) -> str | None:
+    """Add the members of *worker*'s recorded cgroup, and their descendants, to *live*.
+
+    These are the children that left both the tree and the process group.
+    Returns why the cgroup was not used, when it was recorded but cannot be
+    trusted now.
+    """
+    if worker.cgroup is None or mode == cgroups.OFF:
+        return None
+    found, why = cgroups.read_members(worker.cgroup, worker.main, live)
+    for member in found:
+        if member.pid in live:
+            continue
+        live[member.pid] = member
+        for kid in procs.walk(member, skip=live):
+            live[kid.pid] = kid
+    return why
+
+
+def with_cgroup_members(worker: Worker, mode: str = cgroups.AUTO) -> Worker:
+    """*worker* with its cgroup (or why it has none) and the members that escaped (savepid, status, listener)."""
+    cgroup, reason = cgroups.of_worker(worker.main.pid, mode)
+    worker = replace(worker, cgroup=cgroup, cgroup_reason=reason)
+    live = worker.by_pid()
+    why = adopt_cgroup_members(worker, live, mode)
+    if why:
+        worker = replace(worker, cgroup=None, cgroup_reason=why)
+    if len(live) == len(worker.procs):
+        return worker
+    known = worker.by_pid()
+    found = sorted((p for pid, p in live.items() if pid not in known), key=lambda p: p.create_time)
+    return replace(worker, procs=worker.procs + tuple(found))
+
+
+def revisit(worker: Worker, cgroup_mode: str = cgroups.AUTO,
+            warnings: list[str] | None = None) -> tuple[Worker, list[Outcome]]:
     """Today's view of a recorded worker, plus what is already settled.
 
     Recorded processes are re-verified by PID and creation time; those that
     died are GONE, those whose PID now names another process are REFUSED
     and never looked at again. New descendants of the survivors, and
-    orphans in the worker's process group, join the tree.
+    orphans in the worker's process group, join the tree, and so do the
+    members of its recorded cgroup (unless *cgroup_mode* is off); why that
+    cgroup cannot be trusted any more goes to *warnings*.
     """
     settled: list[Outcome] = []
     live: dict[int, Proc] = {}
@@ -116,6 +155,9 @@ def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
         for kid in procs.walk(p, threads=threads[p.pid], skip=live):
             live[kid.pid] = kid
     adopt_group_orphans(worker.main, live)
+    why = adopt_cgroup_members(worker, live, cgroup_mode)
+    if why and warnings is not None:
+        warnings.append(f"worker {worker.main.pid}: {why}")
     main = live[worker.main.pid] if main_alive else worker.main
     rest = []
     for p in live.values():
@@ -131,5 +173,4 @@ def revisit(worker: Worker) -> tuple[Worker, list[Outcome]]:
     tree = sorted(rest, key=lambda p: p.create_time)
     if main_alive:
         tree.insert(0, main)
-    return Worker(main=main, procs=tuple(tree), node=worker.node, app=worker.app,
-                  program=worker.program, supervisor_pid=worker.supervisor_pid, tasks=worker.tasks), settled
+    return replace(worker, main=main, procs=tuple(tree), cgroup=None if why else worker.cgroup), settled

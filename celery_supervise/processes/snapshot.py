@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from . import procs
+from .cgroups import Cgroup
 from .procs import MAIN, POOL, TASK, Proc
 
 
@@ -57,6 +58,9 @@ class Worker:
     program: str | None = None  # supervisord's process name, when known
     supervisor_pid: int | None = None
     tasks: tuple[Task, ...] = ()
+    # The worker's own cgroup (see celery_supervise.cgroups), or why there is none.
+    cgroup: Cgroup | None = None
+    cgroup_reason: str | None = None
 
     def by_pid(self) -> dict[int, Proc]:
         return {p.pid: p for p in self.procs}

@@ -45,6 +45,7 @@ from ..errors import StateFileError, UnsafeStateError
 from .plan import Policy, Verdict
 from . import procs
 from .procs import ROLES, Proc
+from .cgroups import Cgroup
 from .snapshot import Snapshot, Task, Worker, hostname
 
 SCHEMA = 1  # boot_id is an optional addition: older readers ignore it, newer ones fall back without it
@@ -108,6 +109,8 @@ def to_document(snapshot: Snapshot, policy: Policy, verdicts: Iterable[Verdict],
                 "main": w.main.pid,
                 "procs": [proc_to_dict(p) for p in w.procs],
                 "tasks": [asdict(t) for t in w.tasks],
+                "cgroup": w.cgroup.to_dict() if w.cgroup else None,
+                "cgroup_reason": w.cgroup_reason,
             }
             for w in snapshot.workers
         ],
@@ -435,6 +438,9 @@ def _worker(path: str, i: int, d: Any, init_check: _InitCheck) -> Worker:
         program=_opt_str(d.get("program")),
         supervisor_pid=sup,
         tasks=tuple(Task.from_reply(t) for t in tasks if isinstance(t, dict)),
+        # A malformed cgroup is not trusted: the kill falls back to the tree and the group.
+        cgroup=Cgroup.from_dict(d.get("cgroup")),
+        cgroup_reason=_opt_str(d.get("cgroup_reason")),
     )
 
 

@@ -7,10 +7,16 @@ payload follow.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import TextIO
 
+import psutil
 from supervisor import childutils
+
+from ..errors import UsageError
+from ..processes import procs
+from ..processes.procs import Identity
 
 #: Larger than any event we subscribe to (supervisord's own payloads are a
 #: line or two); a header announcing more is malformed.
@@ -136,3 +142,21 @@ class Loop:
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.close()
+
+
+def from_environment(environ: dict) -> tuple[Identity, object]:
+    """Our supervisord's identity and RPC proxy; :class:`UsageError` (exit 2) outside one.
+
+    ``SUPERVISOR_SERVER_URL`` is the proxy's URL (for error messages).
+    """
+    if "SUPERVISOR_SERVER_URL" not in environ or "SUPERVISOR_PROCESS_NAME" not in environ:
+        raise UsageError("the listener must run under supervisord as an [eventlistener:x] section")
+    ppid = os.getppid()
+    ident = Identity.of(ppid)
+    try:
+        cmd = psutil.Process(ppid).cmdline()
+    except psutil.Error:
+        cmd = []
+    if ident is None or not procs.runs_supervisord(cmd):
+        raise UsageError("the listener's parent is not supervisord; run it as an [eventlistener:x] section")
+    return ident, childutils.getRPCInterface(environ)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from dataclasses import replace
 
 from ..errors import SuperviseError
 from ..processes import kill as killing, snapshot, statefile
@@ -56,8 +57,7 @@ def merged(now: snapshot.Worker, before: snapshot.Worker) -> snapshot.Worker:
         return now
     # Creation order puts every parent ahead of its children, as a record must.
     rest = sorted([*now.procs[1:], *kept], key=lambda p: p.create_time)
-    return snapshot.Worker(main=now.main, procs=(now.main, *rest), node=now.node, app=now.app,
-                           program=now.program, supervisor_pid=now.supervisor_pid, tasks=now.tasks)
+    return replace(now, procs=(now.main, *rest))  # keeps the rest of *now* (its cgroup too)
 
 
 def load(path: str) -> tuple[statefile.Record | None, str | None]:

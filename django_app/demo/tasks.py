@@ -8,6 +8,7 @@ subprocesses and does not wait for them.  Some stay attached to the worker
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -311,3 +312,109 @@ def spawn_witnesses(self, marker_dir, hold=1.0, lifetime=120, stay=False):
         time.sleep(min(remaining, 0.5))
     _write_atomically(prefix + ".done", json.dumps({"time": time.time(), "pool_pid": os.getpid()}))
     return marker
+
+
+#: The ways a task's child leaves both the worker's tree and its process
+#: group without a new session (see docs/escapes.md). Each starts, through
+#: an intermediate that exits at once, three ``sleep LIFETIME.N``:
+#: ``.1`` attached (own process group only), ``.2`` setsid'd, ``.3`` nohup'd.
+ESCAPE_ROUTES = ("double_fork", "process_group", "job_control", "pool_child")
+_ESCAPE_VARIANTS = {"attached": 1, "setsid": 2, "nohup": 3}
+
+# Fork, fork again; the grandchild leaves the group (or the session) and runs sleep.
+_DOUBLE_FORK = r"""
+import os, signal, sys
+for arg in sys.argv[1:]:
+    variant, token = arg.split("=")
+    if os.fork() == 0:
+        if os.fork() == 0:
+            if variant == "setsid":
+                os.setsid()
+            else:
+                os.setpgid(0, 0)
+            if variant == "nohup":
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            os.execvp("sleep", ["sleep", token])
+        os._exit(0)
+    os.wait()
+"""
+
+# Popen(process_group=0) (os.setpgid in preexec_fn before 3.11), then exit.
+_PROCESS_GROUP = r"""
+import os, signal, subprocess, sys
+def group(ignore_hup):
+    def prepare():
+        if ignore_hup:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if sys.version_info < (3, 11):
+            os.setpgid(0, 0)
+    return prepare
+for arg in sys.argv[1:]:
+    variant, token = arg.split("=")
+    if variant == "setsid":
+        subprocess.Popen(["sleep", token], start_new_session=True)
+    elif sys.version_info >= (3, 11):
+        subprocess.Popen(["sleep", token], process_group=0, preexec_fn=group(variant == "nohup"))
+    else:
+        subprocess.Popen(["sleep", token], preexec_fn=group(variant == "nohup"))
+"""
+
+# bash, not sh: dash ignores `set -m`. Each background job is a group of its own.
+_JOB_CONTROL = 'set -m; sleep "$1" & setsid sleep "$2" & nohup sleep "$3" >/dev/null 2>&1 & exit 0'
+
+
+@shared_task(bind=True)
+def spawn_escapes(self, marker_dir, route, lifetime=120, hold=0.0):
+    """Start three children that leave the tree and the process group by *route*.
+
+    ``pool_child``: the pool process starts them itself (process_group=0,
+    setsid, nohup+process_group) and they stay its children until the pool
+    process is replaced (``--max-tasks-per-child=1``): run this on such a
+    worker. The others go through an intermediate that exits at once.
+    ``<marker_dir>/<task id>.json`` names the three PIDs, written once each
+    runs sleep and (but for ``pool_child``) is no longer below the pool.
+    """
+    if route not in ESCAPE_ROUTES:
+        raise ValueError(f"unknown route {route!r}")
+    # Unique per run (a pool process may run this more than once), so that each `sleep` is found by its command line.
+    tokens = {v: f"{int(lifetime)}.{n}{os.getpid()}{time.monotonic_ns() % 10**6:06d}" for v, n in _ESCAPE_VARIANTS.items()}
+    args = [f"{v}={t}" for v, t in tokens.items()]
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    if route == "double_fork":
+        subprocess.run([sys.executable, "-c", _DOUBLE_FORK, *args], check=True, timeout=HANDSHAKE_TIMEOUT, **quiet)
+    elif route == "process_group":
+        subprocess.run([sys.executable, "-c", _PROCESS_GROUP, *args], check=True, timeout=HANDSHAKE_TIMEOUT, **quiet)
+    elif route == "job_control":
+        subprocess.run(["bash", "-c", _JOB_CONTROL, "bash", *tokens.values()], check=True,
+                       timeout=HANDSHAKE_TIMEOUT, **quiet)
+    else:
+        def nohup_group():
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            os.setpgid(0, 0)
+        subprocess.Popen(["sleep", tokens["attached"]], preexec_fn=lambda: os.setpgid(0, 0), **quiet)
+        subprocess.Popen(["sleep", tokens["setsid"]], start_new_session=True, **quiet)
+        subprocess.Popen(["sleep", tokens["nohup"]], preexec_fn=nohup_group, **quiet)
+    children = {v: _wait_for_sleep(t) for v, t in tokens.items()}
+    marker = {"task_id": self.request.id, "route": route, "pool_pid": os.getpid(), "worker": os.getppid(),
+              "children": children}
+    _write_atomically(os.path.join(marker_dir, self.request.id + ".json"), json.dumps(marker))
+    time.sleep(hold)
+    return marker
+
+
+def _wait_for_sleep(token):
+    """The PID of the process running ``sleep <token>`` (exec'd, so its signal dispositions are final)."""
+    want = b"sleep\0" + token.encode() + b"\0"
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    while time.monotonic() < deadline:
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if f.read() == want:
+                        return int(name)
+            except OSError:
+                continue
+        time.sleep(0.02)
+    raise TimeoutError(f"no `sleep {token}` within {HANDSHAKE_TIMEOUT} s")
