@@ -204,6 +204,18 @@ def bytecode_cache_on() -> None:
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
+def purge_redis(url: str, uid: str) -> None:
+    """Delete every key of *url*'s database that names *uid* (one run's queues, results and bindings)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        for key in client.scan_iter(match=f"*{uid}*"):
+            client.delete(key)
+    finally:
+        client.close()
+
+
 def load_average() -> float:
     return os.getloadavg()[0]
 

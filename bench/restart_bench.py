@@ -47,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the harness lives with the tests
 
-from bench.measure import bytecode_cache_on, order  # noqa: E402
+from bench.measure import bytecode_cache_on, order, purge_redis  # noqa: E402
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/7")
 BROKERS = {"filesystem": None, "redis": REDIS_URL}
@@ -130,7 +130,7 @@ def measure(broker: str, task_seconds: float = 5.0, repeats: int = 3) -> list[di
         finally:
             run.stop()
             if url:
-                _purge_redis(uid)
+                purge_redis(REDIS_URL, uid)
     return rows
 
 
@@ -165,17 +165,6 @@ def _orphans(run) -> list[int]:
         except psutil.Error:
             continue
     return found
-
-
-def _purge_redis(uid: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        for key in client.scan_iter(match=f"*{uid}*"):
-            client.delete(key)
-    finally:
-        client.close()
 
 
 def run(brokers=("filesystem", "redis"), task_seconds: float = 5.0, repeats: int = 3) -> list[dict]:

@@ -47,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the harness lives with the tests
 
-from bench.measure import MIN_N_RESTART, bytecode_cache_on, load_average, order  # noqa: E402
+from bench.measure import MIN_N_RESTART, bytecode_cache_on, load_average, order, purge_redis  # noqa: E402
 
 #: Redis db 3 is the rolling restart's own (tests and this benchmark).
 REDIS_URL = os.environ.get("BENCH_ROLLING_REDIS_URL", "redis://127.0.0.1:6379/3")
@@ -190,19 +190,8 @@ def measure(broker: str, task_seconds: float, repeats: int, scenarios=("idle", "
         finally:
             run.stop()
             if url:
-                _purge_redis(uid)
+                purge_redis(REDIS_URL, uid)
     return rows
-
-
-def _purge_redis(uid: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        for key in client.scan_iter(match=f"*{uid}*"):
-            client.delete(key)
-    finally:
-        client.close()
 
 
 def run(brokers=("filesystem", "redis"), task_seconds: float = 5.0, repeats: int = 5) -> list[dict]:
