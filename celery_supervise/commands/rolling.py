@@ -177,7 +177,7 @@ def fetch_window(app) -> float:
     """How long a fetch in flight when a worker's consumer was cancelled may still take a message.
 
     kombu's Redis transport waits for messages with a blocking ``BRPOP``
-    (1 s, or the ``polling_interval`` transport option). A cancel does not
+    (1 s; in kombu newer than 5.3, the ``polling_interval`` transport option). A cancel does not
     interrupt a ``BRPOP`` already sent: until it returns it can pop a message
     of the cancelled queue. The worker's loop puts such a message back at
     once (kombu rejects a message for a queue with no consumer, with
