@@ -108,10 +108,7 @@ def spawn_family(self, marker_dir, hold=60, lifetime=120):
     }
     _write_atomically(prefix + ".json", json.dumps(marker))
 
-    deadline = time.monotonic() + hold
-    while (remaining := deadline - time.monotonic()) > 0:
-        time.sleep(min(remaining, 0.5))
-    _write_atomically(prefix + ".done", json.dumps({"time": time.time(), "pool_pid": os.getpid()}))
+    _hold_then_mark_done(prefix, hold)
     return marker
 
 
@@ -170,10 +167,7 @@ def spawn_orphans(self, marker_dir, hold=60, lifetime=120):
     }
     _write_atomically(prefix + ".json", json.dumps(marker))
 
-    deadline = time.monotonic() + hold
-    while (remaining := deadline - time.monotonic()) > 0:
-        time.sleep(min(remaining, 0.5))
-    _write_atomically(prefix + ".done", json.dumps({"time": time.time(), "pool_pid": os.getpid()}))
+    _hold_then_mark_done(prefix, hold)
     return marker
 
 
@@ -229,6 +223,14 @@ def _write_atomically(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _hold_then_mark_done(prefix, hold):
+    """Hold the pool process *hold* seconds, then write ``<prefix>.done`` (the tests' "finished" handshake)."""
+    deadline = time.monotonic() + hold
+    while (remaining := deadline - time.monotonic()) > 0:
+        time.sleep(min(remaining, 0.5))
+    _write_atomically(prefix + ".done", json.dumps({"time": time.time(), "pool_pid": os.getpid()}))
 
 
 @shared_task(bind=True)
@@ -307,10 +309,7 @@ def spawn_witnesses(self, marker_dir, hold=1.0, lifetime=120, stay=False):
         children[role], folders[role] = proc.pid, folder
     marker = {"task_id": self.request.id, "pool_pid": os.getpid(), "children": children, "folders": folders}
     _write_atomically(prefix + ".json", json.dumps(marker))
-    deadline = time.monotonic() + hold
-    while (remaining := deadline - time.monotonic()) > 0:
-        time.sleep(min(remaining, 0.5))
-    _write_atomically(prefix + ".done", json.dumps({"time": time.time(), "pool_pid": os.getpid()}))
+    _hold_then_mark_done(prefix, hold)
     return marker
 
 
