@@ -233,6 +233,7 @@ def restart(
     timeout: OldTimeoutOpt = None,
     rolling: opt("rolling") = False,
     max_unavailable: opt("max_unavailable") = None,
+    dry_run: opt("restart_dry_run") = False,
     as_json: JsonOpt = False,
 ) -> int:
     """Restart supervisord programs running Celery workers: savepid, drain, stop, kill, start, wait for a ping."""
@@ -244,6 +245,12 @@ def restart(
         raise UsageError("--max-unavailable goes with --rolling")
     server = rpc.find_server(supervisor_url, configuration)
     out, err = consoles()
+    if dry_run:
+        from .commands import restart_preview
+
+        result = restart_preview.preview(state_.celery_app(), state_.app_spec, programs, server, rolling=rolling,
+                                         max_unavailable=max_unavailable or 1, grace=grace, timeout=reply_timeout)
+        return Outcome(render.render_restart_preview(out, err, result, as_json), result.problem)
     if rolling:
         return _rolling_restart(state_, programs, server, out, err, max_unavailable, state, drain_timeout, grace,
                                 start_timeout, reply_timeout, as_json)

@@ -132,6 +132,8 @@ OPTIONS = {o.name: o for o in (
            help="With --rolling: processes replaced at once. [default: 1]"),
     Option("requeue_dry_run", ("--dry-run",), bool, False, help="Show what would be re-sent; send nothing."),
     # restart
+    Option("restart_dry_run", ("--dry-run",), bool, False,
+           help="Show what the restart would do (its steps, the running tasks, the kill's verdicts); touch nothing."),
     Option("restart_configuration", ("-c", "--configuration"), str, metavar="SUPERVISORD_CONF",
            help="Read supervisord's URL and credentials from this file's [supervisorctl] section, "
            f"as supervisorctl -c does. {_SUPERVISORCTL_SEARCH}"),
@@ -196,7 +198,7 @@ VERBS = {
     "drain": ("destination", "all_workers", "drain_timeout", "old_drain_timeout", "as_json"),
     "requeue": ("requeue_file", "journal", "requeue_dry_run", "as_json"),
     "restart": ("programs", "drain_timeout", "grace", "start_timeout", "supervisor_url", "restart_configuration",
-                "restart_state", "reply_timeout", "timeout", "rolling", "max_unavailable", "as_json"),
+                "restart_state", "reply_timeout", "timeout", "rolling", "max_unavailable", "restart_dry_run", "as_json"),
     "deploy": ("configuration", "supervisor_url", "program", "state", "grace", "shutdown_timeout",
                "deploy_start_timeout", "reply_timeout", "no_shutdown", "no_start", "requeue", "journal", "dry_run",
                "as_json"),

@@ -348,6 +348,28 @@ def render_rolling(out: Console, err: Console, result, as_json: bool, shown: Ite
     return result.exit_code
 
 
+def render_restart_preview(out: Console, err: Console, result, as_json: bool) -> int:
+    """``restart --dry-run``: the steps it would take, the tasks it would wait for, the kill's verdicts."""
+    warnings(err, result.warnings)
+    if as_json:
+        emit_json(out, result.to_document())
+        return result.exit_code
+    rolling = " --rolling" if result.plan is not None else ""
+    out.print(f"celery-supervise restart{rolling} {' '.join(result.processes)} "
+              "(dry run: nothing drained, stopped, signalled or started)", highlight=False, markup=False)
+    for step in result.steps():
+        out.print(f"  would {step}", highlight=False, markup=False, soft_wrap=True)
+    tasks = result.tasks
+    out.print(f"tasks running now: {len(tasks)}" + (" (the drain waits for them; nothing is cut off)" if tasks else ""),
+              highlight=False, markup=False)
+    for node, t in tasks:
+        out.print(f"  {t.id} {t.name} ({node or '?'})", highlight=False, markup=False, soft_wrap=True)
+    if result.kill is not None:
+        print_kill(out, result.kill)
+    out.file.flush()
+    return result.exit_code
+
+
 # -------------------------------------------------------------- print-config
 
 
