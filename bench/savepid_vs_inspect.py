@@ -58,7 +58,7 @@ from pathlib import Path
 import psutil
 
 from .forest import MARK_ENV
-from .measure import Child, Row, Target, order, run_child
+from .measure import Child, Row, Target, format_value, median, order, run_child
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_PROJECT = REPO / "django_app"
@@ -364,6 +364,12 @@ def measure(broker: Broker, repeats: int, workdir: str, project: str, run_id: st
         f"({sum(len(w['procs']) for w in workers)} processes), source={doc.get('source')!r}"
         + (f", warnings: {'; '.join(doc['warnings'])}" if doc.get("warnings") else "")
     )
+    # What the 0.3× target leaves us here: inspect's 1 s timeout is fixed,
+    # but Python's start-up and the app's import stretch with the load, for
+    # the floor as for us.
+    floor, inspect = median(wall("floor")), median(wall("inspect"))
+    rows[0].notes.append(f"the floor ({format_value(floor)}) is itself {floor / inspect:.2f}× inspect active; "
+                         f"0.3× leaves savepid {0.3 * inspect / floor:.2f}× the floor")
     rows[1].notes.append("the floor makes savepid's two round trips (stats, active) and nothing else; "
                          f"same worker, same broker, reply timeout {REPLY_TIMEOUT:g} s with limit=1 on both sides")
     rows[0].notes.extend(dict.fromkeys(failures))

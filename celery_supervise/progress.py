@@ -6,9 +6,12 @@ deploy's ``progress``); it draws, and decides nothing.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 
-from .celery_side.drain import ACTIVE, Assessment
+if TYPE_CHECKING:  # the kill's progress does not import the drain (start-up time)
+    from .celery_side.drain import Assessment
 
 
 class WaitProgress:
@@ -58,6 +61,8 @@ class DrainProgress:
 
     @staticmethod
     def describe(assessment: Assessment) -> str:
+        from .celery_side.drain import ACTIVE
+
         running = sum(1 for h in assessment.held if h.state == ACTIVE)
         waiting = len(assessment.held) - running
         text = f"{len(assessment.held)} task(s) left"

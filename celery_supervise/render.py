@@ -17,20 +17,23 @@ import json
 import os
 import re
 from contextvars import ContextVar
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from rich.console import Console
 from rich import markup
 from rich.tree import Tree
 
-from .celery_side.drain import ACTIVE, RESERVED, DrainResult
 from .celery_side.task_json import Encoder
-from .commands.requeue import RESENT, SKIPPED, WOULD_RESEND, RequeueResult
-from .commands.restart import RestartResult
-from .commands.savepid import SaveResult, StatusResult
+from .commands.requeue import RESENT, SKIPPED, WOULD_RESEND
 from .processes.kill import FAILED, GONE, KILLED, REFUSED, SPARED, WOULD_KILL, KillReport
 from .processes.plan import KILL, REFUSE, Verdict
 from .progress import DeployProgress, DrainProgress, WaitProgress  # noqa: F401  (the shells find them here)
+
+if TYPE_CHECKING:  # savepid, status and kill render without importing drain and restart (start-up time)
+    from .celery_side.drain import DrainResult
+    from .commands.requeue import RequeueResult
+    from .commands.restart import RestartResult
+    from .commands.savepid import SaveResult, StatusResult
 
 # C0 and C1 controls, and lone surrogates: the undecodable bytes of a
 # /proc cmdline (or of a state file's strings) after Python's surrogateescape.
@@ -212,6 +215,8 @@ def render_status(out: Console, err: Console, result: StatusResult, as_json: boo
 
 
 def _runtime_text(held, now: float) -> str:
+    from .celery_side.drain import RESERVED
+
     runtime = held.runtime(now)
     if runtime is None:
         return "not started" if held.state == RESERVED else "?"
@@ -221,6 +226,8 @@ def _runtime_text(held, now: float) -> str:
 def drain_summary(result: DrainResult) -> str:
     if result.drained:
         return f"drained {len(result.targets)} worker(s) in {result.elapsed:.1f}s"
+    from .celery_side.drain import ACTIVE
+
     parts = []
     if result.held:
         running = sum(1 for h in result.held if h.state == ACTIVE)

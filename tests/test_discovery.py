@@ -1,10 +1,15 @@
-"""Command-line parsing and app matching, on plain data."""
+"""Command-line parsing and app matching, on plain data; a broker reply's identity, against real processes."""
 
+import os
 import socket
+import time
 
 import pytest
 
-from celery_supervise.celery_side.discovery import app_names_match, parse_worker_cmdline, start_time_agrees
+from celery_supervise.celery_side.discovery import (
+    Found, WorkerCommand, app_names_match, parse_worker_cmdline, reply_is_ours, start_time_agrees,
+)
+from celery_supervise.processes import procs
 
 HOST = socket.gethostname()
 
@@ -71,3 +76,64 @@ def test_app_names_match(worker_app, wanted, match):
 )
 def test_start_time_agreement(create_time, uptime, now, agrees):
     assert start_time_agrees(create_time, uptime, now) is agrees
+
+
+# ``reply_is_ours``: a real process stands in for the worker's main, its
+# child for a pool process; the ``stats`` replies are data.
+#
+#     sh (the "worker")            its PID is the reply's pid
+#     └── sleep (a "pool process")
+#
+# ``now - uptime`` is the start the reply claims. Set ahead by STEP seconds
+# while the worker ran, the wall clock makes it claim a start STEP seconds
+# before its process existed.
+STEP = 60.0
+NODE = "w1@host"
+
+
+def _reply(pid, started, now, pool=None):
+    reply = {"pid": pid, "uptime": round(now - started)}
+    if pool is not None:
+        reply["pool"] = {"processes": pool}
+    return reply
+
+
+@pytest.fixture
+def worker(real_procs):
+    chain = real_procs.spawn_chain()
+    return chain.child.pid, chain.grandchild.pid, procs.live_identity(chain.child.pid)
+
+
+@pytest.mark.parametrize(
+    "clock_set_ahead, pool, node, ours",
+    [
+        (False, None, NODE, True),  # a solo pool: the start time alone
+        (False, "child", NODE, True),
+        (True, "child", NODE, True),  # the clock was set: the pool, a child here, vouches for it
+        (True, None, NODE, False),  # no pool and a start before its process: not provably ours
+        (True, "empty", NODE, False),
+        (True, "stranger", NODE, False),  # a live process here, but not its child: another host's pool
+        (True, "child+stranger", NODE, False),
+        (False, "child", "w2@host", False),  # another node's reply naming our PID
+    ],
+)
+def test_reply_is_ours(worker, clock_set_ahead, pool, node, ours):
+    main, child, created = worker
+    now = time.time()
+    started = created + 0.5 - (STEP if clock_set_ahead else 0.0)
+    pools = {None: None, "empty": [], "child": [child], "stranger": [os.getpid()], "child+stranger": [child, os.getpid()]}
+    reply = _reply(main, started, now, pools[pool])
+    found = Found(main, WorkerCommand(app="demo", node=NODE))
+    assert reply_is_ours(found, node, reply, now) is ours
+
+
+def test_a_reply_for_a_gone_process_is_not_ours(real_procs):
+    """Its PID named nobody here any more: neither the start time nor the pool can vouch for it."""
+    chain = real_procs.spawn_chain()
+    main, child, created = chain.child.pid, chain.grandchild.pid, procs.live_identity(chain.child.pid)
+    chain.grandchild.kill()
+    chain.child.kill()
+    chain.child.wait(10)
+    now = time.time()
+    assert not reply_is_ours(Found(main, WorkerCommand(app="demo", node=NODE)), NODE,
+                             _reply(main, created + 0.5, now, [child]), now)

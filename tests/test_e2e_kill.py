@@ -25,6 +25,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -294,14 +295,18 @@ def test_old_pid_list_acts_only_on_live_celery_workers(supervisor, real_procs, p
     assert real_procs.reap() == []
 
 
-def start_worker(real_procs, folder, tmp_path, name):
+def worker_env(tmp_path, name):
+    """The environment of worker *name*: a broker folder and a journal of its own."""
+    return dict(os.environ, CELERY_SUPERVISE_BROKER_DIR=str(tmp_path / f"{name}-broker"),
+                CELERY_SUPERVISE_JOURNAL_DIR=str(tmp_path / f"{name}-journal"))
+
+
+def start_worker(real_procs, folder, tmp_path, name, celery=(str(BIN / "celery"),)):
     """``celery -A demo worker -c 1`` run from *folder*, on a broker folder of its own; its main and pool."""
     log = tmp_path / f"{name}.log"
-    env = dict(os.environ, CELERY_SUPERVISE_BROKER_DIR=str(tmp_path / f"{name}-broker"),
-               CELERY_SUPERVISE_JOURNAL_DIR=str(tmp_path / f"{name}-journal"))
+    env = worker_env(tmp_path, name)
     with open(log, "wb") as out:
-        main = real_procs.spawn([str(BIN / "celery"), "-A", "demo", "worker", "-l", "info", "-c", "1",
-                                 "-n", f"{name}@%h"],
+        main = real_procs.spawn([*celery, "-A", "demo", "worker", "-l", "info", "-c", "1", "-n", f"{name}@%h"],
                                 cwd=str(folder), env=env, stdout=out, stderr=subprocess.STDOUT, process_group=0)
     wait_for(lambda: b" ready." in log.read_bytes() or main.poll() is not None, 45, f"worker {name} to be ready")
     assert main.poll() is None, log.read_text(errors="replace")
@@ -332,3 +337,64 @@ def test_old_pid_list_naming_the_same_apps_worker_of_another_project(real_procs,
     assert identities(theirs) == before, "a process of the other project was signalled"
     assert all(alive(p) for p in ours)
     assert real_procs.reap(timeout=10) == []
+
+
+# ``celery`` as a virtualenv's console script runs it, but Celery's start-up
+# time is read STEP seconds early: what the worker's wall clock says once the
+# machine's clock has been set ahead by STEP seconds after the worker started
+# (the clock itself is never set here). Named ``celery`` so the scan takes it
+# for a worker, as ``python …/bin/celery -A demo worker``.
+CLOCK_SET_AHEAD = """
+import sys
+from datetime import timedelta
+
+from celery.worker import worker
+
+_init = worker.WorkController.__init__
+
+
+def _started_before_the_step(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    self.startup_time -= timedelta(seconds={step})
+
+
+worker.WorkController.__init__ = _started_before_the_step
+
+from celery.__main__ import main
+
+sys.exit(main())
+"""
+
+
+@pytest.mark.e2e
+def test_savepid_confirms_a_worker_whose_clock_was_set_ahead(real_procs, project, tmp_path):
+    """Celery's ``uptime`` is wall-clock time: after the clock is set ahead, the worker claims to be older.
+
+    savepid took such a reply for another host's worker that happens to
+    have the same name and PID ("ignored reply … is not that worker on this
+    host"), fell back to the process scan, and the record lost the active
+    task that requeue would re-send. Its pool processes, children of that
+    PID here, prove it is ours whatever the clock says.
+    """
+    launcher = tmp_path / "stepped" / "celery"
+    launcher.parent.mkdir()
+    launcher.write_text(CLOCK_SET_AHEAD.format(step=120))
+    main, pool = start_worker(real_procs, project, tmp_path, "stepped", celery=(sys.executable, str(launcher)))
+    env = worker_env(tmp_path, "stepped")
+    sent = subprocess.run([str(BIN / "celery"), "-A", "demo", "call", "demo.tasks.sleep_task", "--args", "[60]"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    task_id = sent.stdout.strip()
+    state = tmp_path / "state.json"
+
+    def recorded():  # until the worker has taken the task, or savepid warns
+        doc = json_output(celery_supervise("-A", "demo", "savepid", str(state), "--json", cwd=project, env=env))
+        return doc if doc["warnings"] or (doc["workers"] and doc["workers"][0]["tasks"]) else None
+
+    doc = wait_for(recorded, 45, "savepid to record the running task")
+    assert (doc["source"], doc["warnings"]) == ("control", [])
+    [worker] = doc["workers"]
+    assert worker["main"] == main.pid
+    assert [t["id"] for t in worker["tasks"]] == [task_id]
+    roles = {p["pid"]: p["role"] for p in worker["procs"]}
+    assert roles[pool.pid] == "pool"

@@ -117,3 +117,17 @@ def test_the_spare_help_names_every_spare_rule():
     from celery_supervise.processes.plan import SPARE_RULES
 
     assert all(rule in options.OPTIONS["spare"].help for rule in SPARE_RULES)
+
+
+def test_rendering_the_hot_verbs_loads_neither_drain_nor_restart():
+    """savepid, status and kill render through :mod:`celery_supervise.render`; drain and restart are not theirs.
+
+    Every module imported costs start-up time inside supervisord's stop
+    budget (bench/savepid_vs_inspect.py measures savepid against the floor).
+    """
+    code = ("import json, sys\nimport celery_supervise.render, celery_supervise.entry\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                       text=True, timeout=60).stdout)
+    assert [m for m in loaded if m in ("celery_supervise.celery_side.drain", "celery_supervise.commands.drain",
+                                       "celery_supervise.commands.restart", "typer")] == []

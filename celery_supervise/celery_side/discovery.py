@@ -11,9 +11,10 @@ Three sources, tried in this order of authority:
    its tasks.
 
 A broker reply is never trusted on its own: its PID must be a live local
-worker of our app whose node name matches and whose start time agrees with
-the reply's ``uptime``. Replies from other hosts or containers name PIDs
-that mean something else here (PID 1 included) and are ignored.
+worker of our app whose node name matches, and either its start time agrees
+with the reply's ``uptime`` or the reply's pool processes are its children
+here (:func:`reply_is_ours`). Replies from other hosts or containers name
+PIDs that mean something else here (PID 1 included) and are ignored.
 """
 
 from __future__ import annotations
@@ -284,6 +285,50 @@ def start_time_agrees(create_time: float, uptime: float, now: float) -> bool:
     return -UPTIME_EARLY <= started - create_time <= UPTIME_LATE
 
 
+def pool_agrees(pid: int, pool: Iterable[int]) -> bool:
+    """Whether the reply's pool processes are all live children of *pid* here (and there are some)."""
+    pool = set(pool)
+    return bool(pool) and pool <= set(procs.child_pids(pid))
+
+
+def reply_is_ours(f: Found, node: str, reply: dict, now: float) -> bool:
+    """Whether a ``stats`` reply from *node* comes from the local worker *f*, not a namesake elsewhere.
+
+    The node name and the PID must match; then one of two pieces of
+    evidence that a reply from another host or container (whose PIDs mean
+    something else here) cannot give by chance:
+
+    * its start time: ``now - uptime`` agrees with the creation time of
+      the process here;
+    * its pool: every pool process the reply names is a live child of
+      that PID here.
+
+    The start time alone is not enough. Celery counts ``uptime`` on the
+    wall clock (``datetime.now()`` at start-up, and again at the reply),
+    while the age of the process here comes from the kernel's count since
+    boot, which nobody sets. Once the wall clock is set ahead while the
+    worker runs (an NTP step after boot, a resumed VM, an admin), every
+    reply of the real worker claims a start before its process existed:
+    the reply was ignored and the record lost the worker's active tasks,
+    for as long as the worker lived. The pool PIDs depend on no clock (a
+    prefork worker, Celery's default, always names them).
+    """
+    pid = reply.get("pid")
+    if not isinstance(pid, int) or pid != f.pid or f.command.node != node:
+        return False
+    created = procs.live_identity(pid)  # the identity every other check uses
+    if created is None:
+        return False
+    try:
+        if start_time_agrees(created, float(reply.get("uptime", -1e9)), now):
+            return True
+    except (TypeError, ValueError):
+        pass
+    pool = reply.get("pool")
+    pool = pool.get("processes") if isinstance(pool, dict) else None
+    return isinstance(pool, (list, tuple)) and all(isinstance(p, int) for p in pool) and pool_agrees(pid, pool)
+
+
 def confirm_with_broker(app, found: list[Found], timeout: float, want_tasks: bool = True) -> tuple[list[Found], list[str]]:
     """Ask the broker about *found*; attach pool PIDs and tasks to confirmed workers."""
     nodes = [f.command.node for f in found]
@@ -298,14 +343,7 @@ def confirm_with_broker(app, found: list[Found], timeout: float, want_tasks: boo
         for node, reply in stats.items():
             pid = reply.get("pid") if isinstance(reply, dict) else None
             f = by_pid.get(pid) if isinstance(pid, int) else None
-            ok = f is not None and f.command.node == node
-            if ok:
-                created = procs.live_identity(pid)  # the identity every other check uses
-                try:
-                    ok = created is not None and start_time_agrees(created, float(reply.get("uptime", -1e9)), now)
-                except (TypeError, ValueError):
-                    ok = False
-            if not ok:
+            if f is None or not reply_is_ours(f, node, reply, now):
                 warnings.append(f"ignored reply from {node}: PID {pid} is not that worker on this host")
                 continue
             pool = (reply.get("pool") or {}).get("processes") or ()
