@@ -72,6 +72,26 @@ def test_read_proc_agrees_with_psutil_on_a_real_tree(real_procs):
     assert walked == {k.pid for k in psutil.Process(parent.pid).children(recursive=True)}
 
 
+def test_the_uid_is_the_effective_uid_for_a_non_dumpable_process_too(real_procs):
+    """The owner of ``/proc/PID``, which read_proc records as the uid, is the effective uid even when
+    the process is not dumpable: the kernel gives root the *files* of such a process, not its directory.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("changing uid needs root")
+    code = ("import ctypes, os, sys, time; os.setuid(65534); ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
+            f"print('ready', flush=True); time.sleep({LIFETIME})")  # 4: PR_SET_DUMPABLE
+    child = real_procs.spawn([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert child.stdout.readline().strip() == b"ready"
+    assert os.stat(f"/proc/{child.pid}/stat").st_uid == 0, "dumpable after all: the test proves nothing"
+    assert procs.read_proc(child.pid).uid == 65534
+
+
 def test_tree_grew_sees_a_recorded_process_fork(real_procs, tmp_path):
     """The listener's idle check: nothing new while the tree is still; a fork below a recorded process is seen.
 

@@ -11,11 +11,12 @@ survives PID reuse, the PID alone does not.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, replace
 from typing import Container, Iterable, Iterator
 
 import psutil
+
+from .boottime import BOOT_ID_PATH, boot_id, boot_time, read_btime  # noqa: F401  (procs.* is the API)
 
 # Roles a process can play inside a worker's tree.
 MAIN = "main"
@@ -98,11 +99,14 @@ class Identity:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+_FILE = os.O_RDONLY | os.O_CLOEXEC
+
+
 def _read(path: str) -> bytes:
     # Raw os.open/os.read: no buffered file object per read, which is a
     # third of the cost of a walk over a large tree. One read is enough for
     # nearly every file here; a longer one (a long command line) loops.
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, _FILE)
     try:
         data = os.read(fd, _CHUNK)
         if len(data) < _CHUNK:
@@ -128,7 +132,7 @@ def _read_children(path: str) -> bytes:
     shorter than asked is not the end. Stopping there would lose every
     child after the first 682 or so (5-digit PIDs). Read until EOF.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, _FILE)
     try:
         chunk = os.read(fd, _CHUNK)
         # The page is filled with whole entries (a PID and a space, at most
@@ -182,63 +186,6 @@ def parse_cmdline(data: bytes) -> tuple[str, ...]:
     return tuple(args)
 
 
-BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
-
-_base: float | None = None  # the boot time this process computes every identity with
-
-
-def boot_time() -> float:
-    """The boot time behind every creation time this process computes.
-
-    The kernel counts a process's start in clock ticks since boot, which
-    never changes; psutil turns it into wall-clock time by adding
-    ``/proc/stat``'s ``btime`` (:func:`read_btime`). But ``btime`` is *derived* from the
-    realtime clock (now minus the time since boot), so it moves whenever the
-    clock is set: by hand, by an NTP step, even by a slew across a second
-    boundary. Read fresh each time, the same process would get two
-    creation times and look like a PID reuse. So it is read once per
-    process: every identity this process computes, in a kill's grace wait
-    or over a listener's months, agrees with every other one. A record
-    written by another process carries the base it used, and
-    :func:`celery_supervise.processes.statefile.parse` rebases it to ours.
-    """
-    global _base
-    if _base is None:
-        _base = read_btime()
-    return _base
-
-
-_BTIME = re.compile(rb"^btime\s+(\d+)", re.M)
-
-
-def read_btime() -> float:
-    """``/proc/stat``'s ``btime`` now, read fresh (see :func:`boot_time`).
-
-    Read here rather than with ``psutil.boot_time()``: before psutil 7.1,
-    that call also replaced the boot time psutil itself computes every
-    ``Process.create_time()`` and ``is_running()`` with, so reading it
-    after the clock was set made every process the host program (the
-    listener's, a user's app, a test) had already looked at with psutil
-    seem replaced by another.
-    """
-    match = _BTIME.search(_read("/proc/stat"))
-    if match is None:
-        raise OSError("/proc/stat has no btime line")
-    return float(match.group(1))
-
-
-def boot_id() -> str | None:
-    """The kernel's random id of this boot, or ``None`` where it cannot be read.
-
-    Unlike the boot time, it does not move with the clock, and it changes on
-    every boot: it is what tells a record from before a reboot.
-    """
-    try:
-        return _read(BOOT_ID_PATH).decode().strip() or None
-    except OSError:
-        return None
-
-
 def create_time_of(starttime_ticks: int) -> float:
     """psutil's own formula, so our identities equal ``Process.create_time()``
     (as long as the clock has not been set since :func:`boot_time` was read)."""
@@ -248,11 +195,12 @@ def create_time_of(starttime_ticks: int) -> float:
 def read_proc(pid: int, role: str = TASK) -> Proc | None:
     """Snapshot one process, or ``None`` if it is gone (or a zombie).
 
-    Three files are read directly rather than through ``psutil.Process``:
-    a worker tree can hold a thousand processes and psutil's per-process
-    overhead (object set-up, reuse checks, a file read per accessor) costs
-    about 230 us each against about 50 us here. The values are the ones
-    psutil computes; ``create_time_of`` uses psutil's boot time, read once.
+    Two files and the owner of ``/proc/PID`` are read directly rather than
+    through ``psutil.Process``: a worker tree can hold a thousand processes
+    and psutil's per-process overhead (object set-up, reuse checks, a file
+    read per accessor) costs about 230 us each against about 35 us here
+    (see :func:`_read_family`). The values are the ones psutil computes;
+    ``create_time_of`` uses psutil's formula with a boot time read once.
 
     A zombie has already exited: signalling it does nothing and it has no
     children left, so for our purposes it is gone.
@@ -262,17 +210,38 @@ def read_proc(pid: int, role: str = TASK) -> Proc | None:
 
 
 def read_proc_threads(pid: int, role: str = TASK) -> tuple[Proc, int] | None:
-    """:func:`read_proc`, plus the process's thread count (for :func:`child_pids`).
+    """:func:`read_proc`, plus the process's thread count (for :func:`child_pids`)."""
+    found = _read_family(pid, role)
+    return None if found is None else (found[0], found[1])
+
+
+def _read_family(pid: int, role: str = TASK, cmdlines: dict | None = None,
+                 children: bool = False) -> tuple[Proc, int, list[int]] | None:
+    """(record, thread count, children if asked) of *pid*; ``None`` if it is gone or a zombie.
 
     ``SigIgn`` comes from ``/proc/PID/stat`` (its ``sigignore`` field holds
     the same mask as ``status`` for the classic signals, SIGHUP among
     them). The uid is the owner of ``/proc/PID``, one ``stat`` call instead
     of generating and reading ``status`` (which the kernel builds with the
     memory figures: 40 % of a walk's time). That owner is the process's
-    effective uid, or root for a non-dumpable process (one that changed
-    credentials, such as a set-user-ID program); ``status``'s first
-    ``Uid`` field is the real uid. Nothing decides by the uid (see
+    effective uid (the kernel exempts the directory from the non-dumpable
+    rule that makes root own the files in it); ``status``'s first ``Uid``
+    field is the real uid. Nothing decides by the uid (see
     docs/threat-model.md): it is recorded for the reader of the record.
+
+    Races, as the process may exit at any point: ``stat`` read, it was live
+    (or a zombie: ``None``), and that read is the identity. Gone before any
+    later read (ENOENT, ESRCH), it is gone as if we had come a moment later
+    (``None``); exiting but not yet reaped, its command line and children
+    read empty, and its record stands for a process that was live. The
+    files are read by path, so a PID freed and handed to another process
+    between two reads would mix two processes; PIDs are handed out in
+    turn, so that takes pid_max (32,768 or more) forks within these few
+    microseconds. (An ``O_PATH`` handle on ``/proc/PID`` would pin the
+    process, at two more system calls: 3-8 % of a 1,000-process walk.)
+
+    *cmdlines* memoizes :func:`parse_cmdline` over one walk: the pool
+    processes share the main's command line, tasks often share theirs.
     """
     base = f"/proc/{pid}/"
     try:
@@ -281,12 +250,28 @@ def read_proc_threads(pid: int, role: str = TASK) -> tuple[Proc, int] | None:
             return None
         uid = os.stat(base).st_uid
         try:
-            cmdline = parse_cmdline(_read(base + "cmdline"))
+            raw = _read(base + "cmdline")
         except PermissionError:
-            cmdline = ()
+            raw = b""
+        threads = int(fields[_THREADS])
+        if not children:
+            kids = []
+        elif threads == 1:  # child_pids, inlined for the common case (one thread)
+            kids = list(map(int, _read_children(f"{base}task/{pid}/children").split()))
+        else:
+            kids = child_pids(pid, threads)
     except (FileNotFoundError, ProcessLookupError):
         return None
-    proc = Proc(
+    cmdline = cmdlines.get(raw) if cmdlines is not None else None
+    if cmdline is None:
+        cmdline = parse_cmdline(raw)
+        if cmdlines is not None:
+            cmdlines[raw] = cmdline
+    # Built without the dataclass __init__, whose frozen-field guard costs
+    # three times as much (about 2 us a process, 5 % of a walk). The fields
+    # are the same, and __init__ does nothing else (no __post_init__).
+    proc = _new(Proc)
+    proc.__dict__.update(
         pid=pid,
         ppid=int(fields[_PPID]),
         create_time=create_time_of(int(fields[_START])),
@@ -297,7 +282,10 @@ def read_proc_threads(pid: int, role: str = TASK) -> tuple[Proc, int] | None:
         sighup_ignored=bool(int(fields[_SIGIGNORE]) & SIGHUP_BIT),
         role=role,
     )
-    return proc, int(fields[_THREADS])
+    return proc, threads, kids
+
+
+_new = object.__new__
 
 
 def child_pids(pid: int, threads: int = 0) -> list[int]:
@@ -314,7 +302,7 @@ def child_pids(pid: int, threads: int = 0) -> list[int]:
     """
     if threads == 1:
         try:
-            return [int(x) for x in _read_children(f"/proc/{pid}/task/{pid}/children").split()]
+            return list(map(int, _read_children(f"/proc/{pid}/task/{pid}/children").split()))
         except (FileNotFoundError, ProcessLookupError):
             return []
     kids: list[int] = []
@@ -324,7 +312,7 @@ def child_pids(pid: int, threads: int = 0) -> list[int]:
         return kids
     for tid in tids:
         try:
-            kids.extend(int(x) for x in _read_children(f"/proc/{pid}/task/{tid}/children").split())
+            kids.extend(map(int, _read_children(f"/proc/{pid}/task/{tid}/children").split()))
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread or the process exited meanwhile
     return kids
@@ -337,19 +325,24 @@ def walk(root: Proc, *, threads: int = 0, skip: Container[int] = frozenset()) ->
     parent was replaced meanwhile is not ours. PIDs in *skip* (processes
     the caller already holds) are neither read nor descended into, and
     *threads* is *root*'s thread count when known (see :func:`child_pids`).
+
+    A process's children are read right after it (:func:`_read_family`),
+    not when its turn on the stack comes: the same file, a moment earlier.
+    A child forked after that is missed, as if it had forked a moment later.
     """
-    stack = [(root, threads)]
+    cmdlines: dict[bytes, tuple[str, ...]] = {}
+    stack = [(root.pid, child_pids(root.pid, threads))]
     while stack:
-        parent, count = stack.pop()
-        for kid in child_pids(parent.pid, count):
+        parent, kids = stack.pop()
+        for kid in kids:
             if kid in skip:
                 continue
-            found = read_proc_threads(kid)
+            found = _read_family(kid, cmdlines=cmdlines, children=True)
             # A PID listed as our child must still name our child when read.
-            if found is None or found[0].ppid != parent.pid:
+            if found is None or found[0].ppid != parent:
                 continue
             yield found[0]
-            stack.append(found)
+            stack.append((kid, found[2]))
 
 
 def tree_grew(recorded: Iterable[Proc]) -> bool:
