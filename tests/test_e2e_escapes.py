@@ -26,6 +26,7 @@ import uuid
 import psutil
 import pytest
 
+from celery_supervise.celery_side import discovery
 from celery_supervise.processes import cgroups
 from realprocs import wait_for, wait_gone
 from realsupervisor import BIN, PROGRAM, Supervisord, copy_project, listener_section
@@ -97,9 +98,13 @@ def test_cgroup():
 class ContainedSupervisord(Supervisord):
     """supervisord started inside *cgroup* (the shell moves itself there, then execs it)."""
 
-    def __init__(self, directory, cgroup, contain=False, **options):
+    def __init__(self, directory, cgroup, contain=False, wrap=None, **options):
         super().__init__(directory, **options)
         self.cgroup = cgroup
+        if wrap:  # the worker's program runs `sh -c "WRAP; exec celery …"`: a wrapper that execs it later
+            head, rest = self.conf_path.read_text().split("\ncommand=", 1)
+            line, tail = rest.split("\n", 1)
+            self.conf_path.write_text(f'{head}\ncommand=sh -c "{wrap}; exec {line}"\n{tail}')
         if contain:
             text = self.conf_path.read_text()
             celery = text.split("\ncommand=", 1)[1].split(" ", 1)[0]
@@ -117,12 +122,12 @@ def contained(test_cgroup, tmp_path):
     started = []
     project = copy_project(tmp_path / "project")
 
-    def start(listener=False, contain=False, **options):
+    def start(listener=False, contain=False, env=None, **options):
         extra = BYSTANDER
         if listener:
             extra += listener_section(BIN / "celery-supervise", GRACE, project, name=LISTENER)
         options.setdefault("stopwaitsecs", 2)
-        env = {"CELERY_SUPERVISE_LOCK": str(tmp_path / "reaper.lock")}
+        env = {"CELERY_SUPERVISE_LOCK": str(tmp_path / "reaper.lock"), **(env or {})}
         directory = tmp_path / f"supervisor{len(started)}"
         directory.mkdir()
         run = ContainedSupervisord(directory, test_cgroup, contain=contain, priority=200, extra=extra, env=env,
@@ -314,3 +319,68 @@ def test_without_cgroups_the_process_group_is_all_and_says_so(contained, real_pr
     assert not {p.pid for p in procs.values()} & set(outcomes(killed)), outcomes(killed)
     assert all(p.is_running() for p in procs.values())
     assert worker_cgroup_dirs(run) == []
+
+
+def test_autoscale_shrink_leaves_pool_children_re_parented(contained, real_procs):
+    """``--autoscale=2,1`` grows for two tasks, then shrinks: the removed pool process's children escape.
+
+    Each task (``pool_child``) starts its three children from its own pool
+    process and holds it 3 s, so the second task makes the autoscaler grow
+    the pool to two; once both are idle for ``AUTOSCALE_KEEPALIVE`` (1 s
+    here) it shrinks back to one, terminating one pool process (billiard
+    picks an idle one: either). That pool process's children are then
+    re-parented out of the tree and are in no process group of the worker:
+    only the worker's cgroup still holds them. The stop's reap kills the
+    attached ones, of both tasks, and spares the detached ones.
+    """
+    run = contained(listener=True, concurrency=1, queues="celery --autoscale=2,1",
+                    env={"AUTOSCALE_KEEPALIVE": "1"})
+    bystanders = bystander_procs(run, real_procs)
+    main_pid = run.group_pids()[f"{PROGRAM}_0"]
+    real_procs.track(main_pid)
+    wait_for(lambda: cgroups.of_worker(main_pid)[0], 30, "the worker to be placed in its cgroup")
+    ids = [run.celery.app.send_task("demo.tasks.spawn_escapes", kwargs={
+        "marker_dir": str(run.marker_dir), "route": "pool_child", "lifetime": 120, "hold": 3}).id for _ in range(2)]
+    markers = [run.celery.wait_for_marker(i, timeout=60) for i in ids]
+    pools = {m["pool_pid"] for m in markers}
+    assert len(pools) == 2, f"the autoscaler did not grow the pool: both tasks ran in {pools}"
+    families = [dict(zip(m["children"], real_procs.track(*m["children"].values()))) for m in markers]
+    gone = wait_for(lambda: [m for m in markers if not psutil.pid_exists(m["pool_pid"])], 60,
+                    "the autoscaler to shrink the pool")
+    assert len(gone) == 1, gone
+    escaped = families[markers.index(gone[0])]
+    check_escaped(run, escaped, main_pid)
+
+    assert run.ctl("stop", WORKER).returncode == 0
+    for procs in families:
+        assert_reaped(run, procs, bystanders)
+    wait_for(lambda: not worker_cgroup_dirs(run), 20, "the worker's cgroup to be removed")
+    # The kill removes the cgroup before the listener writes its report and its "reaped" line.
+    wait_for(lambda: escaped["attached"].pid in {pid for e in listener_log(run) if e["action"] == "reaped"
+                                                 for pid in e["killed"]}, 20, "the listener's reaped line")
+
+
+def test_a_worker_its_wrapper_execs_after_running_is_recorded_once_it_has(contained, real_procs):
+    """``sh -c "sleep 3; exec celery … worker"``: RUNNING (startsecs=1) names the shell, not a worker yet.
+
+    The listener cannot record a shell; it looks at that PID again every
+    0.25 s (``supervisord.watching.Pending``) and records the worker once the
+    exec has happened, not at the next TICK_60 a minute later. Restarted
+    once the listener runs, so that the RUNNING event is the one it handles.
+    """
+    run = contained(listener=True, wrap="sleep 3")
+    bystander_procs(run, real_procs)
+    assert run.ctl("restart", WORKER).returncode == 0
+    shell_pid = run.group_pids()[f"{PROGRAM}_0"]
+    assert psutil.Process(shell_pid).name() == "sh"
+    real_procs.track(shell_pid)
+
+    def recorded():
+        return [e for e in listener_log(run) if e["action"] == "recorded" and e["pid"] == shell_pid]
+    # Well before a TICK_60 could have caught it; the why says which path recorded it.
+    line = wait_for(recorded, 20, "the listener's record of the exec'd worker")[0]
+    assert line["why"] == "PROCESS_STATE_RUNNING (exec'd since)", line
+    assert discovery.parse_worker_cmdline(psutil.Process(shell_pid).cmdline()) is not None
+    assert run.ctl("stop", WORKER).returncode == 0
+    wait_for(lambda: any(e["action"] == "reaped" for e in listener_log(run)), 20, "the listener's reap")
+    wait_for(lambda: not worker_cgroup_dirs(run), 20, "the worker's cgroup to be removed")
