@@ -61,6 +61,7 @@ from .processes.snapshot import Task
 from .supervisord import placement, protocol, records as folder, rpc as rpcs
 from .supervisord.protocol import from_environment, parse_payload
 from .supervisord.records import RECORD_SUFFIX, merged
+from .supervisord.watching import RETRY_EVERY, RETRY_FOR, Pending, Pidfds
 
 STOP_EVENTS = {"PROCESS_STATE_STOPPED", "PROCESS_STATE_EXITED", "PROCESS_STATE_BACKOFF", "PROCESS_STATE_FATAL"}
 STOPPING_TASKS_TIMEOUT = 0.5  # a STOPPING event must not hold the listener up for long
@@ -122,8 +123,9 @@ class Listener(protocol.Loop):
         self.placement = placement.Placement(cgroup_mode, self.programs, parent, self.log)
         self.stop_requested = False
         self._waiting = False  # blocked on input: SIGTERM may interrupt
-        self._watches: dict[str, int] = {}  # record path -> pidfd of its worker main
+        self._watches = Pidfds()
         self._last: dict[str, snapshot.Worker] = {}  # record path -> what it holds now
+        self.pending = Pending()  # RUNNING processes that have not exec'd Celery yet
 
     # ------------------------------------------------------------ plumbing
 
@@ -194,6 +196,10 @@ class Listener(protocol.Loop):
             self.placement.at_starting(self.rpc, program)  # STARTING carries no pid: it asks supervisord
         elif event == "PROCESS_STATE_RUNNING":
             main = self.watched(program, pid)
+            self.pending.drop(program)
+            if main is None and pid and placement.ours(self.programs, program) and discovery.runs_worker_wrapper(pid):
+                # Not a worker yet (a wrapper that has not exec'd it): asked again, see supervisord.watching.
+                self.pending.add(program, fields, pid, procs.live_identity(pid), self.monotonic())
             if main is not None:
                 self.placement.place(program, pid, late=True, main=main)
                 stale = [p for p in self.records(program) if not p.endswith(f"@{main}{RECORD_SUFFIX}")]
@@ -204,6 +210,7 @@ class Listener(protocol.Loop):
             if main is not None:
                 self.record(program, main, why or event, tasks=True)
         elif event in STOP_EVENTS:
+            self.pending.drop(program)
             # Whatever pid the event names (a wrapper's, or none), every
             # record of this program whose worker is dead has leftovers to reap.
             for path in self.records(program):
@@ -263,6 +270,18 @@ class Listener(protocol.Loop):
             if not procs.tree_grew(w.procs):
                 continue
             self.safely("refresh", lambda: self.record(w.program or "?", w.main.pid, "tree grew", if_changed=True))
+
+    def retry_pending(self) -> None:
+        """Record the pending RUNNING processes that have exec'd Celery since (see supervisord.watching)."""
+        live, expired = self.pending.due(self.monotonic(), procs.live_identity,
+                                         lambda a, b: abs(a - b) <= procs.CREATE_TIME_TOLERANCE)
+        for program, entry in expired:
+            self.log("warning", program=program, pid=entry.pid,
+                     warning=f"RUNNING but not a Celery worker after {RETRY_FOR:g}s; left to the ticks")
+        for program, entry in live:
+            if self.watched(program, entry.pid) is not None:
+                self.safely("retry", self.on_process_state, "PROCESS_STATE_RUNNING", entry.fields,
+                            "PROCESS_STATE_RUNNING (exec'd since)")
 
     def _active_tasks(self, main_pid: int, command) -> tuple[Task, ...]:
         try:
@@ -326,27 +345,14 @@ class Listener(protocol.Loop):
 
     def _watch(self, path: str, main: procs.Proc) -> None:
         """Hold a pidfd of *main*, so that its exit wakes the wait for input."""
-        if path in self._watches:
-            return
-        try:
-            fd = os.pidfd_open(main.pid)
-        except OSError:
-            return  # gone already, or no pidfd here: the events and sweeps still reap
-        # Opened after the snapshot: make sure the number still names that process.
-        if not killing.alive(main):
-            os.close(fd)
-            return
-        self._watches[path] = fd
+        self._watches.add(path, main.pid, lambda: killing.alive(main))
 
     def _unwatch(self, path: str) -> None:
         self._last.pop(path, None)
-        fd = self._watches.pop(path, None)
-        if fd is not None:
-            os.close(fd)
+        self._watches.remove(path)
 
     def close(self) -> None:
-        for path in list(self._watches):
-            self._unwatch(path)
+        self._watches.close()
         self._last.clear()
 
     # ---------------------------------------------------------------- reap
@@ -453,12 +459,16 @@ class Listener(protocol.Loop):
         fd = self._input.fileno()
         next_refresh = self.monotonic() + self.refresh_interval
         while True:
-            by_fd = {wfd: path for path, wfd in self._watches.items()}
+            by_fd = self._watches.by_fd()
             timeout = max(0.0, next_refresh - self.monotonic()) if self._last else None
+            if self.pending:
+                timeout = min(timeout if timeout is not None else RETRY_EVERY, RETRY_EVERY)
             readable, _, _ = self._blocking(select.select, [fd, *by_fd], [], [], timeout)
             if fd in readable:
                 return  # the event first: it may be end of input, and then we touch nothing
-            if not readable:
+            if not readable and self.pending:
+                self.retry_pending()
+            if not readable and self.monotonic() >= next_refresh:
                 self.refresh_changed()
                 next_refresh = self.monotonic() + self.refresh_interval
             for wfd in readable:

@@ -106,6 +106,25 @@ def celery_arguments(argv: list[str]) -> list[str] | None:
     return None
 
 
+def may_become_worker(cmdline: Iterable[str]) -> bool:
+    """Whether *cmdline* mentions running a Celery worker: a wrapper that may exec one (or fork it).
+
+    ``celery-supervise contain -- celery … worker``, ``newrelic-admin
+    run-program celery … worker``, ``sh -c "…; exec celery … worker"``: some
+    word is ``celery`` (or ends in ``/celery``) and some word is ``worker``.
+    Only a hint, for the listener to look again; a record is made only once
+    :func:`parse_worker_cmdline` reads a worker.
+    """
+    words = [w for arg in cmdline for w in arg.split()]
+    return "worker" in words and any(os.path.basename(w) == "celery" for w in words)
+
+
+def runs_worker_wrapper(pid: int) -> bool:
+    """:func:`may_become_worker` of the live process *pid* (``False`` once it is gone)."""
+    p = procs.read_proc(pid)
+    return p is not None and may_become_worker(p.cmdline)
+
+
 def parse_worker_cmdline(cmdline: Iterable[str], environ: dict | None = None) -> WorkerCommand | None:
     """Parse ``[python] celery [-A app] worker [opts]``; ``None`` if not a worker."""
     from celery.utils.nodenames import default_nodename, host_format
