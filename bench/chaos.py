@@ -9,11 +9,16 @@ what is down, requeue) until the worker runs again. The soak then counts,
 as in every cycle, what leaked, what was killed wrongly, what was lost,
 and which signal a witness received that the audit log does not hold.
 
-:data:`FAULTS` is the table the draw is made from. Point 1 of issue 13
-(escape routes: a double fork plus setpgid, ``Popen(process_group=0)``,
-``set -m``, a replaced pool process) adds its routes here as faults of
-their own: a function that makes a task child escape, registered with
-:func:`register`; the soak's counts then say whether it leaked.
+:data:`FAULTS` is the table the draw is made from. The escape routes of
+issue 13's first point are faults of their own (``escape-*``, at the
+end): a real task's children leave the worker's tree and process group
+(a double fork plus setpgid, ``Popen(process_group=0)``, ``set -m``, a
+pool process replaced by an ``--autoscale`` shrink) before savepid, then
+the worker is restarted one of the soak's usual ways; the soak tracks
+the children by PID + creation time: the attached one must be dead after
+the cycle, the setsid'd and nohup'd ones alive. Only the worker's cgroup
+still finds them (the soak's listener places each worker in one before
+its first task), so they are drawn only where cgroup v2 tracking works.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Callable
 
 import psutil
 
-from realprocs import WaitTimeout, wait_for, wait_gone
+from realprocs import WaitTimeout, is_gone, wait_for, wait_gone
 from realsupervisor import PROGRAM
 
 #: How long a handshake of a fault may take to come.
@@ -41,13 +46,17 @@ Fault = Callable[["object", int, Path], tuple[list[str], list]]
 FAULTS: dict[str, Fault] = {}
 #: Faults whose cycle runs a task child that SIGTERM does not end (so a kill is still under way at the handshake).
 NEEDS_STUBBORN = set()
+#: Faults that only the worker's cgroup can deal with (drawn only where cgroup v2 tracking works).
+NEEDS_CGROUPS = set()
 
 
-def register(name: str, stubborn: bool = False):
+def register(name: str, stubborn: bool = False, cgroup: bool = False):
     def deco(fn: Fault) -> Fault:
         FAULTS[name] = fn
         if stubborn:
             NEEDS_STUBBORN.add(name)
+        if cgroup:
+            NEEDS_CGROUPS.add(name)
         return fn
     return deco
 
@@ -318,3 +327,82 @@ def clock_stepped(soak, number, state):
 def child_ignores_sigterm(soak, number, state):
     """A task child that SIGTERM does not end: the cycle's own restart must SIGKILL it after the grace."""
     return soak.restart(soak.config.modes[(number - 1) % len(soak.config.modes)], number)
+
+
+# ---------------------------------------------------------- escape routes
+
+#: demo.tasks.ESCAPE_ROUTES (docs/escapes.md), in the order of their faults below.
+ROUTES = ("double_fork", "process_group", "job_control", "pool_child")
+
+
+def escape_then_restart(soak, number, route):
+    """A task's children leave the tree and the process group by *route*, before savepid; then a usual restart.
+
+    ``spawn_escapes`` starts three: attached (a process group of its own
+    only: must die with the worker), setsid'd and nohup'd (must live). The
+    soak tracks them from the marker on; nothing but the worker's cgroup
+    still leads to them once they escaped.
+    """
+    main = psutil.Process(soak.process_pid(PROGRAM))
+    marker = soak.spawn_escapes(route)
+    if route == "pool_child":
+        replace_pool_process(soak, psutil.Process(marker["pool_pid"]), main)
+    below = {p.pid for p in main.children(recursive=True)}
+    stayed = [v for v, pid in marker["children"].items() if pid in below or os.getpgid(pid) == main.pid]
+    if stayed:
+        soak.missed(f"{route}: {', '.join(stayed)} still in the worker's tree or group")
+    # Round r of the table restarts route i the (r + i)-th way: each round uses
+    # every way, and each route meets every way over as many rounds.
+    round_ = (number - 1) // len(soak.faults())
+    mode = soak.config.modes[(round_ + ROUTES.index(route)) % len(soak.config.modes)]
+    soak.fault_notes.append(f"{route} escapes, then {mode}")
+    return soak.restart(mode, number)
+
+
+def replace_pool_process(soak, pool: psutil.Process, main: psutil.Process) -> None:
+    """``pool_shrink`` (the call ``--autoscale`` makes) until *pool* is one that ended; then grow back.
+
+    The pool ends only idle processes, the first idle one in its own order:
+    each shrink ends one, whose end is waited for before the next.
+    """
+    control, node = soak.run.celery.app.control, soak.node
+
+    def shrunk():
+        replies = control.pool_shrink(1, destination=[node], reply=True, timeout=1)
+        return any("ok" in r.get(node, {}) for r in replies or ())  # else every process was busy
+    ended = 0
+    try:
+        while not is_gone(pool):
+            before = [p for p in main.children() if not is_gone(p)]
+            wait_for(shrunk, HANDSHAKE, "an idle pool process to shrink", interval=0.2)
+            ended += 1
+            wait_for(lambda: any(is_gone(p) for p in before), HANDSHAKE, "the shrunk pool process to end")
+    except WaitTimeout:
+        soak.missed(f"pool process {pool.pid} was not replaced")
+    finally:
+        if ended:
+            control.pool_grow(ended, destination=[node], reply=True, timeout=5)
+
+
+@register("escape-double-fork", cgroup=True)
+def escape_double_fork(soak, number, state):
+    """Double fork; the grandchild calls ``setpgid`` (or ``setsid``) and runs ``sleep``."""
+    return escape_then_restart(soak, number, "double_fork")
+
+
+@register("escape-process-group", cgroup=True)
+def escape_process_group(soak, number, state):
+    """``subprocess.Popen(process_group=0)`` from a process that exits at once."""
+    return escape_then_restart(soak, number, "process_group")
+
+
+@register("escape-job-control", cgroup=True)
+def escape_job_control(soak, number, state):
+    """``bash -c 'set -m; sleep & …'``: each background job is a process group of its own."""
+    return escape_then_restart(soak, number, "job_control")
+
+
+@register("escape-pool-child", cgroup=True)
+def escape_pool_child(soak, number, state):
+    """The pool process starts them, then is replaced (an ``--autoscale`` shrink): they are re-parented."""
+    return escape_then_restart(soak, number, "pool_child")

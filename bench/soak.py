@@ -27,12 +27,14 @@ and then counts, once the new worker answers and every task has had its
 chance to finish:
 
 * **attached leaked**: the old worker's main and pool processes and the
-  attached children of its tasks (``spawn_family``'s plain ones) still
+  attached children of its tasks (``spawn_family``'s plain ones, and the
+  attached one of each ``spawn_escapes`` an ``escape-*`` fault ran) still
   alive 15 s after the cycle settled, plus any other process carrying the
   run's environment mark that is neither under the current supervisord nor
   one the soak watches;
-* **detached killed**: ``nohup``'d and ``setsid``'d task children (all
-  ever started, checked at every cycle's end until they are retired) found
+* **detached killed**: ``nohup``'d and ``setsid``'d task children
+  (``spawn_family``'s and ``spawn_escapes``'s, all ever started, checked
+  at every cycle's end until they are retired) found
   gone before their own lifetime (``sleep LIFETIME``) ran out, by PID +
   creation time;
 * **tasks lost**: tasks sent whose ``.done`` marker never appeared (60 s
@@ -57,8 +59,10 @@ table (each fault once per round of the table, in an order ``--seed``
 shuffles; ``--faults`` narrows the table) (the broker, a private ``redis-server``, killed
 during savepid, drain or requeue; supervisord SIGKILLed mid-stop; the tool
 SIGKILLed mid-kill and run again; the listener SIGKILLed mid-reap; the
-state folder full; the clock stepped; a child that ignores SIGTERM) and
-restarts the worker through it; the counts are the same.
+state folder full; the clock stepped; a child that ignores SIGTERM; a
+task's children escaping the tree and the process group by each route of
+``docs/escapes.md``, before savepid, drawn only where cgroup v2 tracking
+works) and restarts the worker through it; the counts are the same.
 
 Every count must be 0: the exit status is 1 otherwise, 2 when a cycle could
 not be carried out (a command failed, a worker never answered). Times are
@@ -100,6 +104,8 @@ from realprocs import RUN_ENV_VAR, WaitTimeout, is_gone, marked_processes, reap,
 from realsupervisor import BIN, PROGRAM, DemoClient, Supervisord, SupervisordFailed, copy_project, listener_section  # noqa: E402
 from taskfamily import ATTACHED, DETACHED, Family  # noqa: E402
 from privateredis import PrivateRedis  # noqa: E402
+
+from celery_supervise.processes import cgroups  # noqa: E402
 
 from bench import chaos  # noqa: E402
 
@@ -299,6 +305,8 @@ class Soak:
         self.states.mkdir(mode=0o700)
         self.watched: list[Watched] = []  # detached task children, until retired
         self.families: list[Family] = []  # of the current worker, not yet restarted
+        #: Attached spawn_escapes children of the current worker (out of its tree and group).
+        self.escaped: list[psutil.Process] = []
         self.sent: dict[str, str] = {}  # task id -> name, of the current cycle
         #: What the cycle under way started or orphaned: killed by PID at close if it fails.
         self.pending: list[psutil.Process] = []
@@ -532,6 +540,36 @@ class Soak:
                                         self.config.lifetime))
         return family
 
+    def spawn_escapes(self, route: str) -> dict:
+        """Run ``spawn_escapes`` by *route* on the worker, wait until it has finished; its marker.
+
+        Its children are tracked from here on (:meth:`adopt_escapes`). The
+        task is over before the caller restarts anything, so that no record
+        names it as running (a requeued one is adopted again by the cycle).
+        """
+        client = self.run.celery
+        task_id = client.app.send_task("demo.tasks.spawn_escapes", queue=self.queue, kwargs={
+            "marker_dir": str(client.marker_dir), "route": route, "lifetime": self.config.lifetime}).id
+        self.sent[task_id] = "spawn_escapes"
+        marker = client.wait_for_marker(task_id, timeout=chaos.HANDSHAKE)
+        self.adopt_escapes(marker)
+        wait_for(lambda: self.done(task_id), chaos.HANDSHAKE, f"spawn_escapes {task_id} to finish")
+        return marker
+
+    def adopt_escapes(self, marker: dict) -> dict[str, psutil.Process]:
+        """Track ``spawn_escapes``'s children: the attached one must die with the worker, the others live."""
+        procs = {}
+        for variant, pid in marker["children"].items():
+            try:
+                procs[variant] = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                raise CycleFailed(f"escaped {variant} {pid} of task {marker['task_id']} died before it was seen")
+        self.escaped.append(procs["attached"])
+        for variant in ("setsid", "nohup"):
+            self.watched.append(Watched(procs[variant], f"escaped ({marker['route']}) {variant} {procs[variant].pid} "
+                                        f"of task {marker['task_id']}", self.config.lifetime))
+        return procs
+
     def done(self, task_id: str) -> bool:
         return (self.run.marker_dir / f"{task_id}.done").exists()
 
@@ -665,6 +703,7 @@ class Soak:
         else:
             requeued, innocents = self.restart(mode, number)
         restart_seconds = time.monotonic() - restart_started
+        escaped, self.escaped = self.escaped, []  # a fault starts them during the cycle
         result = CycleResult(number, mode, restart_seconds, 0.0, sent=len(self.sent), requeued=len(requeued),
                              notes=list(self.fault_notes))
 
@@ -691,9 +730,13 @@ class Soak:
                 marker = json.loads((self.run.marker_dir / f"{task_id}.json").read_text())
                 if marker["pool_pid"] not in {w["marker"]["pool_pid"] for w in witnesses}:
                     self.witnesses.append(self.adopt_witnesses(marker))
+            if self.sent.get(task_id) == "spawn_escapes" and self.done(task_id):
+                marker = json.loads((self.run.marker_dir / f"{task_id}.json").read_text())
+                if marker["worker"] != main.pid:
+                    self.adopt_escapes(marker)
 
         # Attached: the old tree and its tasks' attached children are gone.
-        should_die = [main, *pools, *(f.procs[r] for f in families for r in ATTACHED),
+        should_die = [main, *pools, *(f.procs[r] for f in families for r in ATTACHED), *escaped,
                       *(p for w in witnesses for p in w["procs"].values())]
         left = wait_gone(should_die, LEAK_TIMEOUT)
         result.attached_leaked = [_describe(p) for p in left]
@@ -732,6 +775,8 @@ class Soak:
         names = set(self.config.faults or chaos.FAULTS)
         if os.geteuid() != 0:  # mounting a tiny filesystem and setting the clock need root
             names -= {"state-folder-full", "clock-stepped"}
+        if cgroups.unavailable() is not None:  # escaped children are found by the worker's cgroup alone
+            names -= chaos.NEEDS_CGROUPS
         return sorted(names)
 
     def strays(self, innocents: list[Watched], bystanders) -> list[psutil.Process]:

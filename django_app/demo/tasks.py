@@ -371,7 +371,8 @@ def spawn_escapes(self, marker_dir, route, lifetime=120, hold=0.0):
     process is replaced (``--max-tasks-per-child=1``): run this on such a
     worker. The others go through an intermediate that exits at once.
     ``<marker_dir>/<task id>.json`` names the three PIDs, written once each
-    runs sleep and (but for ``pool_child``) is no longer below the pool.
+    runs sleep and (but for ``pool_child``) is no longer below the pool;
+    ``<task id>.done`` appears once the task has held *hold* seconds.
     """
     if route not in ESCAPE_ROUTES:
         raise ValueError(f"unknown route {route!r}")
@@ -396,8 +397,9 @@ def spawn_escapes(self, marker_dir, route, lifetime=120, hold=0.0):
     children = {v: _wait_for_sleep(t) for v, t in tokens.items()}
     marker = {"task_id": self.request.id, "route": route, "pool_pid": os.getpid(), "worker": os.getppid(),
               "children": children}
-    _write_atomically(os.path.join(marker_dir, self.request.id + ".json"), json.dumps(marker))
-    time.sleep(hold)
+    prefix = os.path.join(marker_dir, self.request.id)
+    _write_atomically(prefix + ".json", json.dumps(marker))
+    _hold_then_mark_done(prefix, hold)
     return marker
 
 
