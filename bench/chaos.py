@@ -306,7 +306,10 @@ def clock_stepped(soak, number, state):
     if kill.stdout.readline() != "ready\n":
         kill.kill()
         raise soak.CycleFailed(f"the primed kill did not get ready: {kill.communicate(timeout=30)[1]}")
-    with clock_set_by(step):
+    # Exclusive: every other soak on this machine is between two cycles (bench/clocklock.py). Taken
+    # here, where this cycle has nothing the wall clock times (its supervisord is SIGKILLed, the kill
+    # is waiting for go), so that waiting for it (the shared hold dropped) is safe while another steps.
+    with soak.clock_lock.exclusive(), clock_set_by(step):
         out, err = kill.communicate("go\n", timeout=120)
     soak.fault_notes.append(f"kill with the clock stepped {step:+d} s exited {kill.returncode}")
     if kill.returncode != 0:
