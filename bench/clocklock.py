@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,6 +60,8 @@ class ClockLock:
         self._fd: int | None = None
         self._turnstile: int | None = None
         self.held: str | None = None  # None, "shared" or "exclusive"
+        #: How long the last acquire_exclusive() waited (the other soaks' cycles under way), in seconds.
+        self.waited = 0.0
 
     def _open(self, path: Path) -> int:
         # 0o666: soaks of other users on this machine must be able to take it too.
@@ -85,12 +88,14 @@ class ClockLock:
         if self.held is not None:  # waiting for exclusive while shared would deadlock two steppers
             raise RuntimeError(f"clock lock {self.path} already held {self.held}")
         fd, turnstile = self._fds()
+        began = time.monotonic()
         fcntl.flock(turnstile, fcntl.LOCK_EX)  # from now on no new cycle starts anywhere
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # the cycles under way end
         except BaseException:
             fcntl.flock(turnstile, fcntl.LOCK_UN)
             raise
+        self.waited = time.monotonic() - began
         self.held = "exclusive"
 
     def release(self) -> None:
