@@ -315,9 +315,13 @@ def clock_stepped(soak, number, state):
     if kill.stdout.readline() != "ready\n":
         kill.kill()
         raise soak.CycleFailed(f"the primed kill did not get ready: {kill.communicate(timeout=30)[1]}")
-    with clock_set_by(step):
+    # Exclusive: every other soak on this machine is between two cycles (bench/clocklock.py). Taken
+    # here, where this cycle has nothing the wall clock times (its supervisord is SIGKILLed, the kill
+    # is waiting for go), so that waiting for it (the shared hold dropped) is safe while another steps.
+    with soak.clock_lock.exclusive(), clock_set_by(step):
         out, err = kill.communicate("go\n", timeout=120)
-    soak.fault_notes.append(f"kill with the clock stepped {step:+d} s exited {kill.returncode}")
+    soak.fault_notes.append(f"kill with the clock stepped {step:+d} s exited {kill.returncode}"
+                            f" (the clock lock came after {soak.clock_lock.waited:.1f} s)")
     if kill.returncode != 0:
         raise soak.CycleFailed(f"kill after a clock step exited {kill.returncode}:\n{err}")
     return start_again(soak, old_main.pid, state, saved), soak.program_innocents()

@@ -108,6 +108,7 @@ from privateredis import PrivateRedis  # noqa: E402
 from celery_supervise.processes import cgroups  # noqa: E402
 
 from bench import chaos  # noqa: E402
+from bench.clocklock import DEFAULT_PATH as CLOCK_LOCK, ClockLock  # noqa: E402
 
 #: The soak's own Redis database: flushed at the start, nothing else is touched.
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -124,6 +125,10 @@ KILL_GRACE = 5
 LEAK_TIMEOUT = 15.0
 #: How long a task may take to finish once a cycle has settled.
 TASK_TIMEOUT = 60.0
+#: kombu's Redis visibility_timeout (the demo sets none): an unacked message comes back after this long.
+VISIBILITY_TIMEOUT = 3600.0
+#: How often the task wait asks whether the tasks not done can still finish (it asks the broker and the worker).
+HELD_LOOK_EVERY = 2.0
 #: How long a restart may take, the new worker answering included.
 SETTLE_TIMEOUT = 90.0
 #: A watched process that dies this close to its lifetime's end died of old age.
@@ -168,6 +173,8 @@ class Config:
     redis_url: str = REDIS_URL
     #: Start no cycle after this many minutes (the tables give the cycles actually run).
     minutes: float | None = None
+    #: Held shared for each cycle, exclusive for a clock step: soaks beside each other (bench/clocklock.py).
+    clock_lock: str = str(CLOCK_LOCK)
 
 
 @dataclass
@@ -229,17 +236,7 @@ class SoakResult:
 
     def times(self) -> dict[str, dict[str, dict[str, float]]]:
         """``{mode: {"restart"|"cycle": {"n", "median", "min", "max"}}}``."""
-        out = {}
-        for mode in dict.fromkeys(c.mode for c in self.cycles):
-            mine = [c for c in self.cycles if c.mode == mode]
-            if not mine:
-                continue
-            out[mode] = {}
-            for key in ("restart", "cycle"):
-                values = [getattr(c, f"{key}_seconds") for c in mine]
-                out[mode][key] = {"n": len(values), "median": statistics.median(values),
-                                  "min": min(values), "max": max(values)}
-        return out
+        return times_of([(c.mode, c.restart_seconds, c.cycle_seconds) for c in self.cycles])
 
     def document(self) -> dict:
         return {"cycles": len(self.cycles), "broker": self.config.broker, "seed": self.config.seed,
@@ -249,7 +246,22 @@ class SoakResult:
                 "delayed": sum(len(c.delayed) for c in self.cycles),
                 "final_leftovers": self.final_leftovers, "listener_problems": self.listener_problems,
                 "chaos": self.config.chaos, "notes": {c.number: c.notes for c in self.cycles if c.notes},
-                "details": [c.__dict__ for c in self.cycles if any(getattr(c, k) for k in COUNTS)]}
+                "details": [c.__dict__ for c in self.cycles if any(getattr(c, k) for k in COUNTS)],
+                # Each cycle's times, so that streams' results merge into true medians (bench/streams.py).
+                "timings": [[c.mode, round(c.restart_seconds, 3), round(c.cycle_seconds, 3)] for c in self.cycles]}
+
+
+def times_of(rows) -> dict[str, dict[str, dict[str, float]]]:
+    """Per mode, in order of first appearance, from ``(mode, restart seconds, cycle seconds)`` rows."""
+    out = {}
+    for mode in dict.fromkeys(row[0] for row in rows):
+        mine = [row for row in rows if row[0] == mode]
+        out[mode] = {}
+        for key, column in (("restart", 1), ("cycle", 2)):
+            values = [row[column] for row in mine]
+            out[mode][key] = {"n": len(values), "median": statistics.median(values),
+                              "min": min(values), "max": max(values)}
+    return out
 
 
 # ---------------------------------------------------------------- the soak
@@ -313,6 +325,7 @@ class Soak:
         #: The kernel's boot time as psutil reads it (/proc/stat btime): a
         #: wall-clock step moves it, and state files carry it.
         self.btime = psutil.boot_time()
+        self.clock_lock = ClockLock(config.clock_lock)
 
     # -- supervisord and the worker
 
@@ -488,6 +501,81 @@ class Soak:
         finally:
             client.close()
         return {t for t in task_ids if t.encode() in raw}
+
+    def none_can_finish(self, unfinished: list[str], old_tree: list[psutil.Process], until: float) -> bool:
+        """True when every task of *unfinished* is held by the broker where nothing can run it before *until*.
+
+        Then waiting out TASK_TIMEOUT (a broker-down cycle took 72 s) proves
+        nothing more: what counts as lost is unchanged, only found sooner.
+        Each task must be, all at once (any doubt, a broker or worker that
+        does not answer included, means: go on waiting):
+
+        * in Redis' unacked set, each of its entries delivered (kombu's
+          ``unacked_index`` time) before the running redis-server started:
+          the channel that took it died with the old one, and a delivery tag
+          is its channel's alone (Celery drops the reserved requests of a
+          lost connection), so nobody can run or ack that message now; only
+          ``restore_visible`` brings it back, ``visibility_timeout`` after
+          its delivery, which must fall after *until*. No unacked entry can
+          leave before then, so the end-of-cycle count is what the full wait
+          would give;
+        * in no list of the broker (no other copy queued, e.g. one requeue sent);
+        * run or reserved by no worker: the cycle's old tree is gone (one of
+          its pool processes could still be running it, its ack lost with the
+          broker), no other worker of this run is alive, and the current one
+          answers ``inspect`` without it.
+        """
+        if self.redis is None:
+            return False  # the plain soak's broker never dies under it: tasks get the full wait
+        if not all(is_gone(p) for p in old_tree):
+            return False
+        client = self.redis.client()
+        try:
+            info = client.info("server")
+            # The earliest the running server can have started: uptime counts whole seconds.
+            started = info["server_time_usec"] / 1e6 - info["uptime_in_seconds"] - 1
+            unacked = client.hgetall("unacked")
+            delivered = dict(client.zrange("unacked_index", 0, -1, withscores=True))
+            queued = b"".join(item for key in client.scan_iter() if client.type(key) == b"list"
+                              for item in client.lrange(key, 0, -1))
+        except Exception:  # noqa: BLE001 - the broker does not answer: nothing is proven
+            return False
+        finally:
+            client.close()
+        back_at = time.time() + (until - time.monotonic())  # the end of the wait, on the clock kombu writes
+        for task_id in unfinished:
+            key = task_id.encode()
+            tags = [tag for tag, raw in unacked.items() if key in raw]
+            if not tags or key in queued:
+                return False
+            for tag in tags:
+                when = delivered.get(tag)
+                if when is None or when >= started or when + VISIBILITY_TIMEOUT <= back_at:
+                    return False
+        current = self.process_pid(PROGRAM)
+        if current is None:
+            return False
+        try:
+            tree = {current, *(p.pid for p in psutil.Process(current).children(recursive=True))}
+        except psutil.Error:
+            return False
+        if any(p.pid not in tree for p in marked_processes(os.environ[RUN_ENV_VAR], exclude={os.getpid()})
+               if _is_worker(p)):
+            return False
+        try:
+            inspect = self.run.celery.app.control.inspect(destination=[self.node], timeout=1.0)
+            active, reserved = inspect.active() or {}, inspect.reserved() or {}
+        except Exception:  # noqa: BLE001 - the soak's client lost its broker: nothing is proven
+            return False
+        if self.node not in active or self.node not in reserved:
+            return False
+        held = {r.get("id") for r in active[self.node] + reserved[self.node]}
+        if held & set(unfinished):
+            return False
+        self.fault_notes.append(f"stopped waiting for {len(unfinished)} task(s) {TASK_TIMEOUT - (until - time.monotonic()):.0f} s"
+                                " into the wait: each is held by the broker, delivered to a channel that died with"
+                                " it, and cannot come back before visibility_timeout")
+        return True
 
     def fresh_client(self) -> None:
         """A new Celery client: the old one's connections (and reply queue) died with the broker."""
@@ -709,9 +797,21 @@ class Soak:
 
         # Lost: never finished, even after requeue sent it again.
         waiting = set(self.sent)
+        until = time.monotonic() + TASK_TIMEOUT
+        old_tree = [main, *pools]
+        look = [0.0]
+
+        def settled():
+            unfinished = [t for t in waiting if not self.done(t)]
+            if not unfinished:
+                return True
+            if time.monotonic() < look[0]:
+                return False
+            look[0] = time.monotonic() + HELD_LOOK_EVERY
+            return self.none_can_finish(unfinished, old_tree, until)
+
         try:
-            wait_for(lambda: not [t for t in waiting if not self.done(t)], TASK_TIMEOUT, "every task to finish",
-                     interval=0.1)
+            wait_for(settled, TASK_TIMEOUT, "every task to finish", interval=0.1)
         except WaitTimeout:
             pass
         unfinished = [t for t in sorted(waiting) if not self.done(t)]
@@ -808,8 +908,10 @@ class Soak:
     def close(self) -> str | None:
         """Shut supervisord down; kill what the soak watched; sweep the mark. Describes what the sweep found."""
         try:
-            self.run.stop()
+            with self.clock_lock.shared():  # supervisord times its stopwaitsecs by the wall clock
+                self.run.stop()
         finally:
+            self.clock_lock.close()
             if self.redis is not None:
                 self.redis.stop()
             if self._full is not None:
@@ -819,6 +921,14 @@ class Soak:
             self.retire([w.proc for w in self.watched] + self.pending)
             self.watched, self.pending = [], []
         return reap_leaks(os.environ[RUN_ENV_VAR], exclude={os.getpid()})
+
+
+def _is_worker(proc: psutil.Process) -> bool:
+    """A Celery worker process (main or pool) of the demo: ``celery -A demo worker ...``."""
+    try:
+        return "worker" in proc.cmdline()
+    except psutil.Error:
+        return False
 
 
 def _ppid(proc: psutil.Process) -> int | None:
@@ -844,14 +954,18 @@ def run(config: Config, log=print) -> SoakResult:
     soak = None
     try:
         soak = Soak(config, workdir, log=log)
-        soak.start()
-        began = time.monotonic()
+        began = time.monotonic()  # --minutes is a budget from the start, as for streams started together
+        with soak.clock_lock.shared():
+            soak.start()
         for number in range(1, config.cycles + 1):
             if config.minutes is not None and time.monotonic() - began > config.minutes * 60:
                 log(f"soak: --minutes {config.minutes:g} spent: stopping after {number - 1} cycle(s)")
                 break
             mode = config.modes[(number - 1) % len(config.modes)]
-            cycle = soak.cycle(number, mode)
+            # Shared for the whole cycle: no other soak steps the clock while this one's supervisord
+            # may be timing a stop (a clock-stepped cycle of ours takes it exclusive for its step alone).
+            with soak.clock_lock.shared():
+                cycle = soak.cycle(number, mode)
             result.cycles.append(cycle)
             bad = {k: getattr(cycle, k) for k in COUNTS if getattr(cycle, k)}
             mode = cycle.mode
@@ -873,10 +987,14 @@ def run(config: Config, log=print) -> SoakResult:
     return result
 
 
-def summary(result: SoakResult) -> str:
-    doc = result.document()
+def summary(result: SoakResult | dict) -> str:
+    """The tables, of one soak or of a document streams merged (bench/streams.py)."""
+    doc = result if isinstance(result, dict) else result.document()
     kind = "chaos soak" if doc["chaos"] else "soak"
-    lines = [f"{kind}: {doc['cycles']} cycle(s) on {doc['broker']}, seed {doc['seed']}: "
+    seeds = (f"{len(doc['streams'])} streams ("
+             + ", ".join(f"seed {s['seed']}: {s['cycles']} cycle(s)" for s in doc["streams"]) + ")"
+             if doc.get("streams") else f"seed {doc['seed']}")
+    lines = [f"{kind}: {doc['cycles']} cycle(s) on {doc['broker']}, {seeds}: "
              f"{doc['sent']} task(s) sent, {doc['requeued']} re-sent by requeue, {doc['ran_twice']} ran twice",
              "", "| count | value |", "|---|---|"]
     lines += [f"| {name.replace('_', ' ')} | {value} |" for name, value in doc["counts"].items()]
@@ -892,7 +1010,8 @@ def summary(result: SoakResult) -> str:
         lines.append(f"| {mode} | {r['n']} | {r['median']:.2f} s ({r['min']:.2f}–{r['max']:.2f}) "
                      f"| {c['median']:.2f} s ({c['min']:.2f}–{c['max']:.2f}) |")
     for d in doc["details"]:
-        lines.append(f"cycle {d['number']} ({d['mode']}): " + "; ".join(
+        lines.append(("" if d.get("seed") is None else f"seed {d['seed']} ")
+                     + f"cycle {d['number']} ({d['mode']}): " + "; ".join(
             f"{k}: {d[k]}" for k in COUNTS if d[k]))
     if doc["listener_problems"]:
         lines.append(f"listener problems: {doc['listener_problems']}")
@@ -921,6 +1040,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the plain soak's Redis database, flushed at the start (default {REDIS_URL})")
     parser.add_argument("--minutes", type=float, default=None, metavar="M",
                         help="start no new cycle after M minutes; the tables count the cycles run")
+    parser.add_argument("--streams", type=int, default=1, metavar="K",
+                        help="--chaos: run K streams side by side (seeds S, S+1, ...), --cycles split between them, "
+                             "one merged table (bench/streams.py)")
+    parser.add_argument("--clock-lock", default=str(CLOCK_LOCK), metavar="PATH",
+                        help="held shared for each cycle, exclusive for a clock step, by every soak on this machine "
+                             f"(default {CLOCK_LOCK}; bench/clocklock.py)")
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (logs, state files, markers)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
     args = parser.parse_args(argv)
@@ -939,6 +1064,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--cycles must be at least 1")
         config.cycles = args.cycles
     log = (lambda line: print(line, file=sys.stderr, flush=True))
+    if args.streams != 1:
+        # Plain soaks share Redis db 14, which each flushes at its start: only chaos soaks run side by side.
+        if args.streams < 1 or not args.chaos:
+            parser.error("--streams K: K >= 1, with --chaos")
+        from bench import streams
+
+        doc = streams.run(streams.stream_args(args), config.cycles, args.streams, args.seed, log=log)
+        print(json.dumps(doc, default=str) if args.json else summary(doc))
+        return doc["exit_code"]
+    config.clock_lock = args.clock_lock
     result = run(config, log=log)
     print(json.dumps(result.document(), default=str) if args.json else summary(result))
     return result.exit_code()
