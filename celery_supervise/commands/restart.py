@@ -253,14 +253,9 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
         result.phases.append(Phase(name, clock() - started, detail))
 
     t = clock()
-    targets = Targets(app=app, app_spec=app_spec, supervisor_url=server.url, programs=tuple(result.processes),
-                      timeout=timeout, supervisor_auth=(server.username, server.password))
-    result.save = saved = savepid(path, targets, Policy())
-    if saved.snapshot.workers and not saved.snapshot.source.startswith("supervisor"):
-        # discovery fell back to a scan, which would also record other programs' workers
-        raise SupervisorError(server.url, "did not say which processes these programs run; nothing was stopped")
+    result.save = saved = record_programs(path, app, app_spec, server, result.processes, timeout)
     result.warnings += saved.warnings
-    result.nodes = list(dict.fromkeys(w.node for w in saved.snapshot.workers if w.node))
+    result.nodes = nodes_of(saved)
     phase(SAVEPID, t, f"{len(saved.snapshot.workers)} worker(s), "
           f"{sum(len(w.procs) for w in saved.snapshot.workers)} process(es), "
           f"{sum(len(w.tasks) for w in saved.snapshot.workers)} active task(s)")
@@ -320,6 +315,26 @@ def _restart(result, app, app_spec, server, path, drain_timeout, grace, start_ti
     if silent:
         problems.append(f"the new workers did not answer a ping within {start_timeout:g}s: {', '.join(silent)}")
     result.problem = "; ".join(problems) or None
+
+
+def record_programs(path: str, app, app_spec: str | None, server, names: Iterable[str], timeout: float):
+    """savepid of supervisord's processes *names* alone, into *path*; refused when supervisord did not say which.
+
+    Restart, rolling restart and their dry run all start here. Discovery
+    that fell back to a scan of local processes would also record other
+    programs' workers, which a restart of *names* must never touch.
+    """
+    targets = Targets(app=app, app_spec=app_spec, supervisor_url=server.url, programs=tuple(names),
+                      timeout=timeout, supervisor_auth=(server.username, server.password))
+    saved = savepid(path, targets, Policy())
+    if saved.snapshot.workers and not saved.snapshot.source.startswith("supervisor"):
+        raise SupervisorError(server.url, "did not say which processes these programs run; nothing was stopped")
+    return saved
+
+
+def nodes_of(saved) -> list[str]:
+    """The node names of a savepid's workers, in order, once each."""
+    return list(dict.fromkeys(w.node for w in saved.snapshot.workers if w.node))
 
 
 def side_by_side(call, server, names: list[str], *, on_wait: Callable[[int, float], None] | None = None,

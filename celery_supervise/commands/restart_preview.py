@@ -23,12 +23,12 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ..errors import EXIT_OK, SupervisorError, UsageError
+from ..errors import EXIT_OK, UsageError
 from ..processes.kill import KillReport
-from ..processes.plan import Policy
+from . import restart as restarting
 from .kill import DEFAULT_GRACE, kill
 from .rolling_plan import Plan
-from .savepid import DEFAULT_TIMEOUT, SaveResult, Targets, savepid
+from .savepid import DEFAULT_TIMEOUT, SaveResult
 
 
 @dataclass
@@ -121,14 +121,9 @@ def preview(
     scratch = tempfile.mkdtemp(prefix="celery-supervise-preview-")
     try:
         path = os.path.join(scratch, "state.json")
-        targets = Targets(app=app, app_spec=app_spec, supervisor_url=server.url, programs=tuple(names),
-                          timeout=timeout, supervisor_auth=(server.username, server.password))
-        result.save = saved = savepid(path, targets, Policy())
-        if saved.snapshot.workers and not saved.snapshot.source.startswith("supervisor"):
-            # As the real restart: a scan would also find other programs' workers.
-            raise SupervisorError(server.url, "did not say which processes these programs run")
+        result.save = saved = restarting.record_programs(path, app, app_spec, server, names, timeout)
         result.warnings += saved.warnings
-        result.nodes = list(dict.fromkeys(w.node for w in saved.snapshot.workers if w.node))
+        result.nodes = restarting.nodes_of(saved)
         # The kill's own dry run of this record: the verdicts, nothing signalled, nothing audited.
         result.kill = kill(path, grace=grace, dry_run=True, app_spec=app_spec)
         result.warnings += result.kill.warnings

@@ -49,8 +49,8 @@ from ..supervisord import rpc
 from . import restart as restarting
 from .drain import DEFAULT_DRAIN_TIMEOUT, drain
 from .kill import DEFAULT_GRACE, kill
-from .savepid import DEFAULT_TIMEOUT, Targets, savepid
-from ..errors import EXIT_OK, EXIT_PARTIAL, PartialError, StateFileError, SuperviseError, SupervisorError, UsageError
+from .savepid import DEFAULT_TIMEOUT
+from ..errors import EXIT_OK, EXIT_PARTIAL, PartialError, StateFileError, SuperviseError, UsageError
 from .rolling_plan import (  # noqa: F401  (re-exported: rolling.plan etc. are the verb's API)
     DEFAULT_MAX_UNAVAILABLE, HOW_TO_ADD_A_PROCESS, Batch, Plan, RollRefused, batches_of, lonely_queues, plan,
 )
@@ -316,13 +316,9 @@ def _batch(done: BatchResult, batch: Batch, result: RollingResult, app, app_spec
     # 1. Record the batch's trees and active tasks.
     phase(restarting.SAVEPID)
     t = clock()
-    targets = Targets(app=app, app_spec=app_spec, supervisor_url=server.url, programs=tuple(names),
-                                 timeout=timeout, supervisor_auth=(server.username, server.password))
-    saved = savepid(path, targets)
-    if saved.snapshot.workers and not saved.snapshot.source.startswith("supervisor"):
-        raise SupervisorError(server.url, "did not say which processes these programs run; nothing was stopped")
+    saved = restarting.record_programs(path, app, app_spec, server, names, timeout)
     result.warnings += saved.warnings
-    done.nodes = list(dict.fromkeys(w.node for w in saved.snapshot.workers if w.node))
+    done.nodes = restarting.nodes_of(saved)
     took(restarting.SAVEPID, t, f"{len(saved.snapshot.workers)} worker(s), "
          f"{sum(len(w.procs) for w in saved.snapshot.workers)} process(es), "
          f"{sum(len(w.tasks) for w in saved.snapshot.workers)} active task(s)")
