@@ -199,7 +199,7 @@ class Listener(protocol.Loop):
             self.pending.drop(program)
             if main is None and pid and placement.ours(self.programs, program) and discovery.runs_worker_wrapper(pid):
                 # Not a worker yet (a wrapper that has not exec'd it): asked again, see supervisord.watching.
-                self.pending.add(program, fields, pid, procs.live_identity(pid), self.monotonic())
+                self.pending.add(program, fields, Identity.of(pid), self.monotonic())
             if main is not None:
                 self.placement.place(program, pid, late=True, main=main)
                 stale = [p for p in self.records(program) if not p.endswith(f"@{main}{RECORD_SUFFIX}")]
@@ -273,8 +273,7 @@ class Listener(protocol.Loop):
 
     def retry_pending(self) -> None:
         """Record the pending RUNNING processes that have exec'd Celery since (see supervisord.watching)."""
-        live, expired = self.pending.due(self.monotonic(), procs.live_identity,
-                                         lambda a, b: abs(a - b) <= procs.CREATE_TIME_TOLERANCE)
+        live, expired = self.pending.due(self.monotonic())
         for program, entry in expired:
             self.log("warning", program=program, pid=entry.pid,
                      warning=f"RUNNING but not a Celery worker after {RETRY_FOR:g}s; left to the ticks")

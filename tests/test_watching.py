@@ -5,7 +5,13 @@ import os
 import pytest
 
 from celery_supervise.celery_side.discovery import may_become_worker
+from celery_supervise.processes.procs import Identity
 from celery_supervise.supervisord.watching import RETRY_FOR, Pending, Pidfds
+
+
+def alive_as(live):
+    """*alive* for :meth:`Pending.due` on plain data: ``{pid: creation time of the live process}``."""
+    return lambda ident: ident.same(Identity(ident.pid, live[ident.pid]) if live.get(ident.pid) is not None else None)
 
 
 @pytest.mark.parametrize("cmdline, expected", [
@@ -24,10 +30,6 @@ def test_may_become_worker(cmdline, expected):
     assert may_become_worker(cmdline) is expected
 
 
-def same(a, b):
-    return abs(a - b) <= 0.005
-
-
 @pytest.mark.parametrize("live_create_time, now, kept, expired", [
     (100.0, 10.0, True, False),            # the same process, not exec'd yet: still pending
     (None, 10.0, False, False),            # gone: dropped
@@ -36,8 +38,8 @@ def same(a, b):
 ])
 def test_pending_due(live_create_time, now, kept, expired):
     pending = Pending()
-    pending.add("celery-worker:celery-worker_0", {"pid": "42"}, 42, 100.0, now=10.0)
-    live, gone = pending.due(now, lambda pid: live_create_time, same)
+    pending.add("celery-worker:celery-worker_0", {"pid": "42"}, Identity(42, 100.0), now=10.0)
+    live, gone = pending.due(now, alive_as({42: live_create_time}))
     assert [p for p, _ in live] == (["celery-worker:celery-worker_0"] if kept else [])
     assert [p for p, _ in gone] == (["celery-worker:celery-worker_0"] if expired else [])
     assert bool(pending) is kept
@@ -45,9 +47,9 @@ def test_pending_due(live_create_time, now, kept, expired):
 
 def test_pending_keeps_the_latest_running_of_a_program_and_drops_on_request():
     pending = Pending()
-    pending.add("w", {"pid": "1"}, 41, 1.0, now=0.0)
-    pending.add("w", {"pid": "2"}, 42, 2.0, now=0.0)
-    [(program, entry)], _ = pending.due(1.0, lambda pid: {42: 2.0}.get(pid), same)
+    pending.add("w", {"pid": "1"}, Identity(41, 1.0), now=0.0)
+    pending.add("w", {"pid": "2"}, Identity(42, 2.0), now=0.0)
+    [(program, entry)], _ = pending.due(1.0, alive_as({42: 2.0}))
     assert (program, entry.pid, entry.fields) == ("w", 42, {"pid": "2"})
     pending.drop("w")
     assert not pending

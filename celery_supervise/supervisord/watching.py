@@ -29,6 +29,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from ..processes.procs import Identity
+
 #: How often the listener looks again while an entry is pending.
 RETRY_EVERY = 0.25
 #: How long it keeps looking before leaving it to the ticks.
@@ -70,9 +72,12 @@ class Pidfds:
 @dataclass(frozen=True)
 class Entry:
     fields: dict  # the RUNNING event's payload fields (groupname, processname, pid)
-    pid: int
-    create_time: float | None
+    identity: Identity | None  # None: gone already when RUNNING was handled
     give_up_at: float  # on the listener's monotonic clock
+
+    @property
+    def pid(self) -> int:
+        return self.identity.pid if self.identity is not None else 0
 
 
 class Pending:
@@ -84,25 +89,23 @@ class Pending:
     def __bool__(self) -> bool:
         return bool(self._entries)
 
-    def add(self, program: str, fields: dict, pid: int, create_time: float | None, now: float) -> None:
-        self._entries[program] = Entry(dict(fields), pid, create_time, now + RETRY_FOR)
+    def add(self, program: str, fields: dict, identity: Identity | None, now: float) -> None:
+        self._entries[program] = Entry(dict(fields), identity, now + RETRY_FOR)
 
     def drop(self, program: str) -> None:
         self._entries.pop(program, None)
 
-    def due(self, now: float, identity_of: Callable[[int], float | None],
-            same: Callable[[float, float], bool]) -> tuple[list[tuple[str, Entry]], list[tuple[str, Entry]]]:
+    def due(self, now: float, alive: Callable[[Identity], bool] = Identity.alive
+            ) -> tuple[list[tuple[str, Entry]], list[tuple[str, Entry]]]:
         """``(still pending, expired)``; the expired, the gone and the recycled PIDs are dropped.
 
-        *identity_of(pid)* is the live process's creation time (``None``:
-        gone); *same(a, b)* says whether two creation times are one process.
+        *alive(identity)* says whether that very process still runs.
         """
         live, expired = [], []
         for program, entry in list(self._entries.items()):
-            created = identity_of(entry.pid)
             if now >= entry.give_up_at:
                 expired.append((program, entry))
-            elif created is not None and entry.create_time is not None and same(created, entry.create_time):
+            elif entry.identity is not None and alive(entry.identity):
                 live.append((program, entry))
                 continue
             del self._entries[program]
