@@ -150,8 +150,8 @@ class Listener(protocol.Loop):
             return []
 
     def watched(self, program: str, pid: int | None) -> int | None:
-        """The worker main PID if *program* is one we watch, else ``None``."""
-        if not pid or not placement.ours(self.programs, program):
+        """The worker main PID if *program* is one we watch and *pid* our supervisord's child, else ``None``."""
+        if not self.placement.supervised(program, pid):
             return None
         return discovery.worker_main_under(pid, self.app_spec)
 
@@ -197,7 +197,7 @@ class Listener(protocol.Loop):
         elif event == "PROCESS_STATE_RUNNING":
             main = self.watched(program, pid)
             self.pending.drop(program)
-            if main is None and pid and placement.ours(self.programs, program) and discovery.runs_worker_wrapper(pid):
+            if main is None and self.placement.supervised(program, pid) and discovery.runs_worker_wrapper(pid):
                 # Not a worker yet (a wrapper that has not exec'd it): asked again, see supervisord.watching.
                 self.pending.add(program, fields, Identity.of(pid), self.monotonic())
             if main is not None:

@@ -17,10 +17,12 @@ from celery_supervise.processes import procs, snapshot, statefile
 from celery_supervise.listener import Listener, parse_payload
 from celery_supervise.processes.plan import Policy, plan
 
+from test_refusals import spawn_witness  # noqa: F401 (a fixture)
+
 
 def make_listener(tmp_path, stdin=""):
     state = tmp_path / "state"
-    state.mkdir(mode=0o700, exist_ok=True)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
     return Listener(state_dir=str(state), grace=1, stdin=io.StringIO(stdin), stdout=io.StringIO(),
                     stderr=io.StringIO(), clock=lambda: 1000.0, wait=False)
 
@@ -419,3 +421,29 @@ def test_regression_running_event_naming_pid_1_never_moves_pid_1(tmp_path):
     assert cgroups.path_of(1) == before
     assert "containment" not in [e["action"] for e in logged(listener)]
     listener.close()
+
+
+def test_regression_running_event_naming_a_process_supervisord_did_not_start_records_nothing(
+        tmp_path, spawn_witness):
+    """A RUNNING event naming PID 1, or a worker that is not supervisord's child, once recorded a stranger.
+
+    The listener walked down from the PID the event named and recorded the
+    first Celery worker it found there, whoever's it was, under the event's
+    program: from PID 1, any worker on the machine. Only supervisord's own
+    child is a program's process now; nothing else is read, recorded, or
+    (at the program's stop) reaped.
+    """
+    stranger = spawn_witness(argv0="celery", extra=("-A", "otherproj", "worker"))
+    for n, pid in enumerate((1, stranger.pid)):
+        # A listener per PID: a second RUNNING of the same program settles the
+        # first one's record as "replaced", and a regression would then
+        # warm-stop whatever worker it had recorded, here or anywhere on the machine.
+        listener = make_listener(tmp_path / str(n))
+        listener.handle_event({"eventname": "PROCESS_STATE_RUNNING"},
+                              f"processname:x groupname:x from_state:STARTING pid:{pid}")
+        listener.handle_event({"eventname": "PROCESS_STATE_STOPPING"},
+                              f"processname:x groupname:x from_state:RUNNING pid:{pid}")
+        assert listener.records() == [] and not listener.pending
+        assert "recorded" not in [e["action"] for e in logged(listener)]
+        listener.close()
+    stranger.assert_untouched()

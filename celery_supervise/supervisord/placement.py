@@ -43,6 +43,20 @@ class Placement:
         self.log = log
         self._logged: dict[str, str] = {}  # program -> the mechanism last logged for it
 
+    def supervised(self, program: str, pid: int) -> bool:
+        """Whether *pid* is supervisord's own child, run for a watched *program*.
+
+        supervisord forks every program process itself, so an event's PID
+        that is not its child (PID 1 from a malformed event, a stale one
+        since recycled) names somebody else's tree: a walk down from it
+        found the first Celery worker there, another project's as readily
+        as ours, and the listener recorded it under the event's program.
+        """
+        if not pid or pid == os.getpid() or not ours(self.programs, program):
+            return False
+        root = procs.read_proc(pid)
+        return root is not None and root.ppid == self.parent
+
     def at_starting(self, rpc, program: str) -> None:
         """STARTING: ask supervisord for the PID it just forked, place it if it is a worker's."""
         if self.mode == cgroups.OFF or rpc is None or not ours(self.programs, program):
