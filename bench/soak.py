@@ -1022,7 +1022,17 @@ def summary(result: SoakResult | dict) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (a CI time limit, a user's kill, a streams parent passing on its
+    # own) ends the run as Ctrl-C does, through every ``finally``: a stepped
+    # clock is set right, the tiny filesystem unmounted, the private
+    # redis-server and the witnesses stopped. By default it ended the process
+    # there and then, and all of them outlived it.
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(prog="bench/soak.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=None, help="restart cycles (default 200; --quick: 4)")
     parser.add_argument("--quick", action="store_true",
@@ -1080,4 +1090,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as exc:
+        print(f"soak: interrupted ({exc or 'Ctrl-C'}): no result; its processes are stopped", file=sys.stderr)
+        sys.exit(130)

@@ -34,6 +34,8 @@ from pathlib import Path
 
 SOAK = Path(__file__).resolve().parent / "soak.py"
 RUN_ENV_VAR = "CELERY_SUPERVISE_TEST_RUN"
+#: How long an interrupted stream may take to clean up (stop its supervisord, reap its processes).
+STREAM_CLEANUP = 120
 COUNTS = ("attached_leaked", "detached_killed", "tasks_lost", "innocents_killed", "audit_missing")
 
 
@@ -69,9 +71,22 @@ def run(common: list[str], cycles: int, streams: int, seed: int, log=print) -> d
         forward = threading.Thread(target=_forward, args=(proc.stderr, f"[seed {seed + i}] ", log), daemon=True)
         forward.start()
         procs.append((seed + i, n, proc, forward))
+    try:
+        outs = [proc.stdout.read() for _, _, proc, _ in procs]
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every stream (one process group); SIGTERM reached
+        # this process alone: pass it on, and wait for each stream's cleanup.
+        for *_, proc, _ in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for *_, proc, _ in procs:
+            try:
+                proc.wait(STREAM_CLEANUP)
+            except subprocess.TimeoutExpired:
+                pass
+        raise
     docs = []
-    for s, n, proc, forward in procs:
-        out = proc.stdout.read()
+    for (s, n, proc, forward), out in zip(procs, outs):
         proc.wait()
         forward.join(10)
         try:
