@@ -380,7 +380,12 @@ def replace_pool_process(soak, pool: psutil.Process, main: psutil.Process) -> No
             before = [p for p in main.children() if not is_gone(p)]
             wait_for(shrunk, HANDSHAKE, "an idle pool process to shrink", interval=0.2)
             ended += 1
-            wait_for(lambda: any(is_gone(p) for p in before), HANDSHAKE, "the shrunk pool process to end")
+            # Wait until billiard has joined it (gone from the process table),
+            # not only until it exited: an ended process stays in the pool's
+            # list until the join, and a shrink before that may pick that dead
+            # process again and end nothing. That was the "pool process ... was
+            # not replaced" of about 1 in 15 escape-pool-child cycles.
+            wait_for(lambda: any(not p.is_running() for p in before), HANDSHAKE, "the shrunk pool process to be joined")
     except WaitTimeout:
         soak.missed(f"pool process {pool.pid} was not replaced")
     finally:
