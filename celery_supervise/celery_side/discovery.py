@@ -277,6 +277,11 @@ def from_supervisor(url: str, programs: list[str], local: dict[int, WorkerComman
                               "here; run this command inside it")
     found, warnings = [], []
     for pp in running:
+        # supervisord forks each program process itself: a PID that is not its
+        # child here names another tree (below PID 1: the whole machine's).
+        if getattr(procs.read_proc(pp.pid), "ppid", None) != sup_pid:
+            warnings.append(f"program {pp.name}: PID {pp.pid} is not supervisord's child here; skipped")
+            continue
         mains = workers_under(pp.pid, local)
         if not mains:
             warnings.append(f"program {pp.name} (PID {pp.pid}) runs no Celery worker of this app; skipped")
