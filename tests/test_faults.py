@@ -23,7 +23,11 @@ from celery_supervise.processes import plan, procs, snapshot, statefile
 from celery_supervise.processes.plan import Policy
 
 from realprocs import wait_for
+from realsupervisor import REPO
 from test_kill import LIFETIME, alive, cli, fake_worker, pids, write_state  # noqa: F401  (fixture)
+
+sys.path.insert(0, str(REPO))
+from bench.clocklock import ClockLock  # noqa: E402  (the soaks' lock: see clock_jump)
 
 PRIMED = os.path.join(os.path.dirname(__file__), "programs", "primed.py")
 
@@ -53,8 +57,24 @@ def clock_set_by(seconds):
 
 @pytest.fixture
 def clock_jump():
-    """``clock_jump(seconds)``: a context manager that sets the clock for its body only."""
-    return clock_set_by
+    """``clock_jump(seconds)``: a context manager that sets the clock for its body only.
+
+    The step is made holding the soaks' clock lock exclusive
+    (bench/clocklock.py), as the chaos soak's own ``clock-stepped`` fault
+    does: a soak running on this machine beside the tests is then between
+    two cycles, with nothing timed by the wall clock. Unlocked, one of these
+    tests once made a soak's supervisord SIGKILL its worker mid-stop.
+    """
+    @contextlib.contextmanager
+    def jump(seconds):
+        lock = ClockLock()  # the default path, which every soak takes unless told otherwise
+        try:
+            with lock.exclusive(), clock_set_by(seconds):
+                yield
+        finally:
+            lock.close()
+
+    return jump
 
 
 class Primed:
