@@ -8,6 +8,7 @@ import psutil
 import pytest
 
 from realprocs import (
+    HANDSHAKE_TIMEOUT,
     RUN_ENV_VAR,
     WaitTimeout,
     ignored_signals,
@@ -90,6 +91,10 @@ def test_helper_processes_carry_the_run_marker(real_procs, test_run_id):
 def test_leak_guard_kills_and_reports_a_leaked_process(tmp_path, test_run_id):
     # Not tracked by anything: exactly what the guard is for.
     leaked = psutil.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    # Popen returns once the exec has begun, and for a moment after that the
+    # new image's environment is not readable yet (empty): the guard, which
+    # finds leaks by the mark in it, would not see this one then.
+    wait_for(lambda: leaked.environ().get(RUN_ENV_VAR) == test_run_id, HANDSHAKE_TIMEOUT, "sleep's environment")
 
     message = reap_leaks(test_run_id, exclude={os.getpid()})
 
