@@ -279,7 +279,8 @@ def from_supervisor(url: str, programs: list[str], local: dict[int, WorkerComman
     for pp in running:
         # supervisord forks each program process itself: a PID that is not its
         # child here names another tree (below PID 1: the whole machine's).
-        if getattr(procs.read_proc(pp.pid), "ppid", None) != sup_pid:
+        root = procs.read_proc(pp.pid)
+        if root is not None and root.ppid != sup_pid:
             warnings.append(f"program {pp.name}: PID {pp.pid} is not supervisord's child here; skipped")
             continue
         mains = workers_under(pp.pid, local)
